@@ -1,0 +1,249 @@
+//! Exact top-k over a contiguous matrix of float32 rows.
+//!
+//! The rows live in one `Vec<f32>` (row-major), their ids in a parallel `Vec<i64>`, and for cosine
+//! each row's inverse norm, so a query costs one SIMD dot product per row. The scan is split across
+//! the rayon pool (both cores here); each worker keeps its own bounded heap (the selection is fused
+//! into the scan: no per-row allocation, no full sort), and the heaps are merged at the end.
+
+use rayon::prelude::*;
+
+use crate::error::{Error, Result};
+use crate::vector::distance::{dot_f32, l2sq_f32, norm_f32, Metric};
+use crate::vector::topk::{Hit, TopK};
+
+/// Rows per parallel task: large enough that scheduling costs nothing next to the dot products.
+const ROWS_PER_TASK: usize = 8192;
+
+/// The vectors of one SELECT, contiguous.
+#[derive(Debug, Default)]
+pub struct VectorSet {
+    dims: usize,
+    ids: Vec<i64>,
+    data: Vec<f32>,
+    /// 1/|row|, or 0 for an all-zero row (which has no direction and never matches under cosine).
+    inv_norms: Vec<f32>,
+}
+
+/// Accumulates rows, checking each as it comes.
+#[derive(Debug, Default)]
+pub struct VectorSetBuilder {
+    set: VectorSet,
+}
+
+impl VectorSetBuilder {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Appends a row given as a little-endian float32 blob (the storage format).
+    pub fn push_blob(&mut self, id: i64, blob: &[u8]) -> Result<()> {
+        if blob.is_empty() {
+            return Err(Error::EmptyVector);
+        }
+        if blob.len() % 4 != 0 {
+            return Err(Error::BlobLength { len: blob.len() });
+        }
+        let dims = blob.len() / 4;
+        self.check_dims(dims)?;
+        let start = self.set.data.len();
+        self.set.data.extend(
+            blob.chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
+        );
+        self.finish_row(id, start)
+    }
+
+    /// Appends a row given as floats (e.g. parsed from JSON).
+    pub fn push_f32(&mut self, id: i64, v: &[f32]) -> Result<()> {
+        if v.is_empty() {
+            return Err(Error::EmptyVector);
+        }
+        self.check_dims(v.len())?;
+        let start = self.set.data.len();
+        self.set.data.extend_from_slice(v);
+        self.finish_row(id, start)
+    }
+
+    fn check_dims(&mut self, dims: usize) -> Result<()> {
+        if self.set.ids.is_empty() {
+            self.set.dims = dims;
+        } else if dims != self.set.dims {
+            return Err(Error::DimensionMismatch { left: self.set.dims, right: dims });
+        }
+        Ok(())
+    }
+
+    fn finish_row(&mut self, id: i64, start: usize) -> Result<()> {
+        let row = &self.set.data[start..];
+        if let Some(index) = row.iter().position(|x| !x.is_finite()) {
+            self.set.data.truncate(start);
+            return Err(Error::NonFinite { index });
+        }
+        let norm = norm_f32(row);
+        self.set.inv_norms.push(if norm > 0.0 { (1.0 / norm) as f32 } else { 0.0 });
+        self.set.ids.push(id);
+        Ok(())
+    }
+
+    pub fn finish(mut self) -> VectorSet {
+        self.set.data.shrink_to_fit();
+        self.set.ids.shrink_to_fit();
+        self.set.inv_norms.shrink_to_fit();
+        self.set
+    }
+}
+
+impl VectorSet {
+    pub fn len(&self) -> usize {
+        self.ids.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ids.is_empty()
+    }
+
+    /// Dimensions of the rows (0 when there are none).
+    pub fn dims(&self) -> usize {
+        self.dims
+    }
+
+    /// Bytes held: the raw vectors plus ids and norms (12 bytes a row).
+    pub fn heap_bytes(&self) -> usize {
+        self.data.capacity() * 4 + self.ids.capacity() * 8 + self.inv_norms.capacity() * 4
+    }
+
+    /// The k nearest rows to `query`, nearest first; ties go to the smaller id.
+    /// Returns (id, score, distance) where score/distance follow [`Metric`].
+    pub fn search(&self, query: &[f32], k: usize, metric: Metric) -> Result<Vec<(i64, f64, f64)>> {
+        if self.is_empty() || k == 0 {
+            return Ok(Vec::new());
+        }
+        if query.len() != self.dims {
+            return Err(Error::DimensionMismatch { left: query.len(), right: self.dims });
+        }
+        let q_norm = norm_f32(query);
+        if metric == Metric::Cosine && q_norm == 0.0 {
+            return Err(Error::InvalidArgument {
+                what: "cosine is undefined for a zero query vector (all elements are 0)".into(),
+            });
+        }
+        let inv_q = 1.0 / q_norm;
+        let n = self.len();
+        let scan = |range: std::ops::Range<usize>| -> TopK {
+            let mut top = TopK::new(k);
+            for i in range {
+                let row = &self.data[i * self.dims..(i + 1) * self.dims];
+                let distance = match metric {
+                    Metric::Cosine => {
+                        let inv = f64::from(self.inv_norms[i]);
+                        if inv == 0.0 {
+                            continue;
+                        }
+                        1.0 - dot_f32(query, row) * inv * inv_q
+                    }
+                    Metric::Dot => -dot_f32(query, row),
+                    Metric::L2 => l2sq_f32(query, row),
+                };
+                if distance <= top.threshold() {
+                    top.push(Hit { distance, id: self.ids[i] });
+                }
+            }
+            top
+        };
+        let top = if n <= ROWS_PER_TASK {
+            scan(0..n)
+        } else {
+            let tasks = n.div_ceil(ROWS_PER_TASK);
+            (0..tasks)
+                .into_par_iter()
+                .map(|t| scan(t * ROWS_PER_TASK..((t + 1) * ROWS_PER_TASK).min(n)))
+                .reduce(
+                    || TopK::new(k),
+                    |mut a, b| {
+                        a.merge(b);
+                        a
+                    },
+                )
+        };
+        Ok(top
+            .into_sorted()
+            .into_iter()
+            .map(|hit| {
+                let (score, distance) = match metric {
+                    Metric::Cosine => (1.0 - hit.distance, hit.distance),
+                    Metric::Dot => (-hit.distance, hit.distance),
+                    Metric::L2 => {
+                        let d = hit.distance.sqrt();
+                        (-d, d)
+                    }
+                };
+                (hit.id, score, distance)
+            })
+            .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reference(rows: &[(i64, Vec<f32>)], q: &[f32], k: usize) -> Vec<i64> {
+        let cos = |a: &[f32], b: &[f32]| {
+            let d: f64 = a.iter().zip(b).map(|(x, y)| f64::from(*x) * f64::from(*y)).sum();
+            let na: f64 = a.iter().map(|x| f64::from(*x).powi(2)).sum::<f64>().sqrt();
+            let nb: f64 = b.iter().map(|x| f64::from(*x).powi(2)).sum::<f64>().sqrt();
+            d / (na * nb)
+        };
+        let mut scored: Vec<(f64, i64)> = rows.iter().map(|(id, v)| (1.0 - cos(q, v), *id)).collect();
+        scored.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+        scored.into_iter().take(k).map(|(_, id)| id).collect()
+    }
+
+    #[test]
+    fn parallel_scan_matches_scalar_reference_with_ties() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        let dims = 33;
+        let mut rows: Vec<(i64, Vec<f32>)> = (0..30_000)
+            .map(|i| (i * 3 + 1, (0..dims).map(|_| rng.random_range(-1.0f32..1.0)).collect()))
+            .collect();
+        // Exact duplicates of one row, at ids on both sides of it: the tie must go to the smaller id.
+        let dup = rows[500].1.clone();
+        rows.push((-5, dup.clone()));
+        rows.push((1_000_000, dup.clone()));
+        let mut b = VectorSetBuilder::new();
+        for (id, v) in &rows {
+            b.push_f32(*id, v).unwrap();
+        }
+        let set = b.finish();
+        let mut q = dup.clone();
+        q[0] += 0.01;
+        let got: Vec<i64> = set.search(&q, 10, Metric::Cosine).unwrap().iter().map(|r| r.0).collect();
+        assert_eq!(got, reference(&rows, &q, 10));
+        assert_eq!(&got[..3], &[-5, rows[500].0, 1_000_000]);
+    }
+
+    #[test]
+    fn rejects_mixed_dimensions_and_non_finite_rows() {
+        let mut b = VectorSetBuilder::new();
+        b.push_f32(1, &[1.0, 2.0]).unwrap();
+        assert_eq!(b.push_f32(2, &[1.0]), Err(Error::DimensionMismatch { left: 2, right: 1 }));
+        assert_eq!(b.push_f32(3, &[1.0, f32::NAN]), Err(Error::NonFinite { index: 1 }));
+        let set = b.finish();
+        assert_eq!(set.len(), 1);
+        assert_eq!(set.search(&[1.0], 1, Metric::Cosine), Err(Error::DimensionMismatch { left: 1, right: 2 }));
+    }
+
+    #[test]
+    fn zero_rows_never_match_under_cosine_but_do_under_l2() {
+        let mut b = VectorSetBuilder::new();
+        b.push_f32(1, &[0.0, 0.0]).unwrap();
+        b.push_f32(2, &[1.0, 1.0]).unwrap();
+        let set = b.finish();
+        let cos = set.search(&[1.0, 0.0], 5, Metric::Cosine).unwrap();
+        assert_eq!(cos.iter().map(|r| r.0).collect::<Vec<_>>(), vec![2]);
+        let l2 = set.search(&[0.1, 0.0], 5, Metric::L2).unwrap();
+        assert_eq!(l2[0].0, 1);
+        assert!((l2[0].2 - 0.1).abs() < 1e-6);
+    }
+}

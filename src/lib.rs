@@ -1,0 +1,125 @@
+//! archaeclip: a SQLite loadable extension that turns an embeddings database into a search engine.
+//!
+//! This file is the table of contents of the SQL surface: the entry point and one flat list of
+//! everything registered. The pure core (`vector`, `index`) knows nothing of SQLite; `sql` is the
+//! thin layer that parses arguments and reports errors.
+
+pub mod error;
+pub mod index;
+pub mod sql;
+pub mod vector;
+
+use rusqlite::functions::FunctionFlags;
+use rusqlite::Connection;
+
+use sql::{meta, search, vector_fns as v, ScalarFn, PURE, PURE_VECTOR};
+
+/// One scalar function of the SQL surface.
+pub struct Scalar {
+    pub name: &'static str,
+    /// Number of arguments (-1: any).
+    pub n_arg: i32,
+    pub flags: FunctionFlags,
+    pub func: ScalarFn,
+}
+
+const fn scalar(name: &'static str, n_arg: i32, flags: FunctionFlags, func: ScalarFn) -> Scalar {
+    Scalar { name, n_arg, flags, func }
+}
+
+/// Every scalar function, in the order of the reference.
+pub const SCALARS: &[Scalar] = &[
+    scalar("archaeclip_version", 0, PURE, meta::archaeclip_version),
+    scalar("archaeclip_debug", 0, PURE, meta::archaeclip_debug),
+    scalar("vec_f32", 1, PURE_VECTOR, v::vec_f32),
+    scalar("vec_to_json", 1, PURE_VECTOR, v::vec_to_json),
+    scalar("vec_length", 1, PURE_VECTOR, v::vec_length),
+    scalar("vec_cosine", 2, PURE_VECTOR, v::vec_cosine),
+    scalar("vec_dot", 2, PURE_VECTOR, v::vec_dot),
+    scalar("vec_distance_cosine", 2, PURE_VECTOR, v::vec_distance_cosine),
+    scalar("vec_distance_l2", 2, PURE_VECTOR, v::vec_distance_l2),
+    scalar("vec_normalize", 1, PURE_VECTOR, v::vec_normalize),
+    scalar("vec_add", 2, PURE_VECTOR, v::vec_add),
+    scalar("vec_sub", 2, PURE_VECTOR, v::vec_sub),
+    scalar("vec_quantize_int8", 2, PURE_VECTOR, v::vec_quantize_int8),
+    scalar("vec_quantize_binary", 1, PURE_VECTOR, v::vec_quantize_binary),
+];
+
+/// Registers everything on a connection: the scalars above, the `vec_avg` aggregate and the
+/// `clip_search` table-valued function.
+pub fn register(db: &Connection) -> rusqlite::Result<()> {
+    for s in SCALARS {
+        register_scalar(db, s)?;
+    }
+    db.create_aggregate_function("vec_avg", 1, PURE_VECTOR, v::VecAvg)?;
+    search::load_module(db)?;
+    Ok(())
+}
+
+/// Registers one scalar behind the panic guard (public so tests can prove the guard works).
+pub fn register_scalar(db: &Connection, s: &Scalar) -> rusqlite::Result<()> {
+    let (name, func) = (s.name, s.func);
+    db.create_scalar_function(name, s.n_arg, s.flags, move |ctx| sql::guard(name, || func(ctx)))
+}
+
+/// Oldest SQLite the extension supports (the floor of libsqlite3-sys 0.38's loadable API).
+pub const MIN_SQLITE_VERSION: i32 = 3_034_001;
+
+/// The refusal for a host SQLite older than [`MIN_SQLITE_VERSION`], or `None` if it will do.
+pub fn check_host_version(version: i32) -> Option<String> {
+    (version < MIN_SQLITE_VERSION).then(|| {
+        let v = |n: i32| format!("{}.{}.{}", n / 1_000_000, n / 1000 % 1000, n % 1000);
+        format!(
+            "archaeclip needs SQLite {} or newer; this host has SQLite {}",
+            v(MIN_SQLITE_VERSION),
+            v(version)
+        )
+    })
+}
+
+/// The entry point SQLite derives from the file name `archaeclip.so` (or `libarchaeclip.so`).
+///
+/// # Safety
+/// Called by SQLite with valid pointers, as `sqlite3_load_extension` does.
+#[cfg(feature = "loadable")]
+#[no_mangle]
+pub unsafe extern "C" fn sqlite3_archaeclip_init(
+    db: *mut rusqlite::ffi::sqlite3,
+    pz_err_msg: *mut *mut std::ffi::c_char,
+    p_api: *mut rusqlite::ffi::sqlite3_api_routines,
+) -> std::ffi::c_int {
+    use rusqlite::ffi;
+    // Refuse an old host with a message before touching any API it may lack.
+    if !p_api.is_null() {
+        if let (Some(version), Some(malloc)) = ((*p_api).libversion_number, (*p_api).malloc) {
+            if let Some(message) = check_host_version(version()) {
+                if !pz_err_msg.is_null() {
+                    let bytes = message.as_bytes();
+                    let buf = malloc(bytes.len() as i32 + 1).cast::<u8>();
+                    if !buf.is_null() {
+                        std::ptr::copy_nonoverlapping(bytes.as_ptr(), buf, bytes.len());
+                        *buf.add(bytes.len()) = 0;
+                        *pz_err_msg = buf.cast();
+                    }
+                }
+                return ffi::SQLITE_ERROR;
+            }
+        }
+    }
+    let result = std::panic::catch_unwind(|| {
+        Connection::extension_init2(db, pz_err_msg, p_api, |conn| register(&conn).map(|()| false))
+    });
+    result.unwrap_or(ffi::SQLITE_ERROR)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn old_hosts_are_refused_with_a_message() {
+        assert_eq!(
+            super::check_host_version(3_033_000).unwrap(),
+            "archaeclip needs SQLite 3.34.1 or newer; this host has SQLite 3.33.0"
+        );
+        assert!(super::check_host_version(3_040_001).is_none());
+    }
+}
