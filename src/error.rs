@@ -29,6 +29,8 @@ pub enum Error {
     InvalidArgument { what: String },
     /// A value of the wrong SQL type (`expected` names what would do).
     WrongType { expected: &'static str, found: &'static str },
+    /// An error in one row of a set of vectors, named by its id.
+    InRow { id: i64, error: Box<Error> },
 }
 
 impl fmt::Display for Error {
@@ -64,6 +66,7 @@ impl fmt::Display for Error {
             ),
             Error::InvalidArgument { what } => f.write_str(what),
             Error::WrongType { expected, found } => write!(f, "expected {expected}, found {found}"),
+            Error::InRow { id, error } => write!(f, "row with id {id}: {error}"),
         }
     }
 }

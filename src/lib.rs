@@ -12,7 +12,7 @@ pub mod vector;
 use rusqlite::functions::FunctionFlags;
 use rusqlite::Connection;
 
-use sql::{meta, search, vector_fns as v, ScalarFn, PURE, PURE_VECTOR};
+use sql::{meta, search, vector_fns as v, ScalarFn, PURE, PURE_READS_SUBTYPE, PURE_VECTOR};
 
 /// One scalar function of the SQL surface.
 pub struct Scalar {
@@ -33,11 +33,11 @@ pub const SCALARS: &[Scalar] = &[
     scalar("archaeclip_debug", 0, PURE, meta::archaeclip_debug),
     scalar("vec_f32", 1, PURE_VECTOR, v::vec_f32),
     scalar("vec_to_json", 1, PURE_VECTOR, v::vec_to_json),
-    scalar("vec_length", 1, PURE_VECTOR, v::vec_length),
-    scalar("vec_cosine", 2, PURE_VECTOR, v::vec_cosine),
-    scalar("vec_dot", 2, PURE_VECTOR, v::vec_dot),
-    scalar("vec_distance_cosine", 2, PURE_VECTOR, v::vec_distance_cosine),
-    scalar("vec_distance_l2", 2, PURE_VECTOR, v::vec_distance_l2),
+    scalar("vec_length", 1, PURE_READS_SUBTYPE, v::vec_length),
+    scalar("vec_cosine", 2, PURE_READS_SUBTYPE, v::vec_cosine),
+    scalar("vec_dot", 2, PURE_READS_SUBTYPE, v::vec_dot),
+    scalar("vec_distance_cosine", 2, PURE_READS_SUBTYPE, v::vec_distance_cosine),
+    scalar("vec_distance_l2", 2, PURE_READS_SUBTYPE, v::vec_distance_l2),
     scalar("vec_normalize", 1, PURE_VECTOR, v::vec_normalize),
     scalar("vec_add", 2, PURE_VECTOR, v::vec_add),
     scalar("vec_sub", 2, PURE_VECTOR, v::vec_sub),

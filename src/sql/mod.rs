@@ -26,10 +26,11 @@ pub const PURE: FunctionFlags = FunctionFlags::SQLITE_UTF8
     .union(FunctionFlags::SQLITE_DETERMINISTIC)
     .union(FunctionFlags::SQLITE_INNOCUOUS);
 
-/// Pure, and reads or sets sqlite-vec's vector subtypes.
-pub const PURE_VECTOR: FunctionFlags = PURE
-    .union(FunctionFlags::SQLITE_SUBTYPE)
-    .union(FunctionFlags::SQLITE_RESULT_SUBTYPE);
+/// Pure, and reads sqlite-vec's vector subtypes of its arguments (int8/bit tags).
+pub const PURE_READS_SUBTYPE: FunctionFlags = PURE.union(FunctionFlags::SQLITE_SUBTYPE);
+
+/// Pure, reads argument subtypes and tags its result (the flags sqlite-vec gives these functions).
+pub const PURE_VECTOR: FunctionFlags = PURE_READS_SUBTYPE.union(FunctionFlags::SQLITE_RESULT_SUBTYPE);
 
 /// An SQLite error (SQLITE_ERROR) with our message: Python sees `OperationalError`, as for
 /// SQLite's own errors, not the `IntegrityError` a bare Rust error would map to.
@@ -118,7 +119,7 @@ pub fn f32_arg(ctx: &Context<'_>, index: usize, func: &str) -> rusqlite::Result<
         Some(other) => Err(arg_error(
             func,
             index,
-            format!("expected a float32 vector, found a {} vector", other.element_type().name()),
+            format!("expected a float32 vector, found an {} vector", other.element_type().name()),
         )),
     }
 }

@@ -379,7 +379,7 @@ fn load(conn: &Connection, sql: &str) -> rusqlite::Result<VectorSet> {
         };
         pushed.map_err(|e| arg_error(NAME, 2, format!("row with id {id}: {e}")))?;
     }
-    Ok(builder.finish())
+    builder.finish().map_err(|e| arg_error(NAME, 2, e))
 }
 
 fn describe_prepare_error(e: rusqlite::Error) -> String {

@@ -38,7 +38,8 @@ pub fn vec_f32(ctx: &Context<'_>) -> rusqlite::Result<Output> {
 }
 
 pub fn vec_to_json(ctx: &Context<'_>) -> rusqlite::Result<Output> {
-    Ok(vector_arg(ctx, 0, "vec_to_json")?.map_or(NULL, |v| (Value::Text(v.to_json()), None)))
+    Ok(vector_arg(ctx, 0, "vec_to_json")?
+        .map_or(NULL, |v| (Value::Text(v.to_json()), Some(codec::JSON_SUBTYPE))))
 }
 
 pub fn vec_length(ctx: &Context<'_>) -> rusqlite::Result<Output> {
@@ -46,11 +47,11 @@ pub fn vec_length(ctx: &Context<'_>) -> rusqlite::Result<Output> {
 }
 
 pub fn vec_distance_cosine(ctx: &Context<'_>) -> rusqlite::Result<Output> {
-    binary(ctx, "vec_distance_cosine", |a, b| distance::cosine(a, b).map(|c| 1.0 - c))
+    binary(ctx, "vec_distance_cosine", distance::cosine_distance_compat)
 }
 
 pub fn vec_distance_l2(ctx: &Context<'_>) -> rusqlite::Result<Output> {
-    binary(ctx, "vec_distance_l2", distance::l2)
+    binary(ctx, "vec_distance_l2", distance::l2_compat)
 }
 
 pub fn vec_cosine(ctx: &Context<'_>) -> rusqlite::Result<Output> {
@@ -82,7 +83,7 @@ pub fn vec_normalize(ctx: &Context<'_>) -> rusqlite::Result<Output> {
     const F: &str = "vec_normalize";
     match f32_arg(ctx, 0, F)? {
         None => Ok(NULL),
-        Some(v) => distance::normalize(&v)
+        Some(v) => distance::normalize_compat(&v)
             .map(|n| vector_output(&Vector::Float32(n)))
             .map_err(|e| arg_error(F, 0, e)),
     }
@@ -92,7 +93,7 @@ pub fn vec_quantize_int8(ctx: &Context<'_>) -> rusqlite::Result<Output> {
     const F: &str = "vec_quantize_int8";
     let v = f32_arg(ctx, 0, F)?;
     match ctx.get_raw(1) {
-        ValueRef::Text(b"unit") => {}
+        ValueRef::Text(t) if t.eq_ignore_ascii_case(b"unit") => {}
         other => {
             return Err(arg_error(
                 F,

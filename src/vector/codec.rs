@@ -21,6 +21,10 @@ pub enum ElementType {
     Bit,
 }
 
+/// The subtype SQLite's JSON functions give JSON text; `vec_to_json` sets it too, so that
+/// `json_object('v', vec_to_json(e))` nests the array instead of quoting it.
+pub const JSON_SUBTYPE: u32 = 74;
+
 impl ElementType {
     /// sqlite-vec's subtype for values of this type (`SQLITE_VEC_ELEMENT_TYPE_*`).
     pub const fn subtype(self) -> u32 {
@@ -125,15 +129,47 @@ fn join<T>(out: &mut String, items: impl Iterator<Item = T>, mut each: impl FnMu
     }
 }
 
-/// C's `printf("%f", (double)x)`: six digits after the point, no exponent.
+/// SQLite's `printf('%f', x)`, which sqlite-vec uses: six digits after the point, halves rounded
+/// away from zero (C rounds them to even), no sign on zero, at most 16 significant digits.
 fn write_fixed6(out: &mut String, x: f32) {
+    let x = f64::from(x);
     if x.is_nan() {
-        out.push_str(if x.is_sign_negative() { "-nan" } else { "nan" });
+        out.push_str("null");
     } else if x.is_infinite() {
-        out.push_str(if x < 0.0 { "-inf" } else { "inf" });
+        out.push_str(if x < 0.0 { "-Inf" } else { "Inf" });
+    } else if x == 0.0 {
+        out.push_str("0.000000");
+    } else if (x * 128.0).fract() == 0.0 && (x * 128.0) % 2.0 != 0.0 && x.abs() < 1e9 {
+        // x = m/128 with m odd: x * 1e6 ends in exactly .5, the only ties an f32 can produce.
+        // Round the magnitude up, as SQLite does.
+        let micros = ((x.abs() * 1e6) + 0.5) as u64;
+        let sign = if x < 0.0 { "-" } else { "" };
+        let _ = write!(out, "{sign}{}.{:06}", micros / 1_000_000, micros % 1_000_000);
     } else {
-        let _ = write!(out, "{:.6}", f64::from(x));
+        let text = format!("{x:.6}");
+        out.push_str(&limit_significant_digits(&text, 16));
     }
+}
+
+/// Zeroes every digit after the first `max` significant ones (SQLite's `%f` precision limit).
+fn limit_significant_digits(text: &str, max: usize) -> String {
+    let mut seen = 0;
+    text.chars()
+        .map(|c| {
+            if !c.is_ascii_digit() {
+                return c;
+            }
+            if seen == 0 && c == '0' {
+                return c;
+            }
+            seen += 1;
+            if seen > max {
+                '0'
+            } else {
+                c
+            }
+        })
+        .collect()
 }
 
 /// Little-endian float32 blob -> floats. Any alignment; the length must be a multiple of 4.
@@ -196,8 +232,12 @@ fn json_error(e: &serde_json::Error, text: &str) -> Error {
         let index = rest.split_whitespace().next().and_then(|n| n.parse().ok()).unwrap_or(0);
         return Error::NonFinite { index };
     }
-    if text.trim().is_empty() {
+    let trimmed = text.trim_start();
+    if trimmed.is_empty() {
         return Error::Json { detail: "empty text, expected an array like [0.1, 0.2]".into() };
+    }
+    if !trimmed.starts_with('[') {
+        return Error::Json { detail: "expected an array like [0.1, 0.2]".into() };
     }
     Error::Json { detail: msg }
 }
@@ -255,14 +295,21 @@ impl<'de> serde::Deserialize<'de> for Number {
     }
 }
 
-/// sqlite-vec's `vec_quantize_int8(v, 'unit')`: maps [-1, 1] onto [-128, 127] in 255 equal steps,
-/// truncating toward zero; values outside [-1, 1] saturate.
+/// sqlite-vec's `vec_quantize_int8(v, 'unit')`, bit for bit: `y = (x + 1) / step - 128` in f64
+/// with `step = (float)(2 / 255)`, truncated toward zero, saturating at -128 and 127. (So 1.0
+/// maps to 126, as there.)
 pub fn quantize_int8_unit(v: &[f32]) -> Vec<i8> {
-    const STEP: f32 = (1.0 - (-1.0)) / 255.0;
+    let step = f64::from(2.0f32 / 255.0);
     v.iter()
         .map(|&x| {
-            let q = ((x - (-1.0)) / STEP) - 128.0;
-            q.clamp(-128.0, 127.0) as i8
+            let y = (f64::from(x) + 1.0) / step - 128.0;
+            if !(y <= 127.0) {
+                127
+            } else if y >= -128.0 {
+                y.trunc() as i8
+            } else {
+                -128
+            }
         })
         .collect()
 }
@@ -323,8 +370,12 @@ mod tests {
 
     #[test]
     fn json_formatting_matches_printf_f() {
-        let v = Vector::Float32(vec![0.1, -2.0, 1.0 / 3.0, 123456789.0, -0.0]);
-        assert_eq!(v.to_json(), "[0.100000,-2.000000,0.333333,123456792.000000,-0.000000]");
+        let v = Vector::Float32(vec![0.1, -2.0, 1.0 / 3.0, 123456789.0, -0.0, -1e-8]);
+        assert_eq!(v.to_json(), "[0.100000,-2.000000,0.333333,123456792.000000,0.000000,-0.000000]");
+        // Halves round away from zero, as SQLite's printf does (Rust's {:.6} would give ...062).
+        let ties = Vector::Float32(vec![1.0 / 128.0, 5362.414_062_5, -3.0 / 128.0]);
+        assert_eq!(ties.to_json(), "[0.007813,5362.414063,-0.023438]");
+        assert_eq!(Vector::Float32(vec![123_456_789_012.0]).to_json(), "[123456790528.000000]");
         assert_eq!(Vector::Int8(vec![1, -128]).to_json(), "[1,-128]");
         assert_eq!(Vector::Bit(vec![0b0000_0101]).to_json(), "[1,0,1,0,0,0,0,0]");
     }

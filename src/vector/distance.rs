@@ -98,7 +98,7 @@ fn as_f64_pair(a: &Vector, b: &Vector, op: &'static str) -> Result<(Vec<f64>, Ve
     }
 }
 
-/// Dot product. float32 and int8.
+/// Dot product (SIMD, f64 result). float32 and int8.
 pub fn dot(a: &Vector, b: &Vector) -> Result<f64> {
     check_pair(a, b)?;
     if let (Vector::Float32(x), Vector::Float32(y)) = (a, b) {
@@ -108,7 +108,8 @@ pub fn dot(a: &Vector, b: &Vector) -> Result<f64> {
     Ok(x.iter().zip(&y).map(|(p, q)| p * q).sum())
 }
 
-/// Cosine similarity. A zero vector has no direction: that is an error, not a silent NULL.
+/// Cosine similarity (SIMD, f64 result). A zero vector has no direction: that is an error, not
+/// a silent NULL.
 pub fn cosine(a: &Vector, b: &Vector) -> Result<f64> {
     check_pair(a, b)?;
     let (ab, aa, bb) = match (a, b) {
@@ -120,21 +121,67 @@ pub fn cosine(a: &Vector, b: &Vector) -> Result<f64> {
         }
     };
     if aa == 0.0 || bb == 0.0 {
-        return Err(Error::InvalidArgument {
-            what: "cosine is undefined for a zero vector (all elements are 0)".into(),
-        });
+        return Err(zero_cosine());
     }
     Ok((ab / (aa.sqrt() * bb.sqrt())).clamp(-1.0, 1.0))
 }
 
-/// Euclidean distance. float32 and int8.
-pub fn l2(a: &Vector, b: &Vector) -> Result<f64> {
-    check_pair(a, b)?;
-    if let (Vector::Float32(x), Vector::Float32(y)) = (a, b) {
-        return Ok(l2sq_f32(x, y).sqrt());
+fn zero_cosine() -> Error {
+    Error::InvalidArgument { what: "cosine is undefined for a zero vector (all elements are 0)".into() }
+}
+
+/// The elements of a float32 or int8 vector as f32 (int8 converts exactly), for the
+/// sqlite-vec-compatible kernels below.
+fn as_f32(v: &Vector, op: &'static str) -> Result<Vec<f32>> {
+    match v {
+        Vector::Float32(x) => Ok(x.clone()),
+        Vector::Int8(x) => Ok(x.iter().map(|&e| f32::from(e)).collect()),
+        Vector::Bit(_) => Err(Error::UnsupportedElementType { op, element: "bit" }),
     }
-    let (x, y) = as_f64_pair(a, b, "L2 distance")?;
-    Ok(x.iter().zip(&y).map(|(p, q)| (p - q).powi(2)).sum::<f64>().sqrt())
+}
+
+/// sqlite-vec's `vec_distance_cosine`, bit for bit: dot and squared norms summed in f32 in index
+/// order, `1 - dot / (sqrt(aa) * sqrt(bb))` in f64, rounded to f32. (int8 products are exact
+/// integers before the f32 add, as there.) A zero vector is an error here; sqlite-vec gives NULL.
+pub fn cosine_distance_compat(a: &Vector, b: &Vector) -> Result<f64> {
+    check_pair(a, b)?;
+    let (x, y) = (as_f32(a, "cosine distance")?, as_f32(b, "cosine distance")?);
+    let (mut ab, mut aa, mut bb) = (0f32, 0f32, 0f32);
+    for (p, q) in x.iter().zip(&y) {
+        ab += p * q;
+        aa += p * p;
+        bb += q * q;
+    }
+    if aa == 0.0 || bb == 0.0 {
+        return Err(zero_cosine());
+    }
+    let d = 1.0 - f64::from(ab) / (f64::from(aa).sqrt() * f64::from(bb).sqrt());
+    Ok(f64::from(d as f32))
+}
+
+/// sqlite-vec's `vec_distance_l2`, bit for bit: squared differences summed in f32 in index
+/// order, square root rounded to f32.
+pub fn l2_compat(a: &Vector, b: &Vector) -> Result<f64> {
+    check_pair(a, b)?;
+    let (x, y) = (as_f32(a, "L2 distance")?, as_f32(b, "L2 distance")?);
+    let mut sum = 0f32;
+    for (p, q) in x.iter().zip(&y) {
+        let t = p - q;
+        sum += t * t;
+    }
+    Ok(f64::from(f64::from(sum).sqrt() as f32))
+}
+
+/// sqlite-vec's `vec_normalize`, bit for bit: the norm summed in f32, each element divided by it
+/// in f32. The zero vector cannot be normalized (sqlite-vec returns NaNs).
+pub fn normalize_compat(v: &[f32]) -> Result<Vec<f32>> {
+    let norm = v.iter().fold(0f32, |s, x| s + x * x).sqrt();
+    if norm == 0.0 {
+        return Err(Error::InvalidArgument {
+            what: "cannot normalize a zero vector (all elements are 0)".into(),
+        });
+    }
+    Ok(v.iter().map(|x| x / norm).collect())
 }
 
 /// Element-wise a + b or a - b (float32 and int8, as sqlite-vec; int8 wraps as C's int8 cast).
@@ -157,17 +204,6 @@ pub fn add_sub(a: &Vector, b: &Vector, subtract: bool) -> Result<Vector> {
     }
 }
 
-/// v / |v| (float32 only). The zero vector cannot be normalized.
-pub fn normalize(v: &[f32]) -> Result<Vec<f32>> {
-    let n = norm_f32(v);
-    if n == 0.0 {
-        return Err(Error::InvalidArgument {
-            what: "cannot normalize a zero vector (all elements are 0)".into(),
-        });
-    }
-    Ok(v.iter().map(|&x| (f64::from(x) / n) as f32).collect())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -179,6 +215,16 @@ mod tests {
         let rel = |x: f64, y: f64| (x - y).abs() / y.abs().max(1e-9);
         assert!(rel(dot_f32(&a, &b), scalar_dot(&a, &b)) < 1e-5);
         assert!(rel(l2sq_f32(&a, &b), scalar_l2sq(&a, &b)) < 1e-5);
+    }
+
+    #[test]
+    fn compat_kernels_follow_sqlite_vec() {
+        // Values recorded from sqlite-vec 0.1.9.
+        let i8v = |v: &[i8]| Vector::Int8(v.to_vec());
+        assert_eq!(cosine_distance_compat(&i8v(&[1, 2, 3]), &i8v(&[3, 2, 1])).unwrap(), 0.2857142984867096);
+        assert_eq!(l2_compat(&i8v(&[-128]), &i8v(&[127])).unwrap(), 255.0);
+        assert!(normalize_compat(&[0.0, 0.0]).is_err());
+        assert_eq!(normalize_compat(&[3.0, 4.0]).unwrap(), vec![0.6, 0.8]);
     }
 
     #[test]
