@@ -5,7 +5,7 @@ plain-table ORDER BY vec_distance_cosine scan) and numpy, on the same data, in o
     make bench            # 100,000 x 512
     make bench N=1000000  # 1,000,000 x 512 (needs ~9 GB of disk and ~6 GB of RAM)
 
-Prints per-query medians, the first (uncached) query, ratios against archaeclip, recall@k against
+Prints per-query medians, the first query on a fresh connection (file in the OS page cache), ratios against archaeclip, recall@k against
 the exact answer, and the memory the cached copy costs. Run it with the project venv's Python
 (Debian's, which can load extensions): `.venv/bin/python benches/search_bench.py --n 100000`.
 """
@@ -107,20 +107,28 @@ def main():
         truth.append([int(i) + 1 for i in top])
     del d64
 
+    # Every engine's first query is on a fresh connection with the file in the OS page cache
+    # (read it once now), so that no engine pays for the disk on behalf of the others.
+    with open(path, "rb") as f:
+        while f.read(64 << 20):
+            pass
+
     rows = []  # (name, first_ms, median_ms, recall)
     select = "SELECT rowid, embedding FROM items"
 
-    # archaeclip: first query on a fresh connection (nothing cached), then repeated queries.
+    # archaeclip on a fresh connection: the first use of the statement streams the rows, the
+    # second builds the in-memory copy, the rest scan the copy.
     db = connect(path, "archaeclip")
     sql = "SELECT rowid FROM clip_search(?, ?, ?)"
+    run = lambda q: [r[0] for r in db.execute(sql, (q.tobytes(), k, select))]
+    first_times, first_res = timed(run, queries[:1])
     rss0 = rss_bytes()
-    t = time.perf_counter()
-    first = [r[0] for r in db.execute(sql, (queries[0].tobytes(), k, select))]
-    first_ms = (time.perf_counter() - t) * 1000
+    second_times, second_res = timed(run, queries[1:2])
     cache_bytes = rss_bytes() - rss0
-    times, res = timed(lambda q: [r[0] for r in db.execute(sql, (q.tobytes(), k, select))], queries)
-    assert first == res[0], "the cached query must return what the uncached one did"
-    rows.append(("archaeclip clip_search", first_ms, statistics.median(times), recall(res, truth, k)))
+    times, res = timed(run, queries[2:])
+    res = first_res + second_res + res
+    rows.append(("archaeclip clip_search", first_times[0], statistics.median(times), recall(res, truth, k)))
+    second_ms = second_times[0]
     db.close()
 
     vdb = connect(path, "sqlite-vec")
@@ -132,7 +140,7 @@ def main():
         times, res = timed(lambda q: [r[0] for r in vdb.execute(q0, (q.tobytes(), k))], queries)
         rows.append(("sqlite-vec vec0", f, statistics.median(times), recall(res, truth, k)))
     qp = "SELECT rowid FROM items ORDER BY vec_distance_cosine(embedding, ?), rowid LIMIT ?"
-    plain_queries = queries[: max(3, len(queries) // 4)]
+    plain_queries = queries[:5]
     times, res = timed(lambda q: [r[0] for r in vdb.execute(qp, (q.tobytes(), k))], plain_queries)
     rows.append(("sqlite-vec plain-table scan", times[0], statistics.median(times), recall(res, truth, k)))
     vdb.close()
@@ -155,7 +163,9 @@ def main():
     print(f"{'engine':32} {'first':>9} {'median':>9} {'ratio':>8} {'recall':>7}")
     for name, f, m, r in rows:
         print(f"{name:32} {f:9.1f} {m:9.2f} {m / base:7.1f}x {r:7.3f}")
-    print(f"\narchaeclip cached copy: RSS +{cache_bytes / 2**20:.0f} MiB for {raw / 2**20:.0f} MiB of raw "
+    print(f"\narchaeclip: 1st query streams the rows ({rows[0][1]:.1f} ms); the 2nd builds the in-memory copy "
+          f"({second_ms:.1f} ms); the median is over queries 3..{len(queries)}, which scan the copy.")
+    print(f"archaeclip copy: RSS +{cache_bytes / 2**20:.0f} MiB for {raw / 2**20:.0f} MiB of raw "
           f"vectors ({cache_bytes / raw:.2f}x)")
 
 

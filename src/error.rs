@@ -20,15 +20,26 @@ pub enum Error {
     /// Two vectors of different lengths.
     DimensionMismatch { left: usize, right: usize },
     /// Two vectors of different element types (float32, int8, bit).
-    ElementTypeMismatch { left: &'static str, right: &'static str },
+    ElementTypeMismatch {
+        left: &'static str,
+        right: &'static str,
+    },
     /// An operation that is not defined for this element type.
-    UnsupportedElementType { op: &'static str, element: &'static str },
+    UnsupportedElementType {
+        op: &'static str,
+        element: &'static str,
+    },
     /// A bit vector whose dimensions are not a multiple of 8.
     BitLength { dims: usize },
     /// A value that is out of its allowed range or set (`what` names it).
     InvalidArgument { what: String },
     /// A value of the wrong SQL type (`expected` names what would do).
-    WrongType { expected: &'static str, found: &'static str },
+    WrongType {
+        expected: &'static str,
+        found: &'static str,
+    },
+    /// A query whose dimensions differ from those of the vectors searched.
+    QueryDimensionMismatch { query: usize, rows: usize },
     /// An error in one row of a set of vectors, named by its id.
     InRow { id: i64, error: Box<Error> },
 }
@@ -66,6 +77,10 @@ impl fmt::Display for Error {
             ),
             Error::InvalidArgument { what } => f.write_str(what),
             Error::WrongType { expected, found } => write!(f, "expected {expected}, found {found}"),
+            Error::QueryDimensionMismatch { query, rows } => write!(
+                f,
+                "the query vector has {query} dimensions, the statement's vectors have {rows}"
+            ),
             Error::InRow { id, error } => write!(f, "row with id {id}: {error}"),
         }
     }

@@ -24,7 +24,12 @@ pub struct Scalar {
 }
 
 const fn scalar(name: &'static str, n_arg: i32, flags: FunctionFlags, func: ScalarFn) -> Scalar {
-    Scalar { name, n_arg, flags, func }
+    Scalar {
+        name,
+        n_arg,
+        flags,
+        func,
+    }
 }
 
 /// Every scalar function, in the order of the reference.
@@ -36,13 +41,23 @@ pub const SCALARS: &[Scalar] = &[
     scalar("vec_length", 1, PURE_READS_SUBTYPE, v::vec_length),
     scalar("vec_cosine", 2, PURE_READS_SUBTYPE, v::vec_cosine),
     scalar("vec_dot", 2, PURE_READS_SUBTYPE, v::vec_dot),
-    scalar("vec_distance_cosine", 2, PURE_READS_SUBTYPE, v::vec_distance_cosine),
+    scalar(
+        "vec_distance_cosine",
+        2,
+        PURE_READS_SUBTYPE,
+        v::vec_distance_cosine,
+    ),
     scalar("vec_distance_l2", 2, PURE_READS_SUBTYPE, v::vec_distance_l2),
     scalar("vec_normalize", 1, PURE_VECTOR, v::vec_normalize),
     scalar("vec_add", 2, PURE_VECTOR, v::vec_add),
     scalar("vec_sub", 2, PURE_VECTOR, v::vec_sub),
     scalar("vec_quantize_int8", 2, PURE_VECTOR, v::vec_quantize_int8),
-    scalar("vec_quantize_binary", 1, PURE_VECTOR, v::vec_quantize_binary),
+    scalar(
+        "vec_quantize_binary",
+        1,
+        PURE_VECTOR,
+        v::vec_quantize_binary,
+    ),
 ];
 
 /// Registers everything on a connection: the scalars above, the `vec_avg` aggregate and the
@@ -59,7 +74,9 @@ pub fn register(db: &Connection) -> rusqlite::Result<()> {
 /// Registers one scalar behind the panic guard (public so tests can prove the guard works).
 pub fn register_scalar(db: &Connection, s: &Scalar) -> rusqlite::Result<()> {
     let (name, func) = (s.name, s.func);
-    db.create_scalar_function(name, s.n_arg, s.flags, move |ctx| sql::guard(name, || func(ctx)))
+    db.create_scalar_function(name, s.n_arg, s.flags, move |ctx| {
+        sql::guard(name, || func(ctx))
+    })
 }
 
 /// Oldest SQLite the extension supports (the floor of libsqlite3-sys 0.38's loadable API).
@@ -107,7 +124,9 @@ pub unsafe extern "C" fn sqlite3_archaeclip_init(
         }
     }
     let result = std::panic::catch_unwind(|| {
-        Connection::extension_init2(db, pz_err_msg, p_api, |conn| register(&conn).map(|()| false))
+        Connection::extension_init2(db, pz_err_msg, p_api, |conn| {
+            register(&conn).map(|()| false)
+        })
     });
     result.unwrap_or(ffi::SQLITE_ERROR)
 }

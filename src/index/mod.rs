@@ -1,9 +1,9 @@
-//! Search structures. `scan`: an exact, parallel, fused top-k scan over a contiguous in-memory
-//! copy of the vectors that a SELECT yields; `cache`: keeps those copies between queries while
-//! the database is unchanged.
+//! Search structures. `scan`: exact top-k, either streamed over rows as a SELECT yields them, or
+//! parallel over a contiguous in-memory copy of them; `cache`: decides which to use and keeps the
+//! copies between queries while the database is unchanged.
 
 pub mod cache;
 pub mod scan;
 
-pub use cache::{DbStamp, ScanCache};
-pub use scan::{VectorSet, VectorSetBuilder};
+pub use cache::{DbStamp, Lookup, ScanCache};
+pub use scan::{StreamScan, VectorSet, VectorSetBuilder};

@@ -62,7 +62,10 @@ impl VectorSetBuilder {
         self.check_dims(dims)?;
         let chunk = self.chunk_for_row();
         let start = chunk.len();
-        chunk.extend(blob.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])));
+        chunk.extend(
+            blob.chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
+        );
         self.finish_row(id, start)
     }
 
@@ -83,7 +86,10 @@ impl VectorSetBuilder {
             self.set.dims = dims;
             self.set.chunk_rows = (CHUNK_BYTES / (dims * 4)).max(1);
         } else if dims != self.set.dims {
-            return Err(Error::DimensionMismatch { left: self.set.dims, right: dims });
+            return Err(Error::DimensionMismatch {
+                left: self.set.dims,
+                right: dims,
+            });
         }
         Ok(())
     }
@@ -135,8 +141,7 @@ impl VectorSetBuilder {
                     if let Some(index) = row.iter().position(|x| !x.is_finite()) {
                         return Err((c * self.set.chunk_rows + r, index));
                     }
-                    let norm = norm_f32(row);
-                    norms.push(if norm > 0.0 { (1.0 / norm) as f32 } else { 0.0 });
+                    norms.push(inv_norm(row) as f32);
                 }
                 Ok(norms)
             })
@@ -218,34 +223,24 @@ impl VectorSet {
         if self.is_empty() || k == 0 {
             return Ok(Vec::new());
         }
+        let scorer = Scorer::new(query, metric)?;
         if query.len() != self.dims {
-            return Err(Error::DimensionMismatch { left: query.len(), right: self.dims });
-        }
-        let q_norm = norm_f32(query);
-        if metric == Metric::Cosine && q_norm == 0.0 {
-            return Err(Error::InvalidArgument {
-                what: "cosine is undefined for a zero query vector (all elements are 0)".into(),
+            return Err(Error::QueryDimensionMismatch {
+                query: query.len(),
+                rows: self.dims,
             });
         }
-        let inv_q = 1.0 / q_norm;
         let n = self.len();
         let scan = |range: std::ops::Range<usize>| -> TopK {
             let mut top = TopK::new(k);
             for i in range {
-                let row = self.row(i);
-                let distance = match metric {
-                    Metric::Cosine => {
-                        let inv = f64::from(self.inv_norms[i]);
-                        if inv == 0.0 {
-                            continue;
-                        }
-                        1.0 - dot_f32(query, row) * inv * inv_q
+                if let Some(distance) = scorer.distance(self.row(i), f64::from(self.inv_norms[i])) {
+                    if distance <= top.threshold() {
+                        top.push(Hit {
+                            distance,
+                            id: self.ids[i],
+                        });
                     }
-                    Metric::Dot => -dot_f32(query, row),
-                    Metric::L2 => l2sq_f32(query, row),
-                };
-                if distance <= top.threshold() {
-                    top.push(Hit { distance, id: self.ids[i] });
                 }
             }
             top
@@ -265,11 +260,50 @@ impl VectorSet {
                     },
                 )
         };
-        Ok(top
-            .into_sorted()
+        Ok(scorer.results(top))
+    }
+}
+
+/// A query, ready to score rows under a metric.
+struct Scorer<'q> {
+    query: &'q [f32],
+    metric: Metric,
+    inv_query_norm: f64,
+}
+
+impl<'q> Scorer<'q> {
+    fn new(query: &'q [f32], metric: Metric) -> Result<Scorer<'q>> {
+        let norm = norm_f32(query);
+        if metric == Metric::Cosine && norm == 0.0 {
+            return Err(Error::InvalidArgument {
+                what: "cosine is undefined for a zero query vector (all elements are 0)".into(),
+            });
+        }
+        Ok(Scorer {
+            query,
+            metric,
+            inv_query_norm: 1.0 / norm,
+        })
+    }
+
+    /// The distance to sort by (for L2 the squared distance), or `None` for a row that cannot
+    /// match (an all-zero row under cosine, whose `inv_norm` is 0).
+    #[inline]
+    fn distance(&self, row: &[f32], inv_norm: f64) -> Option<f64> {
+        match self.metric {
+            Metric::Cosine if inv_norm == 0.0 => None,
+            Metric::Cosine => Some(1.0 - dot_f32(self.query, row) * inv_norm * self.inv_query_norm),
+            Metric::Dot => Some(-dot_f32(self.query, row)),
+            Metric::L2 => Some(l2sq_f32(self.query, row)),
+        }
+    }
+
+    /// (id, score, distance), nearest first.
+    fn results(&self, top: TopK) -> Vec<(i64, f64, f64)> {
+        top.into_sorted()
             .into_iter()
             .map(|hit| {
-                let (score, distance) = match metric {
+                let (score, distance) = match self.metric {
                     Metric::Cosine => (1.0 - hit.distance, hit.distance),
                     Metric::Dot => (-hit.distance, hit.distance),
                     Metric::L2 => {
@@ -279,7 +313,101 @@ impl VectorSet {
                 };
                 (hit.id, score, distance)
             })
-            .collect())
+            .collect()
+    }
+}
+
+fn inv_norm(row: &[f32]) -> f64 {
+    let norm = norm_f32(row);
+    if norm > 0.0 {
+        // Rounded through f32 as the copy stores it, so both paths score identically.
+        f64::from((1.0 / norm) as f32)
+    } else {
+        0.0
+    }
+}
+
+/// Top-k over rows as they stream by, without keeping them: the first use of a statement. It
+/// costs one pass over the rows and no memory beyond one row, so a statement used once (a new
+/// filter, a one-off query) never pays for a copy.
+pub struct StreamScan<'q> {
+    scorer: Scorer<'q>,
+    top: TopK,
+    row: Vec<f32>,
+    /// Dimensions of the first row; every row must have them.
+    dims: Option<usize>,
+}
+
+impl<'q> StreamScan<'q> {
+    pub fn new(query: &'q [f32], k: usize, metric: Metric) -> Result<StreamScan<'q>> {
+        let scorer = Scorer::new(query, metric)?;
+        Ok(StreamScan {
+            scorer,
+            top: TopK::new(k),
+            row: Vec::new(),
+            dims: None,
+        })
+    }
+
+    /// Scores a row given as a little-endian float32 blob. Errors are those of
+    /// [`VectorSetBuilder::push_blob`] plus [`Error::QueryDimensionMismatch`].
+    pub fn push_blob(&mut self, id: i64, blob: &[u8]) -> Result<()> {
+        let mut row = std::mem::take(&mut self.row);
+        row.clear();
+        row.extend(
+            blob.chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
+        );
+        let result = if blob.is_empty() {
+            Err(Error::EmptyVector)
+        } else if blob.len() % 4 != 0 {
+            Err(Error::BlobLength { len: blob.len() })
+        } else {
+            self.push_f32(id, &row)
+        };
+        self.row = row;
+        result
+    }
+
+    /// Scores a row given as floats.
+    pub fn push_f32(&mut self, id: i64, row: &[f32]) -> Result<()> {
+        if row.is_empty() {
+            return Err(Error::EmptyVector);
+        }
+        match self.dims {
+            None => self.dims = Some(row.len()),
+            Some(dims) if dims != row.len() => {
+                return Err(Error::DimensionMismatch {
+                    left: dims,
+                    right: row.len(),
+                })
+            }
+            Some(_) => {}
+        }
+        if row.len() != self.scorer.query.len() {
+            return Err(Error::QueryDimensionMismatch {
+                query: self.scorer.query.len(),
+                rows: row.len(),
+            });
+        }
+        if let Some(index) = row.iter().position(|x| !x.is_finite()) {
+            return Err(Error::NonFinite { index });
+        }
+        let inv = if self.scorer.metric == Metric::Cosine {
+            inv_norm(row)
+        } else {
+            1.0
+        };
+        if let Some(distance) = self.scorer.distance(row, inv) {
+            if distance <= self.top.threshold() {
+                self.top.push(Hit { distance, id });
+            }
+        }
+        Ok(())
+    }
+
+    pub fn finish(self) -> Vec<(i64, f64, f64)> {
+        self.scorer.results(self.top)
     }
 }
 
@@ -289,12 +417,17 @@ mod tests {
 
     fn reference(rows: &[(i64, Vec<f32>)], q: &[f32], k: usize) -> Vec<i64> {
         let cos = |a: &[f32], b: &[f32]| {
-            let d: f64 = a.iter().zip(b).map(|(x, y)| f64::from(*x) * f64::from(*y)).sum();
+            let d: f64 = a
+                .iter()
+                .zip(b)
+                .map(|(x, y)| f64::from(*x) * f64::from(*y))
+                .sum();
             let na: f64 = a.iter().map(|x| f64::from(*x).powi(2)).sum::<f64>().sqrt();
             let nb: f64 = b.iter().map(|x| f64::from(*x).powi(2)).sum::<f64>().sqrt();
             d / (na * nb)
         };
-        let mut scored: Vec<(f64, i64)> = rows.iter().map(|(id, v)| (1.0 - cos(q, v), *id)).collect();
+        let mut scored: Vec<(f64, i64)> =
+            rows.iter().map(|(id, v)| (1.0 - cos(q, v), *id)).collect();
         scored.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
         scored.into_iter().take(k).map(|(_, id)| id).collect()
     }
@@ -305,7 +438,12 @@ mod tests {
         let mut rng = rand::rngs::StdRng::seed_from_u64(7);
         let dims = 33;
         let mut rows: Vec<(i64, Vec<f32>)> = (0..30_000)
-            .map(|i| (i * 3 + 1, (0..dims).map(|_| rng.random_range(-1.0f32..1.0)).collect()))
+            .map(|i| {
+                (
+                    i * 3 + 1,
+                    (0..dims).map(|_| rng.random_range(-1.0f32..1.0)).collect(),
+                )
+            })
             .collect();
         // Exact duplicates of one row, at ids on both sides of it: the tie must go to the smaller id.
         let dup = rows[500].1.clone();
@@ -318,19 +456,53 @@ mod tests {
         let set = b.finish().unwrap();
         let mut q = dup.clone();
         q[0] += 0.01;
-        let got: Vec<i64> = set.search(&q, 10, Metric::Cosine).unwrap().iter().map(|r| r.0).collect();
+        let got: Vec<i64> = set
+            .search(&q, 10, Metric::Cosine)
+            .unwrap()
+            .iter()
+            .map(|r| r.0)
+            .collect();
         assert_eq!(got, reference(&rows, &q, 10));
         assert_eq!(&got[..3], &[-5, rows[500].0, 1_000_000]);
+    }
+
+    #[test]
+    fn the_stream_scan_gives_exactly_what_the_copy_gives() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+        let rows: Vec<Vec<f32>> = (0..20_000)
+            .map(|_| (0..24).map(|_| rng.random_range(-1.0f32..1.0)).collect())
+            .collect();
+        let q: Vec<f32> = (0..24).map(|_| rng.random_range(-1.0f32..1.0)).collect();
+        for metric in [Metric::Cosine, Metric::Dot, Metric::L2] {
+            let mut b = VectorSetBuilder::new();
+            let mut s = StreamScan::new(&q, 15, metric).unwrap();
+            for (i, r) in rows.iter().enumerate() {
+                b.push_f32(i as i64, r).unwrap();
+                let blob: Vec<u8> = r.iter().flat_map(|x| x.to_le_bytes()).collect();
+                s.push_blob(i as i64, &blob).unwrap();
+            }
+            assert_eq!(
+                s.finish(),
+                b.finish().unwrap().search(&q, 15, metric).unwrap()
+            );
+        }
     }
 
     #[test]
     fn rejects_mixed_dimensions_and_non_finite_rows() {
         let mut b = VectorSetBuilder::new();
         b.push_f32(1, &[1.0, 2.0]).unwrap();
-        assert_eq!(b.push_f32(2, &[1.0]), Err(Error::DimensionMismatch { left: 2, right: 1 }));
+        assert_eq!(
+            b.push_f32(2, &[1.0]),
+            Err(Error::DimensionMismatch { left: 2, right: 1 })
+        );
         let set = b.finish().unwrap();
         assert_eq!(set.len(), 1);
-        assert_eq!(set.search(&[1.0], 1, Metric::Cosine), Err(Error::DimensionMismatch { left: 1, right: 2 }));
+        assert_eq!(
+            set.search(&[1.0], 1, Metric::Cosine),
+            Err(Error::QueryDimensionMismatch { query: 1, rows: 2 })
+        );
     }
 
     #[test]
@@ -340,7 +512,10 @@ mod tests {
         b.push_f32(7, &[1.0, f32::INFINITY]).unwrap();
         assert_eq!(
             b.finish().unwrap_err(),
-            Error::InRow { id: 7, error: Box::new(Error::NonFinite { index: 1 }) }
+            Error::InRow {
+                id: 7,
+                error: Box::new(Error::NonFinite { index: 1 })
+            }
         );
     }
 

@@ -30,7 +30,8 @@ pub const PURE: FunctionFlags = FunctionFlags::SQLITE_UTF8
 pub const PURE_READS_SUBTYPE: FunctionFlags = PURE.union(FunctionFlags::SQLITE_SUBTYPE);
 
 /// Pure, reads argument subtypes and tags its result (the flags sqlite-vec gives these functions).
-pub const PURE_VECTOR: FunctionFlags = PURE_READS_SUBTYPE.union(FunctionFlags::SQLITE_RESULT_SUBTYPE);
+pub const PURE_VECTOR: FunctionFlags =
+    PURE_READS_SUBTYPE.union(FunctionFlags::SQLITE_RESULT_SUBTYPE);
 
 /// An SQLite error (SQLITE_ERROR) with our message: Python sees `OperationalError`, as for
 /// SQLite's own errors, not the `IntegrityError` a bare Rust error would map to.
@@ -70,7 +71,10 @@ pub fn guard<T>(func: &str, f: impl FnOnce() -> rusqlite::Result<T>) -> rusqlite
                 .map(|s| (*s).to_owned())
                 .or_else(|| payload.downcast_ref::<String>().cloned())
                 .unwrap_or_else(|| "unknown panic".into());
-            Err(fn_error(func, format!("internal error (a bug in archaeclip, please report it): {what}")))
+            Err(fn_error(
+                func,
+                format!("internal error (a bug in archaeclip, please report it): {what}"),
+            ))
         }
     }
 }
@@ -97,7 +101,9 @@ pub fn vector_arg(ctx: &Context<'_>, index: usize, func: &str) -> rusqlite::Resu
         }
         ValueRef::Text(t) => match std::str::from_utf8(t) {
             Ok(text) => codec::f32_from_json(text).map(Vector::Float32),
-            Err(_) => Err(crate::error::Error::Json { detail: "text is not valid UTF-8".into() }),
+            Err(_) => Err(crate::error::Error::Json {
+                detail: "text is not valid UTF-8".into(),
+            }),
         },
         other => Err(crate::error::Error::WrongType {
             expected: "a vector (a float32 BLOB or JSON text like '[0.1, 0.2]')",
@@ -119,7 +125,10 @@ pub fn f32_arg(ctx: &Context<'_>, index: usize, func: &str) -> rusqlite::Result<
         Some(other) => Err(arg_error(
             func,
             index,
-            format!("expected a float32 vector, found an {} vector", other.element_type().name()),
+            format!(
+                "expected a float32 vector, found an {} vector",
+                other.element_type().name()
+            ),
         )),
     }
 }

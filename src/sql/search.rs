@@ -7,14 +7,15 @@
 //! JOIN embeddings a ON a.rowid = s.rowid ORDER BY s.distance;
 //! ```
 //! The statement's first column is an integer id, its second a vector (float32 blob or JSON
-//! text); its WHERE clause filters before k is applied. The vectors are copied once into a
-//! contiguous buffer and kept, per connection, until any write changes the database (see
-//! [`crate::index::cache`]); the scan itself is [`crate::index::VectorSet::search`].
+//! text); its WHERE clause filters before k is applied. The first use of a statement streams its
+//! rows through a fused top-k; the second (with the database unchanged) copies its vectors into a
+//! contiguous buffer kept per connection until any write changes the database (see
+//! [`crate::index::cache`]); later uses scan that copy in parallel
+//! ([`crate::index::VectorSet::search`]).
 
 use std::borrow::Cow;
 use std::ffi::{c_int, CStr};
 use std::marker::PhantomData;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use rusqlite::ffi;
@@ -26,15 +27,22 @@ use rusqlite::vtab::{
 use rusqlite::Connection;
 
 use super::{arg_error, fn_error, guard, type_name};
-use crate::index::{DbStamp, ScanCache, VectorSet, VectorSetBuilder};
+use crate::index::{DbStamp, Lookup, ScanCache, StreamScan, VectorSet, VectorSetBuilder};
 use crate::vector::codec;
 use crate::vector::distance::Metric;
 
 const NAME: &str = "clip_search";
 const MODULE_NAME: &CStr = c"clip_search";
 
-/// How many times a statement's vectors were loaded (cache misses), for tests and diagnostics.
-pub static LOADS: AtomicU64 = AtomicU64::new(0);
+thread_local! {
+    static COPIES_BUILT: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
+/// How many copies of a statement's vectors this thread has built (for tests: per thread, so
+/// tests running in parallel do not count each other's).
+pub fn copies_built_on_this_thread() -> u64 {
+    COPIES_BUILT.with(|c| c.get())
+}
 
 /// Largest k accepted: results are materialized, so k bounds the memory of one call.
 pub const MAX_K: i64 = 100_000;
@@ -84,7 +92,11 @@ unsafe impl<'vtab> VTab<'vtab> for SearchTab {
                 c"CREATE TABLE x(id INTEGER, score REAL, distance REAL, rank INTEGER, \
                   query HIDDEN, k HIDDEN, statement HIDDEN, metric HIDDEN)",
             ),
-            SearchTab { base: ffi::sqlite3_vtab::default(), db: handle, cache: Mutex::default() },
+            SearchTab {
+                base: ffi::sqlite3_vtab::default(),
+                db: handle,
+                cache: Mutex::default(),
+            },
         ))
     }
 
@@ -111,7 +123,9 @@ fn plan(info: &mut IndexInfo) -> rusqlite::Result<bool> {
     let mut found: [Option<usize>; 4] = [None; 4];
     let mut unusable = false;
     for (i, c) in info.constraints().enumerate() {
-        let Some(slot) = ARGUMENTS.iter().position(|&col| col == c.column()) else { continue };
+        let Some(slot) = ARGUMENTS.iter().position(|&col| col == c.column()) else {
+            continue;
+        };
         if c.operator() != IndexConstraintOp::SQLITE_INDEX_CONSTRAINT_EQ {
             continue;
         }
@@ -143,7 +157,6 @@ fn plan(info: &mut IndexInfo) -> rusqlite::Result<bool> {
             (o.column(), o.is_order_by_desc()),
             (COL_DISTANCE, false) | (COL_RANK, false) | (COL_SCORE, true)
         );
-        drop(order_bys);
         if consumed {
             info.set_order_by_consumed(true);
         }
@@ -167,7 +180,12 @@ pub struct SearchCursor<'vtab> {
 }
 
 unsafe impl VTabCursor for SearchCursor<'_> {
-    fn filter(&mut self, idx_num: c_int, _idx_str: Option<&str>, args: &Filters<'_>) -> rusqlite::Result<()> {
+    fn filter(
+        &mut self,
+        idx_num: c_int,
+        _idx_str: Option<&str>,
+        args: &Filters<'_>,
+    ) -> rusqlite::Result<()> {
         guard(NAME, || {
             let mut values: [Option<ValueRef<'_>>; 4] = [None; 4];
             let mut next = 0;
@@ -180,7 +198,10 @@ unsafe impl VTabCursor for SearchCursor<'_> {
             let request = Request::parse(&values)?;
             self.args = values
                 .iter()
-                .map(|v| v.and_then(|v| Value::try_from(v).ok()).unwrap_or(Value::Null))
+                .map(|v| {
+                    v.and_then(|v| Value::try_from(v).ok())
+                        .unwrap_or(Value::Null)
+                })
                 .collect();
             self.rows = run(self.tab, &request)?;
             self.pos = 0;
@@ -206,7 +227,12 @@ unsafe impl VTabCursor for SearchCursor<'_> {
             COL_RANK => ctx.set_result(&((self.pos + 1) as i64)),
             _ => {
                 let slot = ARGUMENTS.iter().position(|&c| c == i);
-                ctx.set_result(&slot.and_then(|s| self.args.get(s)).cloned().unwrap_or(Value::Null))
+                ctx.set_result(
+                    &slot
+                        .and_then(|s| self.args.get(s))
+                        .cloned()
+                        .unwrap_or(Value::Null),
+                )
             }
         }
     }
@@ -252,10 +278,18 @@ impl Request {
         let k = match values[1].unwrap() {
             ValueRef::Integer(k) if (0..=MAX_K).contains(&k) => k as usize,
             ValueRef::Integer(k) => {
-                return Err(arg_error(NAME, 1, format!("k must be between 0 and {MAX_K}, found {k}")))
+                return Err(arg_error(
+                    NAME,
+                    1,
+                    format!("k must be between 0 and {MAX_K}, found {k}"),
+                ))
             }
             other => {
-                return Err(arg_error(NAME, 1, format!("k must be an integer, found {}", type_name(other))))
+                return Err(arg_error(
+                    NAME,
+                    1,
+                    format!("k must be an integer, found {}", type_name(other)),
+                ))
             }
         };
         let statement = match values[2].unwrap() {
@@ -264,7 +298,10 @@ impl Request {
                 return Err(arg_error(
                     NAME,
                     2,
-                    format!("expected the text of a SELECT statement, found {}", type_name(other)),
+                    format!(
+                        "expected the text of a SELECT statement, found {}",
+                        type_name(other)
+                    ),
                 ))
             }
         };
@@ -277,16 +314,26 @@ impl Request {
                 return Err(arg_error(
                     NAME,
                     3,
-                    format!("expected 'cosine', 'dot' or 'l2', found {}", type_name(other)),
+                    format!(
+                        "expected 'cosine', 'dot' or 'l2', found {}",
+                        type_name(other)
+                    ),
                 ))
             }
         };
-        Ok(Request { query, k, statement, metric })
+        Ok(Request {
+            query,
+            k,
+            statement,
+            metric,
+        })
     }
 }
 
 fn lock(tab: &SearchTab) -> MutexGuard<'_, ScanCache> {
-    tab.cache.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    tab.cache
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 fn run(tab: &SearchTab, request: &Request) -> rusqlite::Result<Vec<(i64, f64, f64)>> {
@@ -294,22 +341,28 @@ fn run(tab: &SearchTab, request: &Request) -> rusqlite::Result<Vec<(i64, f64, f6
     let conn = unsafe { Connection::from_handle(tab.db) }?;
     let stamp = stamp(&conn)?;
     // The cache lock is never held while the statement runs: it may call clip_search itself.
-    let cached = lock(tab).get(&request.statement, &stamp);
-    let set = match cached {
-        Some(set) => set,
-        None => {
+    let lookup = lock(tab).lookup(&request.statement, &stamp);
+    let results = match lookup {
+        Lookup::Copy(set) => set.search(&request.query, request.k, request.metric),
+        Lookup::Build => {
             lock(tab).evict_stale(&stamp);
             let set = Arc::new(load(&conn, &request.statement)?);
             lock(tab).put(&request.statement, stamp, set.clone());
-            set
+            set.search(&request.query, request.k, request.metric)
+        }
+        Lookup::Stream => {
+            let mut scan = StreamScan::new(&request.query, request.k, request.metric)
+                .map_err(|e| arg_error(NAME, 0, e))?;
+            for_each_row(&conn, &request.statement, |id, vector| match vector {
+                RowVector::Blob(b) => scan.push_blob(id, b),
+                RowVector::F32(v) => scan.push_f32(id, &v),
+            })?;
+            Ok(scan.finish())
         }
     };
-    set.search(&request.query, request.k, request.metric).map_err(|e| match e {
-        crate::error::Error::DimensionMismatch { left, right } => arg_error(
-            NAME,
-            0,
-            format!("the query vector has {left} dimensions, the statement's vectors have {right}"),
-        ),
+    results.map_err(|e| match e {
+        e @ crate::error::Error::QueryDimensionMismatch { .. } => arg_error(NAME, 0, e),
+        e @ crate::error::Error::InRow { .. } => arg_error(NAME, 2, e),
         other => arg_error(NAME, 0, other),
     })
 }
@@ -321,25 +374,65 @@ fn stamp(conn: &Connection) -> rusqlite::Result<DbStamp> {
     let mut schemas = Vec::new();
     let mut list = conn.prepare("SELECT name, file FROM pragma_database_list ORDER BY seq")?;
     let names: Vec<(String, String)> = list
-        .query_map([], |r| Ok((r.get(0)?, r.get::<_, Option<String>>(1)?.unwrap_or_default())))?
+        .query_map([], |r| {
+            Ok((
+                r.get(0)?,
+                r.get::<_, Option<String>>(1)?.unwrap_or_default(),
+            ))
+        })?
         .collect::<rusqlite::Result<_>>()?;
     for (name, file) in names {
         let quoted = name.replace('"', "\"\"");
         let data_version: i64 =
-            conn.query_row(&format!("PRAGMA \"{quoted}\".data_version"), [], |r| r.get(0))?;
+            conn.query_row(&format!("PRAGMA \"{quoted}\".data_version"), [], |r| {
+                r.get(0)
+            })?;
         let schema_version: i64 =
-            conn.query_row(&format!("PRAGMA \"{quoted}\".schema_version"), [], |r| r.get(0))?;
+            conn.query_row(&format!("PRAGMA \"{quoted}\".schema_version"), [], |r| {
+                r.get(0)
+            })?;
         schemas.push((name, file, data_version, schema_version));
     }
-    Ok(DbStamp { total_changes, schemas })
+    Ok(DbStamp {
+        total_changes,
+        schemas,
+    })
 }
 
 /// Runs the statement and copies its vectors into one contiguous set.
 fn load(conn: &Connection, sql: &str) -> rusqlite::Result<VectorSet> {
-    LOADS.fetch_add(1, Ordering::Relaxed);
-    let mut stmt = conn.prepare(sql).map_err(|e| arg_error(NAME, 2, describe_prepare_error(e)))?;
+    COPIES_BUILT.with(|c| c.set(c.get() + 1));
+    let mut builder = VectorSetBuilder::new();
+    for_each_row(conn, sql, |id, vector| match vector {
+        RowVector::Blob(b) => builder.push_blob(id, b),
+        RowVector::F32(v) => builder.push_f32(id, &v),
+    })?;
+    builder.finish().map_err(|e| arg_error(NAME, 2, e))
+}
+
+/// A row's vector as the statement gave it.
+enum RowVector<'a> {
+    Blob(&'a [u8]),
+    F32(Vec<f32>),
+}
+
+/// Runs the statement (checked: one read-only SELECT of at least two columns) and hands each
+/// row's integer id and vector to `each`; rows with a NULL vector are skipped. An error names
+/// the row by its id.
+fn for_each_row(
+    conn: &Connection,
+    sql: &str,
+    mut each: impl FnMut(i64, RowVector<'_>) -> crate::error::Result<()>,
+) -> rusqlite::Result<()> {
+    let mut stmt = conn
+        .prepare(sql)
+        .map_err(|e| arg_error(NAME, 2, describe_prepare_error(e)))?;
     if !stmt.readonly() {
-        return Err(arg_error(NAME, 2, "the statement must be a read-only SELECT"));
+        return Err(arg_error(
+            NAME,
+            2,
+            "the statement must be a read-only SELECT",
+        ));
     }
     if stmt.column_count() < 2 {
         return Err(arg_error(
@@ -351,7 +444,6 @@ fn load(conn: &Connection, sql: &str) -> rusqlite::Result<VectorSet> {
             ),
         ));
     }
-    let mut builder = VectorSetBuilder::new();
     let mut rows = stmt.query([])?;
     while let Some(row) = rows.next()? {
         let id = match row.get_ref(0)? {
@@ -367,24 +459,29 @@ fn load(conn: &Connection, sql: &str) -> rusqlite::Result<VectorSet> {
                 ))
             }
         };
-        let pushed = match row.get_ref(1)? {
+        let result = match row.get_ref(1)? {
             ValueRef::Null => continue,
-            ValueRef::Blob(b) => builder.push_blob(id, b),
+            ValueRef::Blob(b) => each(id, RowVector::Blob(b)),
             ValueRef::Text(t) => codec::f32_from_json(&String::from_utf8_lossy(t))
-                .and_then(|v| builder.push_f32(id, &v)),
+                .and_then(|v| each(id, RowVector::F32(v))),
             other => Err(crate::error::Error::WrongType {
                 expected: "a vector (a float32 BLOB or JSON text)",
                 found: type_name(other),
             }),
         };
-        pushed.map_err(|e| arg_error(NAME, 2, format!("row with id {id}: {e}")))?;
+        result.map_err(|e| match e {
+            e @ crate::error::Error::QueryDimensionMismatch { .. } => arg_error(NAME, 0, e),
+            e => arg_error(NAME, 2, format!("row with id {id}: {e}")),
+        })?;
     }
-    builder.finish().map_err(|e| arg_error(NAME, 2, e))
+    Ok(())
 }
 
 fn describe_prepare_error(e: rusqlite::Error) -> String {
     match e {
-        rusqlite::Error::SqliteFailure(_, Some(msg)) => format!("cannot prepare the statement: {msg}"),
+        rusqlite::Error::SqliteFailure(_, Some(msg)) => {
+            format!("cannot prepare the statement: {msg}")
+        }
         rusqlite::Error::MultipleStatement => "expected one SELECT statement, found several".into(),
         other => format!("cannot prepare the statement: {other}"),
     }

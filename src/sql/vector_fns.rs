@@ -38,8 +38,9 @@ pub fn vec_f32(ctx: &Context<'_>) -> rusqlite::Result<Output> {
 }
 
 pub fn vec_to_json(ctx: &Context<'_>) -> rusqlite::Result<Output> {
-    Ok(vector_arg(ctx, 0, "vec_to_json")?
-        .map_or(NULL, |v| (Value::Text(v.to_json()), Some(codec::JSON_SUBTYPE))))
+    Ok(vector_arg(ctx, 0, "vec_to_json")?.map_or(NULL, |v| {
+        (Value::Text(v.to_json()), Some(codec::JSON_SUBTYPE))
+    }))
 }
 
 pub fn vec_length(ctx: &Context<'_>) -> rusqlite::Result<Output> {
@@ -105,7 +106,9 @@ pub fn vec_quantize_int8(ctx: &Context<'_>) -> rusqlite::Result<Output> {
             ))
         }
     }
-    Ok(v.map_or(NULL, |v| vector_output(&Vector::Int8(codec::quantize_int8_unit(&v)))))
+    Ok(v.map_or(NULL, |v| {
+        vector_output(&Vector::Int8(codec::quantize_int8_unit(&v)))
+    }))
 }
 
 pub fn vec_quantize_binary(ctx: &Context<'_>) -> rusqlite::Result<Output> {
@@ -142,14 +145,19 @@ impl Aggregate<AvgState, Output> for VecAvg {
 
     fn step(&self, ctx: &mut Context<'_>, state: &mut AvgState) -> rusqlite::Result<()> {
         super::guard("vec_avg", || {
-            let Some(v) = f32_arg(ctx, 0, "vec_avg")? else { return Ok(()) };
+            let Some(v) = f32_arg(ctx, 0, "vec_avg")? else {
+                return Ok(());
+            };
             if state.count == 0 {
                 state.sum = vec![0.0; v.len()];
             } else if v.len() != state.sum.len() {
                 return Err(arg_error(
                     "vec_avg",
                     0,
-                    crate::error::Error::DimensionMismatch { left: state.sum.len(), right: v.len() },
+                    crate::error::Error::DimensionMismatch {
+                        left: state.sum.len(),
+                        right: v.len(),
+                    },
                 ));
             }
             for (s, x) in state.sum.iter_mut().zip(&v) {
@@ -160,7 +168,11 @@ impl Aggregate<AvgState, Output> for VecAvg {
         })
     }
 
-    fn finalize(&self, _ctx: &mut Context<'_>, state: Option<AvgState>) -> rusqlite::Result<Output> {
+    fn finalize(
+        &self,
+        _ctx: &mut Context<'_>,
+        state: Option<AvgState>,
+    ) -> rusqlite::Result<Output> {
         match state {
             Some(s) if s.count > 0 => {
                 let n = s.count as f64;

@@ -112,7 +112,11 @@ impl Vector {
                 let _ = write!(o, "{x}");
             }),
             Vector::Bit(v) => join(&mut out, 0..v.len() * 8, |o, i| {
-                o.push(if v[i / 8] >> (i % 8) & 1 == 1 { '1' } else { '0' })
+                o.push(if v[i / 8] >> (i % 8) & 1 == 1 {
+                    '1'
+                } else {
+                    '0'
+                })
             }),
         }
         out.push(']');
@@ -144,7 +148,12 @@ fn write_fixed6(out: &mut String, x: f32) {
         // Round the magnitude up, as SQLite does.
         let micros = ((x.abs() * 1e6) + 0.5) as u64;
         let sign = if x < 0.0 { "-" } else { "" };
-        let _ = write!(out, "{sign}{}.{:06}", micros / 1_000_000, micros % 1_000_000);
+        let _ = write!(
+            out,
+            "{sign}{}.{:06}",
+            micros / 1_000_000,
+            micros % 1_000_000
+        );
     } else {
         let text = format!("{x:.6}");
         out.push_str(&limit_significant_digits(&text, 16));
@@ -226,18 +235,29 @@ fn json_error(e: &serde_json::Error, text: &str) -> Error {
             .next()
             .and_then(|n| n.parse().ok())
             .unwrap_or(MAX_JSON_DIMENSIONS + 1);
-        return Error::TooManyDimensions { found, max: MAX_JSON_DIMENSIONS };
+        return Error::TooManyDimensions {
+            found,
+            max: MAX_JSON_DIMENSIONS,
+        };
     }
     if let Some(rest) = msg.strip_prefix(NON_FINITE) {
-        let index = rest.split_whitespace().next().and_then(|n| n.parse().ok()).unwrap_or(0);
+        let index = rest
+            .split_whitespace()
+            .next()
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0);
         return Error::NonFinite { index };
     }
     let trimmed = text.trim_start();
     if trimmed.is_empty() {
-        return Error::Json { detail: "empty text, expected an array like [0.1, 0.2]".into() };
+        return Error::Json {
+            detail: "empty text, expected an array like [0.1, 0.2]".into(),
+        };
     }
     if !trimmed.starts_with('[') {
-        return Error::Json { detail: "expected an array like [0.1, 0.2]".into() };
+        return Error::Json {
+            detail: "expected an array like [0.1, 0.2]".into(),
+        };
     }
     Error::Json { detail: msg }
 }
@@ -258,7 +278,10 @@ impl<'de> Visitor<'de> for FloatArray {
         let mut out = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(4096));
         while let Some(x) = seq.next_element::<Number>()? {
             if out.len() == MAX_JSON_DIMENSIONS {
-                return Err(de::Error::custom(format!("{TOO_MANY}{} ", MAX_JSON_DIMENSIONS + 1)));
+                return Err(de::Error::custom(format!(
+                    "{TOO_MANY}{} ",
+                    MAX_JSON_DIMENSIONS + 1
+                )));
             }
             let x = x.0 as f32;
             if !x.is_finite() {
@@ -303,7 +326,8 @@ pub fn quantize_int8_unit(v: &[f32]) -> Vec<i8> {
     v.iter()
         .map(|&x| {
             let y = (f64::from(x) + 1.0) / step - 128.0;
-            if !(y <= 127.0) {
+            // NaN and +inf saturate high, as in sqlite-vec.
+            if y.is_nan() || y > 127.0 {
                 127
             } else if y >= -128.0 {
                 y.trunc() as i8
@@ -345,18 +369,30 @@ mod tests {
 
     #[test]
     fn json_round_trip_and_errors() {
-        assert_eq!(f32_from_json(" [ 1 , 2.5 ,-3e-1 ] ").unwrap(), vec![1.0, 2.5, -0.3]);
+        assert_eq!(
+            f32_from_json(" [ 1 , 2.5 ,-3e-1 ] ").unwrap(),
+            vec![1.0, 2.5, -0.3]
+        );
         assert_eq!(f32_from_json("[]"), Err(Error::EmptyVector));
         assert!(matches!(f32_from_json("[1,"), Err(Error::Json { .. })));
-        assert!(matches!(f32_from_json("[1,\"a\"]"), Err(Error::Json { .. })));
+        assert!(matches!(
+            f32_from_json("[1,\"a\"]"),
+            Err(Error::Json { .. })
+        ));
         assert!(matches!(f32_from_json("[1,null]"), Err(Error::Json { .. })));
         assert!(matches!(f32_from_json("[[1]]"), Err(Error::Json { .. })));
         assert!(matches!(f32_from_json("[1] x"), Err(Error::Json { .. })));
-        assert_eq!(f32_from_json("[1, 1e39]"), Err(Error::NonFinite { index: 1 }));
+        assert_eq!(
+            f32_from_json("[1, 1e39]"),
+            Err(Error::NonFinite { index: 1 })
+        );
         let big = format!("[{}]", vec!["0"; MAX_JSON_DIMENSIONS + 1].join(","));
         assert_eq!(
             f32_from_json(&big),
-            Err(Error::TooManyDimensions { found: MAX_JSON_DIMENSIONS + 1, max: MAX_JSON_DIMENSIONS })
+            Err(Error::TooManyDimensions {
+                found: MAX_JSON_DIMENSIONS + 1,
+                max: MAX_JSON_DIMENSIONS
+            })
         );
     }
 
@@ -364,20 +400,32 @@ mod tests {
     fn blob_round_trip() {
         let v = vec![1.0f32, -0.5, 3.25];
         assert_eq!(f32_from_blob(&f32_to_blob(&v)).unwrap(), v);
-        assert_eq!(f32_from_blob(&[0, 0, 128]), Err(Error::BlobLength { len: 3 }));
+        assert_eq!(
+            f32_from_blob(&[0, 0, 128]),
+            Err(Error::BlobLength { len: 3 })
+        );
         assert_eq!(f32_from_blob(&[]), Err(Error::EmptyVector));
     }
 
     #[test]
     fn json_formatting_matches_printf_f() {
         let v = Vector::Float32(vec![0.1, -2.0, 1.0 / 3.0, 123456789.0, -0.0, -1e-8]);
-        assert_eq!(v.to_json(), "[0.100000,-2.000000,0.333333,123456792.000000,0.000000,-0.000000]");
+        assert_eq!(
+            v.to_json(),
+            "[0.100000,-2.000000,0.333333,123456792.000000,0.000000,-0.000000]"
+        );
         // Halves round away from zero, as SQLite's printf does (Rust's {:.6} would give ...062).
-        let ties = Vector::Float32(vec![1.0 / 128.0, 5362.414_062_5, -3.0 / 128.0]);
+        let ties = Vector::Float32(vec![1.0 / 128.0, 5362.0 + 53.0 / 128.0, -3.0 / 128.0]);
         assert_eq!(ties.to_json(), "[0.007813,5362.414063,-0.023438]");
-        assert_eq!(Vector::Float32(vec![123_456_789_012.0]).to_json(), "[123456790528.000000]");
+        assert_eq!(
+            Vector::Float32(vec![123_456_789_012.0]).to_json(),
+            "[123456790528.000000]"
+        );
         assert_eq!(Vector::Int8(vec![1, -128]).to_json(), "[1,-128]");
-        assert_eq!(Vector::Bit(vec![0b0000_0101]).to_json(), "[1,0,1,0,0,0,0,0]");
+        assert_eq!(
+            Vector::Bit(vec![0b0000_0101]).to_json(),
+            "[1,0,1,0,0,0,0,0]"
+        );
     }
 
     #[test]

@@ -28,11 +28,17 @@ pub fn norm_f32(a: &[f32]) -> f64 {
 }
 
 fn scalar_dot(a: &[f32], b: &[f32]) -> f64 {
-    a.iter().zip(b).map(|(x, y)| f64::from(*x) * f64::from(*y)).sum()
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| f64::from(*x) * f64::from(*y))
+        .sum()
 }
 
 fn scalar_l2sq(a: &[f32], b: &[f32]) -> f64 {
-    a.iter().zip(b).map(|(x, y)| (f64::from(*x) - f64::from(*y)).powi(2)).sum()
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (f64::from(*x) - f64::from(*y)).powi(2))
+        .sum()
 }
 
 /// The metrics a search or a distance function can use.
@@ -83,7 +89,10 @@ fn check_pair(a: &Vector, b: &Vector) -> Result<()> {
         });
     }
     if a.dims() != b.dims() {
-        return Err(Error::DimensionMismatch { left: a.dims(), right: b.dims() });
+        return Err(Error::DimensionMismatch {
+            left: a.dims(),
+            right: b.dims(),
+        });
     }
     Ok(())
 }
@@ -94,7 +103,10 @@ fn as_f64_pair(a: &Vector, b: &Vector, op: &'static str) -> Result<(Vec<f64>, Ve
             x.iter().map(|&e| f64::from(e)).collect(),
             y.iter().map(|&e| f64::from(e)).collect(),
         )),
-        _ => Err(Error::UnsupportedElementType { op, element: a.element_type().name() }),
+        _ => Err(Error::UnsupportedElementType {
+            op,
+            element: a.element_type().name(),
+        }),
     }
 }
 
@@ -127,7 +139,9 @@ pub fn cosine(a: &Vector, b: &Vector) -> Result<f64> {
 }
 
 fn zero_cosine() -> Error {
-    Error::InvalidArgument { what: "cosine is undefined for a zero vector (all elements are 0)".into() }
+    Error::InvalidArgument {
+        what: "cosine is undefined for a zero vector (all elements are 0)".into(),
+    }
 }
 
 /// The elements of a float32 or int8 vector as f32 (int8 converts exactly), for the
@@ -189,12 +203,21 @@ pub fn add_sub(a: &Vector, b: &Vector, subtract: bool) -> Result<Vector> {
     check_pair(a, b)?;
     match (a, b) {
         (Vector::Float32(x), Vector::Float32(y)) => Ok(Vector::Float32(
-            x.iter().zip(y).map(|(p, q)| if subtract { p - q } else { p + q }).collect(),
+            x.iter()
+                .zip(y)
+                .map(|(p, q)| if subtract { p - q } else { p + q })
+                .collect(),
         )),
         (Vector::Int8(x), Vector::Int8(y)) => Ok(Vector::Int8(
             x.iter()
                 .zip(y)
-                .map(|(p, q)| if subtract { p.wrapping_sub(*q) } else { p.wrapping_add(*q) })
+                .map(|(p, q)| {
+                    if subtract {
+                        p.wrapping_sub(*q)
+                    } else {
+                        p.wrapping_add(*q)
+                    }
+                })
                 .collect(),
         )),
         _ => Err(Error::UnsupportedElementType {
@@ -210,8 +233,12 @@ mod tests {
 
     #[test]
     fn simd_kernels_agree_with_scalar() {
-        let a: Vec<f32> = (0..515).map(|i| ((i * 37 % 101) as f32 - 50.0) / 17.0).collect();
-        let b: Vec<f32> = (0..515).map(|i| ((i * 53 % 89) as f32 - 44.0) / 13.0).collect();
+        let a: Vec<f32> = (0..515)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) / 17.0)
+            .collect();
+        let b: Vec<f32> = (0..515)
+            .map(|i| ((i * 53 % 89) as f32 - 44.0) / 13.0)
+            .collect();
         let rel = |x: f64, y: f64| (x - y).abs() / y.abs().max(1e-9);
         assert!(rel(dot_f32(&a, &b), scalar_dot(&a, &b)) < 1e-5);
         assert!(rel(l2sq_f32(&a, &b), scalar_l2sq(&a, &b)) < 1e-5);
@@ -221,7 +248,10 @@ mod tests {
     fn compat_kernels_follow_sqlite_vec() {
         // Values recorded from sqlite-vec 0.1.9.
         let i8v = |v: &[i8]| Vector::Int8(v.to_vec());
-        assert_eq!(cosine_distance_compat(&i8v(&[1, 2, 3]), &i8v(&[3, 2, 1])).unwrap(), 0.2857142984867096);
+        assert_eq!(
+            cosine_distance_compat(&i8v(&[1, 2, 3]), &i8v(&[3, 2, 1])).unwrap(),
+            0.2857142984867096
+        );
         assert_eq!(l2_compat(&i8v(&[-128]), &i8v(&[127])).unwrap(), 255.0);
         assert!(normalize_compat(&[0.0, 0.0]).is_err());
         assert_eq!(normalize_compat(&[3.0, 4.0]).unwrap(), vec![0.6, 0.8]);

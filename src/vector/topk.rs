@@ -15,7 +15,9 @@ impl Eq for Hit {}
 
 impl Ord for Hit {
     fn cmp(&self, other: &Self) -> Ordering {
-        self.distance.total_cmp(&other.distance).then(self.id.cmp(&other.id))
+        self.distance
+            .total_cmp(&other.distance)
+            .then(self.id.cmp(&other.id))
     }
 }
 
@@ -34,7 +36,10 @@ pub struct TopK {
 
 impl TopK {
     pub fn new(k: usize) -> TopK {
-        TopK { k, heap: BinaryHeap::with_capacity(k.min(1 << 16) + 1) }
+        TopK {
+            k,
+            heap: BinaryHeap::with_capacity(k.min(1 << 16) + 1),
+        }
     }
 
     /// Offers one hit; keeps it if it is among the k best so far.
@@ -89,7 +94,10 @@ mod tests {
     #[test]
     fn k_zero_keeps_nothing() {
         let mut t = TopK::new(0);
-        t.push(Hit { distance: 0.0, id: 1 });
+        t.push(Hit {
+            distance: 0.0,
+            id: 1,
+        });
         assert!(t.into_sorted().is_empty());
     }
 }

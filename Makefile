@@ -1,0 +1,50 @@
+# The commands README.md names. `make` builds the extension under its SQLite name.
+CARGO ?= cargo
+PYTHON_FOR_VENV ?= /usr/bin/python3
+VENV := .venv
+PY := $(VENV)/bin/python
+N ?= 100000
+EXT := dist/archaeclip.so
+
+.PHONY: all build test test-rust test-python demo bench venv clean
+
+all: build
+
+build: $(EXT)
+
+$(EXT): $(shell find src -name '*.rs') Cargo.toml Cargo.lock build.rs
+	$(CARGO) build --release --locked
+	mkdir -p dist
+	cp target/release/libarchaeclip.so $(EXT)
+
+# A venv from Debian's Python, whose sqlite3 module can load extensions (pyenv's cannot).
+$(VENV)/.installed: tests/requirements.txt
+	$(PYTHON_FOR_VENV) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -r tests/requirements.txt
+	touch $@
+
+venv: $(VENV)/.installed
+
+test: test-rust test-python
+
+# In-process tests on a bundled SQLite (the `static` feature); never combined with `loadable`.
+test-rust:
+	$(CARGO) test --locked --no-default-features --features static
+
+# The built .so, loaded from the sqlite3 shell and Python, as users load it.
+test-python: build venv
+	$(PY) -m pytest -q tests/python
+
+demo: build
+	@rm -f dist/demo.db
+	/usr/bin/python3 examples/demo_collection.py dist/demo.db
+	sqlite3 dist/demo.db < sql/demo.sql
+	@echo
+	@echo "The demo database is dist/demo.db: open it with"
+	@echo "  sqlite3 dist/demo.db -cmd '.load ./dist/archaeclip'"
+
+bench: build venv
+	$(PY) benches/search_bench.py --n $(N)
+
+clean:
+	rm -rf dist target/release/libarchaeclip.so
