@@ -27,9 +27,11 @@ venv: $(VENV)/.installed
 
 test: test-rust test-python
 
-# In-process tests on a bundled SQLite (the `static` feature); never combined with `loadable`.
+# In-process tests on a bundled SQLite (the `static` feature; never combined with `loadable`),
+# then the library's own unit tests as built for loading (the entry point's version check).
 test-rust:
 	$(CARGO) test --locked --no-default-features --features static
+	$(CARGO) test --locked --lib
 
 # The built .so, loaded from the sqlite3 shell and Python, as users load it.
 test-python: build venv

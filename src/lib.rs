@@ -133,6 +133,32 @@ pub unsafe extern "C" fn sqlite3_archaeclip_init(
 
 #[cfg(test)]
 mod tests {
+    /// The real entry point, handed the API table of a host that reports SQLite 3.33.0: it must
+    /// return SQLITE_ERROR with the message, without calling anything else (a zeroed table would
+    /// crash on any other call).
+    #[cfg(feature = "loadable")]
+    #[test]
+    fn the_entry_point_refuses_an_old_host_without_touching_it() {
+        use rusqlite::ffi;
+        unsafe extern "C" fn old_version() -> std::ffi::c_int {
+            3_033_000
+        }
+        unsafe extern "C" fn host_malloc(n: std::ffi::c_int) -> *mut std::ffi::c_void {
+            libc::malloc(n as usize)
+        }
+        let mut api: ffi::sqlite3_api_routines = unsafe { std::mem::zeroed() };
+        api.libversion_number = Some(old_version);
+        api.malloc = Some(host_malloc);
+        let mut message: *mut std::ffi::c_char = std::ptr::null_mut();
+        let rc = unsafe {
+            super::sqlite3_archaeclip_init(std::ptr::null_mut(), &mut message, &mut api)
+        };
+        assert_eq!(rc, ffi::SQLITE_ERROR);
+        let text = unsafe { std::ffi::CStr::from_ptr(message) }.to_str().unwrap().to_owned();
+        unsafe { libc::free(message.cast()) };
+        assert_eq!(text, "archaeclip needs SQLite 3.34.1 or newer; this host has SQLite 3.33.0");
+    }
+
     #[test]
     fn old_hosts_are_refused_with_a_message() {
         assert_eq!(
