@@ -40,6 +40,11 @@ pub enum Error {
     },
     /// A query whose dimensions differ from those of the vectors searched.
     QueryDimensionMismatch { query: usize, rows: usize },
+    /// A model directory, config, weights file or tokenizer that cannot be used (the message
+    /// names the file and what is wrong with it).
+    Model(String),
+    /// Image bytes or an image file that cannot be decoded or is refused (too large, ...).
+    Image(String),
     /// An error in one row of a set of vectors, named by its id.
     InRow { id: i64, error: Box<Error> },
 }
@@ -81,6 +86,7 @@ impl fmt::Display for Error {
                 f,
                 "the query vector has {query} dimensions, the statement's vectors have {rows}"
             ),
+            Error::Model(what) | Error::Image(what) => f.write_str(what),
             Error::InRow { id, error } => write!(f, "row with id {id}: {error}"),
         }
     }

@@ -4,6 +4,7 @@
 //! everything registered. The pure core (`vector`, `index`) knows nothing of SQLite; `sql` is the
 //! thin layer that parses arguments and reports errors.
 
+pub mod clip;
 pub mod error;
 pub mod index;
 pub mod sql;
