@@ -29,9 +29,10 @@ test: test-rust test-python
 
 # In-process tests on a bundled SQLite (the `static` feature; never combined with `loadable`),
 # then the library's own unit tests as built for loading (the entry point's version check).
+# Release profile: the CLIP tests run models, and the dependencies are shared with `build`.
 test-rust:
-	$(CARGO) test --locked --no-default-features --features static
-	$(CARGO) test --locked --lib
+	$(CARGO) test --release --locked --no-default-features --features static
+	$(CARGO) test --release --locked --lib
 
 # The built .so, loaded from the sqlite3 shell and Python, as users load it.
 test-python: build venv

@@ -13,6 +13,8 @@ pub mod vector;
 use rusqlite::functions::FunctionFlags;
 use rusqlite::Connection;
 
+use sql::clip_fns::{self as c, ClipFn};
+use sql::clip_models::{self, SharedNames};
 use sql::{meta, search, vector_fns as v, ScalarFn, PURE, PURE_READS_SUBTYPE, PURE_VECTOR};
 
 /// One scalar function of the SQL surface.
@@ -61,14 +63,54 @@ pub const SCALARS: &[Scalar] = &[
     ),
 ];
 
-/// Registers everything on a connection: the scalars above, the `vec_avg` aggregate and the
-/// `clip_search` table-valued function.
+/// One CLIP function: it sees the connection's model names; registered once per arity (the
+/// model argument is optional).
+pub struct ClipScalar {
+    pub name: &'static str,
+    pub arities: &'static [i32],
+    pub func: ClipFn,
+}
+
+const fn clip(name: &'static str, arities: &'static [i32], func: ClipFn) -> ClipScalar {
+    ClipScalar {
+        name,
+        arities,
+        func,
+    }
+}
+
+/// They load models and read files: DIRECTONLY, never DETERMINISTIC or INNOCUOUS.
+pub const CLIP_FLAGS: FunctionFlags = FunctionFlags::SQLITE_UTF8
+    .union(FunctionFlags::SQLITE_DIRECTONLY)
+    .union(FunctionFlags::SQLITE_RESULT_SUBTYPE);
+
+/// Every CLIP function.
+pub const CLIP_SCALARS: &[ClipScalar] = &[
+    clip("clip_embed_text", &[1, 2], c::clip_embed_text),
+    clip("clip_embed_image", &[1, 2], c::clip_embed_image),
+    clip("clip_tokenize", &[1, 2], c::clip_tokenize),
+    clip("clip_model_info", &[0, 1], c::clip_model_info),
+];
+
+/// Registers everything on a connection: the scalars above, the `vec_avg` aggregate, the
+/// `clip_search` table-valued function, the CLIP functions and the connection's
+/// `temp.clip_models` table of model names.
 pub fn register(db: &Connection) -> rusqlite::Result<()> {
     for s in SCALARS {
         register_scalar(db, s)?;
     }
     db.create_aggregate_function("vec_avg", 1, PURE_VECTOR, v::VecAvg)?;
     search::load_module(db)?;
+    let names = SharedNames::default();
+    clip_models::load_module(db, names.clone())?;
+    for s in CLIP_SCALARS {
+        for &n_arg in s.arities {
+            let (name, func, names) = (s.name, s.func, names.clone());
+            db.create_scalar_function(name, n_arg, CLIP_FLAGS, move |ctx| {
+                sql::guard(name, || func(ctx, &names))
+            })?;
+        }
+    }
     Ok(())
 }
 
@@ -151,13 +193,18 @@ mod tests {
         api.libversion_number = Some(old_version);
         api.malloc = Some(host_malloc);
         let mut message: *mut std::ffi::c_char = std::ptr::null_mut();
-        let rc = unsafe {
-            super::sqlite3_archaeclip_init(std::ptr::null_mut(), &mut message, &mut api)
-        };
+        let rc =
+            unsafe { super::sqlite3_archaeclip_init(std::ptr::null_mut(), &mut message, &mut api) };
         assert_eq!(rc, ffi::SQLITE_ERROR);
-        let text = unsafe { std::ffi::CStr::from_ptr(message) }.to_str().unwrap().to_owned();
+        let text = unsafe { std::ffi::CStr::from_ptr(message) }
+            .to_str()
+            .unwrap()
+            .to_owned();
         unsafe { libc::free(message.cast()) };
-        assert_eq!(text, "archaeclip needs SQLite 3.34.1 or newer; this host has SQLite 3.33.0");
+        assert_eq!(
+            text,
+            "archaeclip needs SQLite 3.34.1 or newer; this host has SQLite 3.33.0"
+        );
     }
 
     #[test]

@@ -2,6 +2,8 @@
 //! Every callback runs inside [`guard`], so a panic becomes an SQL error naming the function
 //! instead of unwinding into C.
 
+pub mod clip_fns;
+pub mod clip_models;
 pub mod meta;
 pub mod search;
 pub mod vector_fns;

@@ -4,6 +4,8 @@ that no case calls fails the suite."""
 
 # The query vector below is [1, 0, 0]; the table t is made by SETUP.
 SETUP = """
+INSERT INTO temp.clip_models(name, path) VALUES ('tiny', 'tests/fixtures/clip/models/tiny-quickgelu');
+INSERT INTO temp.clip_models(name, path) VALUES ('gelu', 'tests/fixtures/clip/models/tiny-gelu');
 CREATE TABLE t(id INTEGER PRIMARY KEY, kind TEXT, e BLOB);
 INSERT INTO t VALUES (1, 'coin', vec_f32('[1, 0, 0]')), (2, 'coin', vec_f32('[0.9, 0.1, 0]')),
                      (3, 'vessel', vec_f32('[0, 1, 0]')), (4, 'vessel', '[0.95, 0, 0.05]'),
@@ -110,4 +112,31 @@ CASES = [
     "SELECT * FROM clip_search('[1, 0, 0]', 3, 'SELECT id, e FROM t', 'hamming')",
     "SELECT * FROM clip_search('[1, 0, 0]')",
     "SELECT * FROM clip_search",
+    # CLIP (tests/fixtures/clip: small random-weight models checked against transformers)
+    "SELECT name FROM temp.clip_models ORDER BY name",
+    "INSERT INTO temp.clip_models(name, path) VALUES ('tiny', 'tests/fixtures/clip/models/tiny-gelu')",
+    "INSERT INTO temp.clip_models(name, path) VALUES ('nope', 'no/such/directory')",
+    "INSERT INTO temp.clip_models(name, path) VALUES (NULL, 'tests/fixtures/clip/models/tiny-gelu')",
+    "SELECT clip_tokenize('a photo of a bronze coin', 'tiny')",
+    "SELECT clip_tokenize('', 'tiny')",
+    "SELECT clip_tokenize(NULL, 'tiny')",
+    "SELECT vec_length(clip_embed_text('terracotta statuette', 'tiny')), round(vec_dot(clip_embed_text('terracotta statuette', 'tiny'), clip_embed_text('terracotta statuette', 'tiny')), 6)",
+    "SELECT vec_length(clip_embed_text('terracotta statuette', 'gelu'))",
+    "SELECT clip_embed_text('terracotta statuette')",
+    "SELECT clip_embed_text('', 'tiny')",
+    "SELECT clip_embed_text(NULL, 'tiny')",
+    "SELECT clip_embed_text(42, 'tiny')",
+    "SELECT clip_embed_text('a coin', 'missing')",
+    "SELECT clip_embed_text('a coin', 7)",
+    "SELECT vec_length(clip_embed_image('tests/fixtures/clip/images/photo_rocket_180x240.png', 'tiny'))",
+    "SELECT round(vec_cosine(clip_embed_image('tests/fixtures/clip/images/photo_rocket_180x240.png', 'tiny'), clip_embed_image('tests/fixtures/clip/images/photo_rocket_180x240.png', 'tiny')), 6)",
+    "SELECT clip_embed_image(x'00010203', 'tiny')",
+    "SELECT clip_embed_image(x'', 'tiny')",
+    "SELECT clip_embed_image(x'ffd8ffe000104a464946', 'tiny')",
+    "SELECT clip_embed_image('tests/fixtures/clip/no-such-file.jpg', 'tiny')",
+    "SELECT clip_embed_image('tests/fixtures/clip', 'tiny')",
+    "SELECT clip_embed_image(3.5, 'tiny')",
+    "SELECT json_extract(clip_model_info('tiny'), '$.dimensions'), json_extract(clip_model_info('tiny'), '$.image_size'), json_extract(clip_model_info('tiny'), '$.parameters'), json_extract(clip_model_info('tiny'), '$.tokenizer'), json_extract(clip_model_info('tiny'), '$.layout')",
+    "SELECT json_extract(clip_model_info('gelu'), '$.fallbacks'), json_extract(clip_model_info('gelu'), '$.vision.hidden_act')",
+    "SELECT clip_model_info('missing')",
 ]

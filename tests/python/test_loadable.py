@@ -34,13 +34,14 @@ def test_it_registers_the_documented_surface(db):
         "archaeclip_version", "archaeclip_debug", "vec_f32", "vec_to_json", "vec_length",
         "vec_cosine", "vec_dot", "vec_distance_cosine", "vec_distance_l2", "vec_normalize",
         "vec_add", "vec_sub", "vec_quantize_int8", "vec_quantize_binary", "vec_avg",
+        "clip_embed_text", "clip_embed_image", "clip_tokenize", "clip_model_info",
     }
-    assert mods == {"clip_search"}
+    assert mods == {"clip_search", "clip_models"}
 
 
 def test_every_registered_function_has_a_snapshot_case(db):
     funcs, mods = registered(db)
-    untested = sorted(n for n in funcs | mods if not any(n + "(" in c or c.endswith(n) for c in CASES))
+    untested = sorted(n for n in funcs | mods if not any(n + "(" in c or c.endswith(n) or f".{n}" in c for c in CASES))
     assert not untested, f"registered but never called in tests/python/cases.py: {untested}"
 
 
@@ -60,6 +61,13 @@ def test_snapshots_of_results_and_errors():
     with open(SNAPSHOT) as f:
         expected = f.read()
     assert text == expected, "snapshots differ; rerun with UPDATE_SNAPSHOTS=1 and review the diff"
+
+
+def test_clip_functions_are_directonly(db):
+    rows = db.execute("SELECT name, flags FROM pragma_function_list WHERE name LIKE 'clip%'").fetchall()
+    assert {n for n, _ in rows} == {"clip_embed_text", "clip_embed_image", "clip_tokenize", "clip_model_info"}
+    for name, f in rows:
+        assert f & DIRECTONLY and not f & DETERMINISTIC and not f & INNOCUOUS, name
 
 
 def test_flags_tell_the_truth(db):

@@ -1,0 +1,281 @@
+//! Model directories as users have them: a HuggingFace root (`config.json` with
+//! `model.safetensors`, sharded safetensors with an index, or `pytorch_model.bin`), a
+//! sentence-transformers directory (`modules.json` pointing at `0_CLIPModel/`, or files at the
+//! root), and weights-only fine-tunes (config + weights, no tokenizer or preprocessor files; the
+//! standard CLIP tokenizer and preprocessing are used, and `clip_model_info` says so).
+//!
+//! `pytorch_model.bin` is read by candle's pickle reader, which interprets the pickle opcodes
+//! into data and never imports or calls anything: a malicious pickle cannot run code.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device};
+use candle_nn::VarBuilder;
+use serde_json::Value;
+
+use super::config::ClipConfig;
+use super::model::ClipModel;
+use super::preprocess::PreprocessConfig;
+use super::tokenizer::ClipTokenizer;
+use crate::error::{Error, Result};
+
+/// A loaded model with everything needed to embed text and images.
+pub struct LoadedModel {
+    /// The directory the user named (canonical).
+    pub root: PathBuf,
+    /// The directory holding config.json (the root, or e.g. `0_CLIPModel/`).
+    pub model_dir: PathBuf,
+    pub layout: &'static str,
+    pub config: ClipConfig,
+    pub model: ClipModel,
+    pub tokenizer: ClipTokenizer,
+    pub preprocess: PreprocessConfig,
+    /// Files read, relative to the root.
+    pub files: Vec<String>,
+    /// What was missing and replaced by a standard default.
+    pub fallbacks: Vec<String>,
+    pub parameters: usize,
+}
+
+enum Weights {
+    Safetensors(Vec<PathBuf>),
+    Pth(PathBuf),
+}
+
+fn model_error(dir: &Path, what: impl std::fmt::Display) -> Error {
+    Error::Model(format!("{}: {what}", dir.display()))
+}
+
+/// Finds the directory that holds the HF model inside `root`.
+fn resolve_layout(root: &Path) -> Result<(PathBuf, &'static str)> {
+    let modules = root.join("modules.json");
+    if !modules.is_file() {
+        return Ok((root.to_path_buf(), "huggingface"));
+    }
+    let text = std::fs::read_to_string(&modules)
+        .map_err(|e| model_error(root, format!("modules.json: {e}")))?;
+    let json: Value = serde_json::from_str(&text)
+        .map_err(|e| model_error(root, format!("modules.json: invalid JSON: {e}")))?;
+    let entries = json
+        .as_array()
+        .ok_or_else(|| model_error(root, "modules.json: expected a list of modules"))?;
+    let clip = entries.iter().find(|m| {
+        m.get("type")
+            .and_then(Value::as_str)
+            .is_some_and(|t| t.ends_with("models.CLIPModel"))
+    });
+    let Some(clip) = clip else {
+        return Err(model_error(
+            root,
+            "modules.json: no sentence_transformers.models.CLIPModel module: not a CLIP model",
+        ));
+    };
+    let sub = clip.get("path").and_then(Value::as_str).unwrap_or("");
+    if sub.contains("..") || Path::new(sub).is_absolute() {
+        return Err(model_error(
+            root,
+            format!("modules.json: module path '{sub}' leaves the model directory"),
+        ));
+    }
+    Ok((root.join(sub), "sentence-transformers"))
+}
+
+fn find_weights(dir: &Path) -> Result<Weights> {
+    let single = dir.join("model.safetensors");
+    if single.is_file() {
+        return Ok(Weights::Safetensors(vec![single]));
+    }
+    let index = dir.join("model.safetensors.index.json");
+    if index.is_file() {
+        let text = std::fs::read_to_string(&index)
+            .map_err(|e| model_error(dir, format!("model.safetensors.index.json: {e}")))?;
+        let json: Value = serde_json::from_str(&text).map_err(|e| {
+            model_error(
+                dir,
+                format!("model.safetensors.index.json: invalid JSON: {e}"),
+            )
+        })?;
+        let map = json
+            .get("weight_map")
+            .and_then(Value::as_object)
+            .ok_or_else(|| model_error(dir, "model.safetensors.index.json: no weight_map"))?;
+        let mut shards: Vec<String> = map
+            .values()
+            .filter_map(Value::as_str)
+            .map(str::to_owned)
+            .collect();
+        shards.sort();
+        shards.dedup();
+        let mut paths = Vec::new();
+        for shard in shards {
+            if shard.contains('/') || shard.contains("..") {
+                return Err(model_error(
+                    dir,
+                    format!("model.safetensors.index.json: shard '{shard}' is not a file name"),
+                ));
+            }
+            let p = dir.join(&shard);
+            if !p.is_file() {
+                return Err(model_error(
+                    dir,
+                    format!("missing shard {shard} named by model.safetensors.index.json"),
+                ));
+            }
+            paths.push(p);
+        }
+        return Ok(Weights::Safetensors(paths));
+    }
+    let bin = dir.join("pytorch_model.bin");
+    if bin.is_file() {
+        return Ok(Weights::Pth(bin));
+    }
+    Err(model_error(
+        dir,
+        "no weights: expected model.safetensors, model.safetensors.index.json (shards) or pytorch_model.bin",
+    ))
+}
+
+fn relative(root: &Path, p: &Path) -> String {
+    p.strip_prefix(root).unwrap_or(p).display().to_string()
+}
+
+/// Loads a model directory (any supported layout).
+pub fn load(path: &Path) -> Result<LoadedModel> {
+    let root = path
+        .canonicalize()
+        .map_err(|e| model_error(path, format!("cannot open the model directory: {e}")))?;
+    if !root.is_dir() {
+        return Err(model_error(
+            &root,
+            "not a directory (a model is a directory with config.json and weights)",
+        ));
+    }
+    let (model_dir, layout) = resolve_layout(&root)?;
+    let config_path = model_dir.join("config.json");
+    let mut missing = Vec::new();
+    if !config_path.is_file() {
+        missing.push("config.json");
+    }
+    let weights = find_weights(&model_dir);
+    if weights.is_err() {
+        missing.push("model.safetensors (or model.safetensors.index.json, or pytorch_model.bin)");
+    }
+    if !missing.is_empty() {
+        return Err(model_error(
+            &model_dir,
+            format!(
+                "not a CLIP model directory: missing {}",
+                missing.join(" and ")
+            ),
+        ));
+    }
+    let weights = weights?;
+    let config_text = std::fs::read_to_string(&config_path)
+        .map_err(|e| model_error(&model_dir, format!("config.json: {e}")))?;
+    let config = ClipConfig::parse(&config_text, &relative(&root, &config_path))?;
+
+    let mut files = vec![relative(&root, &config_path)];
+    let mut fallbacks = Vec::new();
+    let device = Device::Cpu;
+    let (vb, parameters) = match &weights {
+        Weights::Safetensors(paths) => {
+            // SAFETY: the files are memory-mapped read-only; candle copies each tensor out.
+            // A file changed on disk while loading is the caller's problem, as with any mmap.
+            let st = unsafe { candle_core::safetensors::MmapedSafetensors::multi(paths) }.map_err(
+                |e| {
+                    model_error(
+                        &model_dir,
+                        format!("cannot read the safetensors weights: {e}"),
+                    )
+                },
+            )?;
+            let parameters = st
+                .tensors()
+                .iter()
+                .map(|(_, t)| t.shape().iter().product::<usize>())
+                .sum();
+            files.extend(paths.iter().map(|p| relative(&root, p)));
+            (
+                VarBuilder::from_backend(Box::new(st), DType::F32, device.clone()),
+                parameters,
+            )
+        }
+        Weights::Pth(p) => {
+            let infos = candle_core::pickle::read_pth_tensor_info(p, false, None).map_err(|e| {
+                model_error(&model_dir, format!("cannot read pytorch_model.bin: {e}"))
+            })?;
+            let parameters = infos.iter().map(|t| t.layout.shape().elem_count()).sum();
+            files.push(relative(&root, p));
+            let vb = VarBuilder::from_pth(p, DType::F32, &device).map_err(|e| {
+                model_error(&model_dir, format!("cannot read pytorch_model.bin: {e}"))
+            })?;
+            (vb, parameters)
+        }
+    };
+    let model = ClipModel::new(vb, &config).map_err(|e| {
+        model_error(
+            &model_dir,
+            format!("the weights do not match config.json: {e}"),
+        )
+    })?;
+
+    let max_len = config.text.max_position_embeddings;
+    let tokenizer = match ClipTokenizer::from_dir(&model_dir, max_len)? {
+        Some(t) => {
+            files.push(format!(
+                "{} ({})",
+                relative(&root, &model_dir.join("")),
+                t.source().describe()
+            ));
+            t
+        }
+        None => {
+            fallbacks.push("no tokenizer files: using the standard CLIP tokenizer".to_owned());
+            ClipTokenizer::bundled(max_len)?
+        }
+    };
+    if tokenizer.vocab_size() > config.text.vocab_size {
+        return Err(model_error(
+            &model_dir,
+            format!(
+                "the tokenizer has {} tokens but the model's vocab_size is {}",
+                tokenizer.vocab_size(),
+                config.text.vocab_size
+            ),
+        ));
+    }
+    let pre_path = model_dir.join("preprocessor_config.json");
+    let preprocess = if pre_path.is_file() {
+        let text = std::fs::read_to_string(&pre_path)
+            .map_err(|e| model_error(&model_dir, format!("preprocessor_config.json: {e}")))?;
+        files.push(relative(&root, &pre_path));
+        PreprocessConfig::parse(&text, &relative(&root, &pre_path))?
+    } else {
+        fallbacks.push(format!(
+            "no preprocessor_config.json: using the standard CLIP preprocessing at {} px",
+            config.vision.image_size
+        ));
+        PreprocessConfig::standard(config.vision.image_size)
+    };
+    if preprocess.crop_size != config.vision.image_size {
+        return Err(model_error(
+            &model_dir,
+            format!(
+                "preprocessor_config.json crops to {} px but the model's image_size is {}",
+                preprocess.crop_size, config.vision.image_size
+            ),
+        ));
+    }
+    Ok(LoadedModel {
+        root,
+        model_dir,
+        layout,
+        config,
+        model,
+        tokenizer,
+        preprocess,
+        files,
+        fallbacks,
+        parameters,
+    })
+}

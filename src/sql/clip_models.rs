@@ -1,0 +1,267 @@
+//! `temp.clip_models(name, path)`: the connection's model names, as sqlite-lembed registers
+//! models. `INSERT INTO temp.clip_models(name, path) VALUES ('archaeclip', 'models/archaeclip')`
+//! names a model directory; nothing is loaded until a function uses it. The table lives in the
+//! connection's temp schema (it is created by the extension's init), so it works on read-only
+//! databases and never touches the database file.
+
+use std::borrow::Cow;
+use std::ffi::{c_int, CStr};
+use std::marker::PhantomData;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use rusqlite::ffi;
+use rusqlite::types::ValueRef;
+use rusqlite::vtab::{
+    Context, CreateVTab, Filters, IndexInfo, Inserts, Module, UpdateVTab, Updates, VTab,
+    VTabConnection, VTabCursor, VTabKind,
+};
+use rusqlite::Connection;
+
+use super::sql_error;
+
+/// A named model directory.
+#[derive(Debug, Clone)]
+pub struct ModelName {
+    pub rowid: i64,
+    pub name: String,
+    pub path: PathBuf,
+}
+
+/// The names registered on one connection.
+#[derive(Debug, Default)]
+pub struct ModelNames {
+    entries: Vec<ModelName>,
+    next_rowid: i64,
+}
+
+/// Shared between the table and the functions of one connection.
+pub type SharedNames = Arc<Mutex<ModelNames>>;
+
+/// The environment variable naming the default model directory.
+pub const DEFAULT_MODEL_ENV: &str = "ARCHAECLIP_MODEL";
+
+impl ModelNames {
+    /// The directory for `name`, or for the default model when `name` is None: the model named
+    /// 'default', else the only registered model, else $ARCHAECLIP_MODEL.
+    pub fn resolve(&self, name: Option<&str>) -> Result<(String, PathBuf), String> {
+        if let Some(name) = name {
+            return self
+                .entries
+                .iter()
+                .find(|e| e.name == name)
+                .map(|e| (e.name.clone(), e.path.clone()))
+                .ok_or_else(|| {
+                    let known: Vec<&str> = self.entries.iter().map(|e| e.name.as_str()).collect();
+                    format!(
+                        "unknown model '{name}' (registered: {}); register it with \
+                         INSERT INTO temp.clip_models(name, path) VALUES ('{name}', 'path/to/model')",
+                        if known.is_empty() { "none".to_owned() } else { known.join(", ") }
+                    )
+                });
+        }
+        if let Some(e) = self.entries.iter().find(|e| e.name == "default") {
+            return Ok((e.name.clone(), e.path.clone()));
+        }
+        if let [only] = self.entries.as_slice() {
+            return Ok((only.name.clone(), only.path.clone()));
+        }
+        match std::env::var_os(DEFAULT_MODEL_ENV) {
+            Some(p) if !p.is_empty() => Ok(("default".to_owned(), PathBuf::from(p))),
+            _ => Err(if self.entries.is_empty() {
+                format!(
+                    "no model: register one with INSERT INTO temp.clip_models(name, path) \
+                     VALUES ('name', 'path/to/model'), or set {DEFAULT_MODEL_ENV}"
+                )
+            } else {
+                "several models are registered and none is named 'default': pass the model name"
+                    .to_owned()
+            }),
+        }
+    }
+
+    fn insert(&mut self, name: String, path: PathBuf) -> rusqlite::Result<i64> {
+        if self.entries.iter().any(|e| e.name == name) {
+            return Err(sql_error(format!(
+                "clip_models: a model named '{name}' is already registered"
+            )));
+        }
+        self.next_rowid += 1;
+        self.entries.push(ModelName {
+            rowid: self.next_rowid,
+            name,
+            path,
+        });
+        Ok(self.next_rowid)
+    }
+}
+
+const MODULE_NAME: &CStr = c"clip_models";
+
+/// Registers the module and creates `temp.clip_models` on the connection.
+pub fn load_module(conn: &Connection, names: SharedNames) -> rusqlite::Result<()> {
+    const MODULE: Module<ModelsTab> = Module::update_module();
+    conn.create_module(MODULE_NAME, &MODULE, Some(names))?;
+    conn.execute_batch("CREATE VIRTUAL TABLE IF NOT EXISTS temp.clip_models USING clip_models")
+}
+
+#[repr(C)]
+pub struct ModelsTab {
+    base: ffi::sqlite3_vtab,
+    names: SharedNames,
+}
+
+fn nth<'a>(args: &'a rusqlite::vtab::Values<'a>, i: usize) -> ValueRef<'a> {
+    args.iter().nth(i).unwrap_or(ValueRef::Null)
+}
+
+fn text_arg(v: ValueRef<'_>, column: &str) -> rusqlite::Result<String> {
+    match v {
+        ValueRef::Text(t) if !t.is_empty() => Ok(String::from_utf8_lossy(t).into_owned()),
+        other => Err(sql_error(format!(
+            "clip_models: {column} must be non-empty text, found {}",
+            super::type_name(other)
+        ))),
+    }
+}
+
+fn checked_path(path: String) -> rusqlite::Result<PathBuf> {
+    let p = PathBuf::from(&path);
+    if !p.is_dir() {
+        return Err(sql_error(format!(
+            "clip_models: path '{path}' is not a directory (a model is a directory with config.json and weights)"
+        )));
+    }
+    Ok(p)
+}
+
+unsafe impl<'vtab> VTab<'vtab> for ModelsTab {
+    type Aux = SharedNames;
+    type Cursor = ModelsCursor<'vtab>;
+
+    fn connect(
+        _db: &mut VTabConnection,
+        aux: Option<&SharedNames>,
+        _module_name: &[u8],
+        _database_name: &[u8],
+        _table_name: &[u8],
+        _args: &[&[u8]],
+    ) -> rusqlite::Result<(Cow<'static, CStr>, Self)> {
+        let names = aux.cloned().unwrap_or_default();
+        Ok((
+            Cow::Borrowed(c"CREATE TABLE x(name TEXT, path TEXT)"),
+            ModelsTab {
+                base: ffi::sqlite3_vtab::default(),
+                names,
+            },
+        ))
+    }
+
+    fn best_index(&self, info: &mut IndexInfo) -> rusqlite::Result<bool> {
+        info.set_estimated_cost(10.0);
+        Ok(true)
+    }
+
+    fn open(&'vtab mut self) -> rusqlite::Result<ModelsCursor<'vtab>> {
+        Ok(ModelsCursor {
+            base: ffi::sqlite3_vtab_cursor::default(),
+            rows: Vec::new(),
+            pos: 0,
+            phantom: PhantomData,
+        })
+    }
+}
+
+impl CreateVTab<'_> for ModelsTab {
+    const KIND: VTabKind = VTabKind::Default;
+}
+
+impl UpdateVTab<'_> for ModelsTab {
+    fn delete(&mut self, arg: ValueRef<'_>) -> rusqlite::Result<()> {
+        let rowid = arg.as_i64()?;
+        self.names
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entries
+            .retain(|e| e.rowid != rowid);
+        Ok(())
+    }
+
+    fn insert(&mut self, args: &Inserts<'_>) -> rusqlite::Result<i64> {
+        let name = text_arg(nth(args, 2), "name")?;
+        let path = checked_path(text_arg(nth(args, 3), "path")?)?;
+        self.names
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(name, path)
+    }
+
+    fn update(&mut self, args: &Updates<'_>) -> rusqlite::Result<()> {
+        let rowid = args.get::<i64>(0)?;
+        let name = text_arg(nth(args, 2), "name")?;
+        let path = checked_path(text_arg(nth(args, 3), "path")?)?;
+        let mut names = self.names.lock().unwrap_or_else(|p| p.into_inner());
+        if names
+            .entries
+            .iter()
+            .any(|e| e.name == name && e.rowid != rowid)
+        {
+            return Err(sql_error(format!(
+                "clip_models: a model named '{name}' is already registered"
+            )));
+        }
+        if let Some(e) = names.entries.iter_mut().find(|e| e.rowid == rowid) {
+            e.name = name;
+            e.path = path;
+        }
+        Ok(())
+    }
+}
+
+#[repr(C)]
+pub struct ModelsCursor<'vtab> {
+    base: ffi::sqlite3_vtab_cursor,
+    rows: Vec<ModelName>,
+    pos: usize,
+    phantom: PhantomData<&'vtab ModelsTab>,
+}
+
+unsafe impl VTabCursor for ModelsCursor<'_> {
+    fn filter(
+        &mut self,
+        _idx_num: c_int,
+        _idx_str: Option<&str>,
+        _args: &Filters<'_>,
+    ) -> rusqlite::Result<()> {
+        let tab = unsafe { &*(self.base.pVtab as *const ModelsTab) };
+        self.rows = tab
+            .names
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entries
+            .clone();
+        self.pos = 0;
+        Ok(())
+    }
+
+    fn next(&mut self) -> rusqlite::Result<()> {
+        self.pos += 1;
+        Ok(())
+    }
+
+    fn eof(&self) -> bool {
+        self.pos >= self.rows.len()
+    }
+
+    fn column(&self, ctx: &mut Context, i: c_int) -> rusqlite::Result<()> {
+        let row = &self.rows[self.pos];
+        match i {
+            0 => ctx.set_result(&row.name),
+            _ => ctx.set_result(&row.path.display().to_string()),
+        }
+    }
+
+    fn rowid(&self) -> rusqlite::Result<i64> {
+        Ok(self.rows[self.pos].rowid)
+    }
+}

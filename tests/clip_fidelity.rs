@@ -1,0 +1,196 @@
+//! CLIP outputs against HuggingFace transformers on the same weights: small random-weight models
+//! of several shapes made by `scripts/make_clip_fixtures.py` (developer-run, with torch), whose
+//! reference outputs are committed in tests/fixtures/clip/references.safetensors.
+//! `cargo test --release --no-default-features --features static --test clip_fidelity`
+#![cfg(feature = "static")]
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use archaeclip::clip::load::{load, LoadedModel};
+use archaeclip::clip::preprocess;
+use candle_core::{Device, Tensor};
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/clip")
+}
+
+fn references() -> (serde_json::Value, HashMap<String, Tensor>) {
+    let json = std::fs::read_to_string(fixtures().join("references.json")).unwrap();
+    let tensors =
+        candle_core::safetensors::load(fixtures().join("references.safetensors"), &Device::Cpu)
+            .unwrap();
+    (serde_json::from_str(&json).unwrap(), tensors)
+}
+
+fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+fn flat(t: &Tensor) -> Vec<f32> {
+    t.flatten_all().unwrap().to_vec1().unwrap()
+}
+
+const MODELS: [&str; 4] = ["tiny-quickgelu", "tiny-gelu", "tiny-sharded", "tiny-st"];
+
+fn model(name: &str) -> LoadedModel {
+    load(&fixtures().join("models").join(name)).unwrap_or_else(|e| panic!("{name}: {e}"))
+}
+
+#[test]
+fn text_features_match_transformers() {
+    let (refs, tensors) = references();
+    for name in MODELS {
+        let m = model(name);
+        let texts = refs["models"][name]["texts"]
+            .as_array()
+            .unwrap_or_else(|| panic!("{name}: no texts"));
+        assert!(!texts.is_empty());
+        for (i, t) in texts.iter().enumerate() {
+            let ids: Vec<u32> = serde_json::from_value(t["ids"].clone()).unwrap();
+            let text = t["text"].as_str().unwrap();
+            assert_eq!(
+                m.tokenize(text).unwrap(),
+                ids,
+                "{name}: token ids of {text:?}"
+            );
+            let got = m.model.text_features(&ids).unwrap();
+            let want = flat(&tensors[&format!("{name}/text/{i}")]);
+            let d = max_abs_diff(&got, &want);
+            assert!(d < 1e-5, "{name}: text {i} ({text:?}) differs by {d}");
+        }
+    }
+}
+
+#[test]
+fn image_features_match_transformers_on_its_pixels() {
+    let (refs, tensors) = references();
+    for name in MODELS {
+        let m = model(name);
+        let images = refs["images"].as_array().unwrap();
+        for img in images {
+            let img = img.as_str().unwrap();
+            let pixels = &tensors[&format!("{name}/pixels/{img}")];
+            let got = m
+                .model
+                .image_features(&pixels.unsqueeze(0).unwrap())
+                .unwrap()
+                .remove(0);
+            let want = flat(&tensors[&format!("{name}/image/{img}")]);
+            let d = max_abs_diff(&got, &want);
+            assert!(d < 1e-5, "{name}: image {img} differs by {d}");
+        }
+    }
+}
+
+/// Our decoding and preprocessing against CLIPImageProcessor (PIL), in grey levels: the
+/// largest and the mean absolute difference.
+fn pixel_levels(got: &[f32], want: &[f32], std: [f32; 3]) -> (f32, f32) {
+    let per = got.len() / 3;
+    let d: Vec<f32> = got
+        .iter()
+        .zip(want)
+        .enumerate()
+        .map(|(i, (g, w))| (g - w).abs() * std[i / per] * 255.0)
+        .collect();
+    (
+        d.iter().copied().fold(0.0, f32::max),
+        d.iter().sum::<f32>() / d.len() as f32,
+    )
+}
+
+#[test]
+fn preprocessing_matches_clip_image_processor() {
+    let (refs, tensors) = references();
+    let mut worst = Vec::new();
+    for name in MODELS {
+        let m = model(name);
+        for img in refs["images"].as_array().unwrap() {
+            let img = img.as_str().unwrap();
+            let bytes = std::fs::read(fixtures().join("images").join(img)).unwrap();
+            let got = m
+                .pixels(&bytes)
+                .unwrap_or_else(|e| panic!("{name}: {img}: {e}"));
+            let want = flat(&tensors[&format!("{name}/pixels/{img}")]);
+            if img.starts_with("gray16") {
+                // A deliberate difference: PIL's convert('RGB') clips 16-bit values at 255 (the
+                // reference is 99.8% white); we scale them to 8 bits and keep the picture.
+                let mean = |v: &[f32]| v.iter().sum::<f32>() / v.len() as f32;
+                let (w, g) = (mean(&want), mean(&got));
+                assert!(
+                    w > g + 0.5,
+                    "{name}: 16-bit PNG: mean {w} (PIL, clipped) vs {g} (ours)"
+                );
+                continue;
+            }
+            worst.push((
+                pixel_levels(&got, &want, m.preprocess.std),
+                format!("{name}/{img}"),
+            ));
+        }
+    }
+    // And at the full ViT-B/32 size, on the real photos.
+    let full = preprocess::PreprocessConfig::standard(224);
+    for (key, want) in tensors
+        .iter()
+        .filter(|(k, _)| k.starts_with("processor224/"))
+    {
+        let img = key.trim_start_matches("processor224/");
+        let bytes = std::fs::read(fixtures().join("images").join(img)).unwrap();
+        let got = preprocess::pixels_from_bytes(&bytes, &full).unwrap();
+        worst.push((pixel_levels(&got, &flat(want), full.std), key.clone()));
+    }
+    worst.sort_by(|a, b| b.0 .0.total_cmp(&a.0 .0));
+    eprintln!("(max, mean) differences in grey levels: {worst:?}");
+    for ((max, mean), what) in &worst {
+        // The resize is PIL's, bit for bit: images that decode identically (all lossless
+        // formats) give identical pixels. JPEGs keep the decoders' difference (libjpeg-turbo's
+        // IDCT vs jpeg-decoder's: at most 3 levels, 0.1 on average, before resizing), which an
+        // upscale can widen by a level.
+        let lossy = what.ends_with(".jpg") || what.contains("lossy");
+        let (max_allowed, mean_allowed) = if lossy { (4.001, 0.2) } else { (0.001, 0.0001) };
+        assert!(
+            *max <= max_allowed && *mean <= mean_allowed,
+            "{what}: differs from CLIPImageProcessor by {max} grey levels at most, {mean} on average"
+        );
+    }
+}
+
+/// Our decoders against PIL's, before any resizing.
+#[test]
+fn decoding_matches_pil() {
+    let (refs, tensors) = references();
+    let mut report = Vec::new();
+    for img in refs["images"].as_array().unwrap() {
+        let img = img.as_str().unwrap();
+        if img.starts_with("gray16") {
+            continue;
+        }
+        let bytes = std::fs::read(fixtures().join("images").join(img)).unwrap();
+        let ours = preprocess::decode_rgb(&bytes).unwrap();
+        let pil = &tensors[&format!("decoded/{img}")];
+        let pil: Vec<u8> = pil.flatten_all().unwrap().to_vec1().unwrap();
+        let d: Vec<u8> = ours
+            .as_raw()
+            .iter()
+            .zip(&pil)
+            .map(|(a, b)| a.abs_diff(*b))
+            .collect();
+        let mean = d.iter().map(|x| f64::from(*x)).sum::<f64>() / d.len() as f64;
+        report.push((*d.iter().max().unwrap(), mean, img.to_owned()));
+    }
+    eprintln!("decoder differences from PIL (max, mean grey levels): {report:?}");
+    for (max, mean, img) in &report {
+        // JPEG decoders differ in IDCT rounding and chroma upsampling by a level or so; the
+        // lossless formats must be identical.
+        let lossy = img.ends_with(".jpg") || img.contains("lossy");
+        assert!(
+            *max <= if lossy { 3 } else { 0 } && *mean <= 0.5,
+            "{img}: {max} levels at most, {mean} on average"
+        );
+    }
+}
