@@ -103,6 +103,7 @@ pub fn register(db: &Connection) -> rusqlite::Result<()> {
     search::load_module(db)?;
     let names = SharedNames::default();
     clip_models::load_module(db, names.clone())?;
+    sql::embed_batch::load_modules(db, names.clone())?;
     for s in CLIP_SCALARS {
         for &n_arg in s.arities {
             let (name, func, names) = (s.name, s.func, names.clone());

@@ -366,15 +366,18 @@ fn clip_pipeline(
             whitespace.into(),
             Lowercase.into(),
         ])))
+        .map_err(|e| e.to_string())?
         .with_pre_tokenizer(Some(PreTokenizerSequence::new(vec![
             split.into(),
             // add_prefix_space false, trim_offsets and use_regex true, as in the hub's files.
             ByteLevel::new(false, true, true).into(),
         ])));
-    tokenizer.add_special_tokens(&[
-        AddedToken::from(BOS, true).normalized(true),
-        AddedToken::from(EOS, true).normalized(true),
-    ]);
+    tokenizer
+        .add_special_tokens(vec![
+            AddedToken::from(BOS, true).normalized(true),
+            AddedToken::from(EOS, true).normalized(true),
+        ])
+        .map_err(|e| e.to_string())?;
     Ok(tokenizer)
 }
 

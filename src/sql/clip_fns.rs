@@ -117,7 +117,7 @@ pub fn clip_embed_image(ctx: &Context<'_>, names: &SharedNames) -> rusqlite::Res
 }
 
 /// Reads an image file, refusing what is not a regular file or is too large.
-fn read_image_file(path: &str) -> Result<Vec<u8>, String> {
+pub fn read_image_file(path: &str) -> Result<Vec<u8>, String> {
     let meta =
         std::fs::metadata(path).map_err(|e| format!("cannot read image file '{path}': {e}"))?;
     if !meta.is_file() {

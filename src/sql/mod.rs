@@ -4,6 +4,7 @@
 
 pub mod clip_fns;
 pub mod clip_models;
+pub mod embed_batch;
 pub mod meta;
 pub mod search;
 pub mod vector_fns;

@@ -139,4 +139,15 @@ CASES = [
     "SELECT json_extract(clip_model_info('tiny'), '$.dimensions'), json_extract(clip_model_info('tiny'), '$.image_size'), json_extract(clip_model_info('tiny'), '$.parameters'), json_extract(clip_model_info('tiny'), '$.tokenizer'), json_extract(clip_model_info('tiny'), '$.layout')",
     "SELECT json_extract(clip_model_info('gelu'), '$.fallbacks'), json_extract(clip_model_info('gelu'), '$.vision.hidden_act')",
     "SELECT clip_model_info('missing')",
+    # bulk embedding: a bad row is reported by its id and skipped
+    "CREATE TEMP TABLE files AS SELECT 1 AS id, 'tests/fixtures/clip/images/photo_rocket_180x240.png' AS path UNION ALL SELECT 2, 'tests/fixtures/clip/images/missing.jpg' UNION ALL SELECT 3, 'README.md' UNION ALL SELECT 4, x'00'",
+    "SELECT id, vec_length(embedding), error FROM clip_embed_images('SELECT id, path FROM files ORDER BY id', 'tiny', '{\"batch_size\": 2}')",
+    "SELECT count(*) FROM clip_embed_images('SELECT id, path FROM files WHERE id = 1', 'tiny') AS b WHERE b.embedding = clip_embed_image('tests/fixtures/clip/images/photo_rocket_180x240.png', 'tiny')",
+    "SELECT id, vec_length(embedding), error FROM clip_embed_texts('SELECT ''a'', ''a bronze coin'' UNION ALL SELECT ''b'', '''' UNION ALL SELECT ''c'', NULL', 'tiny')",
+    "SELECT * FROM clip_embed_texts('DELETE FROM t', 'tiny')",
+    "SELECT * FROM clip_embed_texts('SELECT 1, 2; SELECT 3', 'tiny')",
+    "SELECT * FROM clip_embed_images('SELECT id, path FROM files', 'tiny', '{\"batch_size\": 0}')",
+    "SELECT * FROM clip_embed_images('SELECT id, path FROM files', 'tiny', '{\"color\": 1}')",
+    "SELECT * FROM clip_embed_images('SELECT id, path FROM files', 'nope')",
+    "SELECT * FROM clip_embed_images",
 ]

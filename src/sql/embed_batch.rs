@@ -1,0 +1,588 @@
+//! `clip_embed_images(statement [, model [, options]])` and `clip_embed_texts(...)`: embed every
+//! row a SELECT yields, in batches, for `INSERT INTO ... SELECT`:
+//!
+//! ```sql
+//! INSERT INTO embeddings(id, embedding)
+//!   SELECT id, embedding FROM clip_embed_images('SELECT id, image FROM photos', 'openai')
+//!   WHERE error IS NULL;
+//! ```
+//! The statement's first column is any id, the second an image (BLOB bytes or TEXT path) or a
+//! text. Output columns: `id`, `embedding` (a unit float32 vector, NULL if the row failed) and
+//! `error` (why the row failed, NULL otherwise): a bad row is reported by its id and skipped,
+//! never aborting a long run. Rows are read lazily, `batch_size` at a time (default 32): images
+//! of a batch are decoded and preprocessed in parallel and go through the model together.
+//! `options` is JSON: `{"batch_size": 64, "progress": true}` (progress lines on stderr).
+
+use std::borrow::Cow;
+use std::collections::VecDeque;
+use std::ffi::{c_int, CStr, CString};
+use std::marker::PhantomData;
+use std::sync::Arc;
+use std::time::Instant;
+
+use rayon::prelude::*;
+use rusqlite::ffi;
+use rusqlite::types::{Value, ValueRef};
+use rusqlite::vtab::{
+    Context, Filters, IndexConstraintOp, IndexInfo, Module, VTab, VTabConfig, VTabConnection,
+    VTabCursor,
+};
+use rusqlite::Connection;
+
+use super::clip_models::SharedNames;
+use super::{arg_error, fn_error, guard, type_name};
+use crate::clip::load::LoadedModel;
+use crate::clip::registry;
+use crate::vector::codec::f32_to_blob;
+
+/// Largest batch accepted (a batch's pixels are held in memory: 256 x 3 x 336 x 336 floats is
+/// 350 MB at the largest CLIP resolution).
+pub const MAX_BATCH: usize = 256;
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Images,
+    Texts,
+}
+
+impl Kind {
+    fn name(self) -> &'static str {
+        match self {
+            Kind::Images => "clip_embed_images",
+            Kind::Texts => "clip_embed_texts",
+        }
+    }
+}
+
+pub struct Aux {
+    kind: Kind,
+    names: SharedNames,
+}
+
+/// Registers both functions on a connection.
+pub fn load_modules(conn: &Connection, names: SharedNames) -> rusqlite::Result<()> {
+    const MODULE: Module<BatchTab> = Module::eponymous_only_module();
+    conn.create_module(
+        c"clip_embed_images",
+        &MODULE,
+        Some(Aux {
+            kind: Kind::Images,
+            names: names.clone(),
+        }),
+    )?;
+    conn.create_module(
+        c"clip_embed_texts",
+        &MODULE,
+        Some(Aux {
+            kind: Kind::Texts,
+            names,
+        }),
+    )
+}
+
+const COL_ID: c_int = 0;
+const COL_EMBEDDING: c_int = 1;
+const COL_ERROR: c_int = 2;
+const ARGUMENTS: [c_int; 3] = [3, 4, 5];
+
+#[repr(C)]
+pub struct BatchTab {
+    base: ffi::sqlite3_vtab,
+    db: *mut ffi::sqlite3,
+    kind: Kind,
+    names: SharedNames,
+}
+
+unsafe impl<'vtab> VTab<'vtab> for BatchTab {
+    type Aux = Aux;
+    type Cursor = BatchCursor<'vtab>;
+
+    fn connect(
+        db: &mut VTabConnection,
+        aux: Option<&Aux>,
+        _module_name: &[u8],
+        _database_name: &[u8],
+        _table_name: &[u8],
+        _args: &[&[u8]],
+    ) -> rusqlite::Result<(Cow<'static, CStr>, Self)> {
+        // It runs SQL text, reads files and loads models: never from a view or trigger.
+        db.config(VTabConfig::DirectOnly)?;
+        let aux = aux
+            .ok_or_else(|| super::sql_error("clip_embed_*: module registered without its data"))?;
+        Ok((
+            Cow::Borrowed(c"CREATE TABLE x(id, embedding BLOB, error TEXT, statement HIDDEN, model HIDDEN, options HIDDEN)"),
+            BatchTab { base: ffi::sqlite3_vtab::default(), db: unsafe { db.handle() }, kind: aux.kind, names: aux.names.clone() },
+        ))
+    }
+
+    fn best_index(&self, info: &mut IndexInfo) -> rusqlite::Result<bool> {
+        guard(self.kind.name(), || {
+            let mut found: [Option<usize>; 3] = [None; 3];
+            let mut unusable = false;
+            for (i, c) in info.constraints().enumerate() {
+                if let Some(slot) = ARGUMENTS.iter().position(|&col| col == c.column()) {
+                    if c.operator() == IndexConstraintOp::SQLITE_INDEX_CONSTRAINT_EQ {
+                        if c.is_usable() {
+                            found[slot] = Some(i);
+                        } else {
+                            unusable = true;
+                        }
+                    }
+                }
+            }
+            if unusable && found[0].is_none() {
+                return Ok(false);
+            }
+            let (mut mask, mut argv) = (0, 0);
+            for (slot, c) in found.iter().enumerate() {
+                if let Some(i) = c {
+                    argv += 1;
+                    mask |= 1 << slot;
+                    let mut usage = info.constraint_usage(*i);
+                    usage.set_argv_index(argv);
+                    usage.set_omit(true);
+                }
+            }
+            info.set_idx_num(mask);
+            info.set_estimated_cost(if found[0].is_some() { 1e6 } else { 1e12 });
+            Ok(true)
+        })
+    }
+
+    fn open(&'vtab mut self) -> rusqlite::Result<BatchCursor<'vtab>> {
+        Ok(BatchCursor {
+            base: ffi::sqlite3_vtab_cursor::default(),
+            tab: self,
+            stmt: std::ptr::null_mut(),
+            model: None,
+            batch_size: 32,
+            progress: false,
+            buffer: VecDeque::new(),
+            current: None,
+            done: true,
+            rows: 0,
+            errors: 0,
+            started: Instant::now(),
+            phantom: PhantomData,
+        })
+    }
+}
+
+/// One output row.
+struct Row {
+    id: Value,
+    embedding: Option<Vec<f32>>,
+    error: Option<String>,
+}
+
+/// One input row, read from the statement.
+struct Input {
+    id: Value,
+    value: Result<InputValue, String>,
+}
+
+enum InputValue {
+    Bytes(Vec<u8>),
+    Path(String),
+    Text(String),
+}
+
+#[repr(C)]
+pub struct BatchCursor<'vtab> {
+    base: ffi::sqlite3_vtab_cursor,
+    tab: &'vtab BatchTab,
+    stmt: *mut ffi::sqlite3_stmt,
+    model: Option<Arc<LoadedModel>>,
+    batch_size: usize,
+    progress: bool,
+    buffer: VecDeque<Row>,
+    current: Option<Row>,
+    done: bool,
+    rows: u64,
+    errors: u64,
+    started: Instant,
+    phantom: PhantomData<&'vtab BatchTab>,
+}
+
+impl Drop for BatchCursor<'_> {
+    fn drop(&mut self) {
+        self.finalize();
+    }
+}
+
+impl BatchCursor<'_> {
+    fn finalize(&mut self) {
+        if !self.stmt.is_null() {
+            unsafe { ffi::sqlite3_finalize(self.stmt) };
+            self.stmt = std::ptr::null_mut();
+        }
+    }
+
+    fn name(&self) -> &'static str {
+        self.tab.kind.name()
+    }
+
+    fn db_error(&self) -> rusqlite::Error {
+        let msg = unsafe { CStr::from_ptr(ffi::sqlite3_errmsg(self.tab.db)) }
+            .to_string_lossy()
+            .into_owned();
+        fn_error(self.name(), format!("the statement failed: {msg}"))
+    }
+
+    /// Reads up to batch_size rows from the statement.
+    fn read_batch(&mut self) -> rusqlite::Result<Vec<Input>> {
+        let mut batch = Vec::with_capacity(self.batch_size);
+        while batch.len() < self.batch_size && !self.done {
+            match unsafe { ffi::sqlite3_step(self.stmt) } {
+                ffi::SQLITE_ROW => batch.push(self.read_row()),
+                ffi::SQLITE_DONE => {
+                    self.done = true;
+                    self.finalize();
+                }
+                _ => {
+                    let e = self.db_error();
+                    self.done = true;
+                    self.finalize();
+                    return Err(e);
+                }
+            }
+        }
+        Ok(batch)
+    }
+
+    fn read_row(&self) -> Input {
+        let value_ref = |i: c_int| column_value(self.stmt, i);
+        let id = Value::try_from(value_ref(0)).unwrap_or(Value::Null);
+        let value = match (self.tab.kind, value_ref(1)) {
+            (Kind::Images, ValueRef::Blob(b)) => Ok(InputValue::Bytes(b.to_vec())),
+            (Kind::Images, ValueRef::Text(t)) => {
+                Ok(InputValue::Path(String::from_utf8_lossy(t).into_owned()))
+            }
+            (Kind::Texts, ValueRef::Text(t)) if !t.is_empty() => {
+                Ok(InputValue::Text(String::from_utf8_lossy(t).into_owned()))
+            }
+            (Kind::Texts, ValueRef::Text(_)) => Err("empty text".to_owned()),
+            (Kind::Images, other) => Err(format!(
+                "expected image bytes (BLOB) or a path (TEXT), found {}",
+                type_name(other)
+            )),
+            (Kind::Texts, other) => Err(format!("expected text, found {}", type_name(other))),
+        };
+        Input { id, value }
+    }
+
+    /// Embeds a batch; failures become rows with an error.
+    fn process(&self, batch: Vec<Input>) -> Vec<Row> {
+        let model = self.model.as_ref().expect("the model is loaded in filter");
+        match self.tab.kind {
+            Kind::Texts => batch
+                .into_par_iter()
+                .map(|input| {
+                    let result = input.value.and_then(|v| match v {
+                        InputValue::Text(t) => model.embed_text(&t).map_err(|e| e.to_string()),
+                        _ => Err("expected text".to_owned()),
+                    });
+                    row(input.id, result)
+                })
+                .collect(),
+            Kind::Images => {
+                let prepared: Vec<(Value, Result<Vec<f32>, String>)> = batch
+                    .into_par_iter()
+                    .map(|input| {
+                        let pixels = input.value.and_then(|v| {
+                            let bytes = match v {
+                                InputValue::Bytes(b) => b,
+                                InputValue::Path(p) => super::clip_fns::read_image_file(&p)?,
+                                InputValue::Text(_) => return Err("expected an image".to_owned()),
+                            };
+                            model.pixels(&bytes).map_err(|e| e.to_string())
+                        });
+                        (input.id, pixels)
+                    })
+                    .collect();
+                let ok: Vec<Vec<f32>> = prepared
+                    .iter()
+                    .filter_map(|(_, p)| p.as_ref().ok().cloned())
+                    .collect();
+                let mut embedded = match model.embed_pixels(&ok) {
+                    Ok(e) => e.into_iter().map(Ok).collect::<Vec<_>>(),
+                    Err(e) => vec![Err(e.to_string()); ok.len()],
+                }
+                .into_iter();
+                prepared
+                    .into_iter()
+                    .map(|(id, p)| match p {
+                        Ok(_) => row(
+                            id,
+                            embedded
+                                .next()
+                                .unwrap_or_else(|| Err("missing result".into())),
+                        ),
+                        Err(e) => row(id, Err(e)),
+                    })
+                    .collect()
+            }
+        }
+    }
+
+    fn refill(&mut self) -> rusqlite::Result<()> {
+        while self.buffer.is_empty() && !self.done {
+            let batch = self.read_batch()?;
+            if batch.is_empty() {
+                break;
+            }
+            let rows = self.process(batch);
+            self.rows += rows.len() as u64;
+            self.errors += rows.iter().filter(|r| r.error.is_some()).count() as u64;
+            for r in rows.iter().filter(|r| r.error.is_some()) {
+                if self.progress {
+                    eprintln!(
+                        "{}: row {}: {}",
+                        self.name(),
+                        describe_id(&r.id),
+                        r.error.as_deref().unwrap_or("")
+                    );
+                }
+            }
+            if self.progress {
+                let secs = self.started.elapsed().as_secs_f64();
+                eprintln!(
+                    "{}: {} rows ({} failed) in {:.1} s, {:.1} rows/s",
+                    self.name(),
+                    self.rows,
+                    self.errors,
+                    secs,
+                    self.rows as f64 / secs.max(1e-9)
+                );
+            }
+            self.buffer.extend(rows);
+        }
+        Ok(())
+    }
+}
+
+/// Column `i` of the current row, borrowed from the statement.
+fn column_value<'a>(stmt: *mut ffi::sqlite3_stmt, i: c_int) -> ValueRef<'a> {
+    // SAFETY: stmt is a live statement positioned on a row; the borrowed bytes are copied
+    // before the next step.
+    unsafe {
+        match ffi::sqlite3_column_type(stmt, i) {
+            ffi::SQLITE_INTEGER => ValueRef::Integer(ffi::sqlite3_column_int64(stmt, i)),
+            ffi::SQLITE_FLOAT => ValueRef::Real(ffi::sqlite3_column_double(stmt, i)),
+            ffi::SQLITE_TEXT => {
+                let p = ffi::sqlite3_column_text(stmt, i);
+                let n = ffi::sqlite3_column_bytes(stmt, i) as usize;
+                ValueRef::Text(if p.is_null() {
+                    &[]
+                } else {
+                    std::slice::from_raw_parts(p, n)
+                })
+            }
+            ffi::SQLITE_BLOB => {
+                let p = ffi::sqlite3_column_blob(stmt, i).cast::<u8>();
+                let n = ffi::sqlite3_column_bytes(stmt, i) as usize;
+                ValueRef::Blob(if p.is_null() {
+                    &[]
+                } else {
+                    std::slice::from_raw_parts(p, n)
+                })
+            }
+            _ => ValueRef::Null,
+        }
+    }
+}
+
+fn describe_id(id: &Value) -> String {
+    match id {
+        Value::Integer(i) => i.to_string(),
+        Value::Text(t) => format!("'{t}'"),
+        Value::Real(r) => r.to_string(),
+        Value::Null => "NULL".into(),
+        Value::Blob(_) => "(blob)".into(),
+    }
+}
+
+fn row(id: Value, result: Result<Vec<f32>, String>) -> Row {
+    match result {
+        Ok(v) => Row {
+            id,
+            embedding: Some(v),
+            error: None,
+        },
+        Err(e) => Row {
+            id,
+            embedding: None,
+            error: Some(e),
+        },
+    }
+}
+
+unsafe impl VTabCursor for BatchCursor<'_> {
+    fn filter(
+        &mut self,
+        idx_num: c_int,
+        _idx_str: Option<&str>,
+        args: &Filters<'_>,
+    ) -> rusqlite::Result<()> {
+        let name = self.name();
+        guard(name, || {
+            let mut values: [Option<ValueRef<'_>>; 3] = [None; 3];
+            let mut next = 0;
+            for (slot, v) in values.iter_mut().enumerate() {
+                if idx_num & (1 << slot) != 0 {
+                    *v = Some(args.iter().nth(next).unwrap_or(ValueRef::Null));
+                    next += 1;
+                }
+            }
+            let statement = match values[0] {
+                Some(ValueRef::Text(t)) => String::from_utf8_lossy(t).into_owned(),
+                Some(other) => return Err(arg_error(name, 0, format!("expected the text of a SELECT statement, found {}", type_name(other)))),
+                None => return Err(fn_error(name, format!("missing 1st argument; call it as {name}('SELECT id, value FROM ...' [, model [, options]])"))),
+            };
+            let model_name = match values[1] {
+                None | Some(ValueRef::Null) => None,
+                Some(ValueRef::Text(t)) => Some(String::from_utf8_lossy(t).into_owned()),
+                Some(other) => {
+                    return Err(arg_error(
+                        name,
+                        1,
+                        format!("expected a model name, found {}", type_name(other)),
+                    ))
+                }
+            };
+            self.batch_size = 32;
+            self.progress = false;
+            match values[2] {
+                None | Some(ValueRef::Null) => {}
+                Some(ValueRef::Text(t)) => {
+                    let json: serde_json::Value = serde_json::from_slice(t).map_err(|e| {
+                        arg_error(name, 2, format!("options must be a JSON object: {e}"))
+                    })?;
+                    let obj = json
+                        .as_object()
+                        .ok_or_else(|| arg_error(name, 2, "options must be a JSON object"))?;
+                    for (k, v) in obj {
+                        match (k.as_str(), v) {
+                            ("batch_size", serde_json::Value::Number(n)) => match n.as_u64() {
+                                Some(b) if (1..=MAX_BATCH as u64).contains(&b) => {
+                                    self.batch_size = b as usize
+                                }
+                                _ => {
+                                    return Err(arg_error(
+                                        name,
+                                        2,
+                                        format!("batch_size must be between 1 and {MAX_BATCH}"),
+                                    ))
+                                }
+                            },
+                            ("progress", serde_json::Value::Bool(b)) => self.progress = *b,
+                            (other, _) => {
+                                return Err(arg_error(
+                                    name,
+                                    2,
+                                    format!("unknown option '{other}' (batch_size, progress)"),
+                                ))
+                            }
+                        }
+                    }
+                }
+                Some(other) => {
+                    return Err(arg_error(
+                        name,
+                        2,
+                        format!("options must be JSON text, found {}", type_name(other)),
+                    ))
+                }
+            }
+            let resolved = self
+                .tab
+                .names
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .resolve(model_name.as_deref());
+            let (model_label, path) = resolved.map_err(|e| arg_error(name, 1, e))?;
+            self.model = Some(
+                registry::get(&path)
+                    .map_err(|e| fn_error(name, format!("model '{model_label}': {e}")))?,
+            );
+
+            self.finalize();
+            let sql = CString::new(statement)
+                .map_err(|_| arg_error(name, 0, "the statement contains a NUL character"))?;
+            let mut stmt = std::ptr::null_mut();
+            let mut tail = std::ptr::null();
+            let rc = unsafe {
+                ffi::sqlite3_prepare_v2(self.tab.db, sql.as_ptr(), -1, &mut stmt, &mut tail)
+            };
+            if rc != ffi::SQLITE_OK {
+                let msg = unsafe { CStr::from_ptr(ffi::sqlite3_errmsg(self.tab.db)) }
+                    .to_string_lossy()
+                    .into_owned();
+                return Err(arg_error(
+                    name,
+                    0,
+                    format!("cannot prepare the statement: {msg}"),
+                ));
+            }
+            self.stmt = stmt;
+            let rest = unsafe { CStr::from_ptr(tail) }.to_string_lossy();
+            if stmt.is_null() || !rest.trim().is_empty() {
+                self.finalize();
+                return Err(arg_error(name, 0, "expected one SELECT statement"));
+            }
+            if unsafe { ffi::sqlite3_stmt_readonly(stmt) } == 0 {
+                self.finalize();
+                return Err(arg_error(
+                    name,
+                    0,
+                    "the statement must be a read-only SELECT",
+                ));
+            }
+            if unsafe { ffi::sqlite3_column_count(stmt) } < 2 {
+                self.finalize();
+                return Err(arg_error(
+                    name,
+                    0,
+                    "the statement must return (id, value) columns",
+                ));
+            }
+            self.done = false;
+            self.buffer.clear();
+            self.rows = 0;
+            self.errors = 0;
+            self.started = Instant::now();
+            self.refill()?;
+            self.current = self.buffer.pop_front();
+            Ok(())
+        })
+    }
+
+    fn next(&mut self) -> rusqlite::Result<()> {
+        let name = self.name();
+        guard(name, || {
+            self.refill()?;
+            self.current = self.buffer.pop_front();
+            Ok(())
+        })
+    }
+
+    fn eof(&self) -> bool {
+        self.current.is_none()
+    }
+
+    fn column(&self, ctx: &mut Context, i: c_int) -> rusqlite::Result<()> {
+        let Some(row) = &self.current else {
+            return ctx.set_result(&Value::Null);
+        };
+        match i {
+            COL_ID => ctx.set_result(&row.id),
+            COL_EMBEDDING => ctx.set_result(&row.embedding.as_ref().map(|v| f32_to_blob(v))),
+            COL_ERROR => ctx.set_result(&row.error),
+            _ => ctx.set_result(&Value::Null),
+        }
+    }
+
+    fn rowid(&self) -> rusqlite::Result<i64> {
+        Ok(self.rows as i64)
+    }
+}
