@@ -121,15 +121,27 @@ fn a_panic_becomes_an_sql_error_not_an_abort() {
     assert_eq!(one::<i64>(&db, "SELECT vec_length('[1,2,3]')"), 3);
 }
 
+/// A seeded uniform [-1, 1) generator (splitmix64), so tests need no random-number crate.
+pub fn uniform(seed: u64) -> impl FnMut() -> f32 {
+    let mut state = seed;
+    move || {
+        state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^= z >> 31;
+        ((z >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+    }
+}
+
 fn random_table(db: &Connection, n: usize, dims: usize, seed: u64) -> Vec<(i64, Vec<f32>)> {
-    use rand::{Rng, SeedableRng};
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut rng = uniform(seed);
     db.execute_batch("CREATE TABLE items(id INTEGER PRIMARY KEY, kind TEXT, embedding BLOB)")
         .unwrap();
     let mut rows = Vec::new();
     let mut stmt = db.prepare("INSERT INTO items VALUES (?, ?, ?)").unwrap();
     for i in 0..n {
-        let v: Vec<f32> = (0..dims).map(|_| rng.random_range(-1.0f32..1.0)).collect();
+        let v: Vec<f32> = (0..dims).map(|_| rng()).collect();
         let blob: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
         let id = (i as i64) * 7 + 3;
         stmt.execute(params![

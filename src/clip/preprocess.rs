@@ -134,6 +134,16 @@ impl PreprocessConfig {
 /// Decodes image bytes (JPEG, PNG, WebP, GIF's first frame, BMP, TIFF) to 8-bit RGB, refusing
 /// oversized inputs before allocating them.
 pub fn decode_rgb(bytes: &[u8]) -> Result<image::RgbImage> {
+    decode_rgb_at_least(bytes, None)
+}
+
+/// Like [`decode_rgb`], but a JPEG whose shortest edge is at least 4x `min_short_edge` is
+/// downscaled by the decoder itself (1/2, 1/4 or 1/8 in the DCT stage, as PIL's `draft`),
+/// keeping the shortest edge at least 4x the target so that the bicubic resize that follows
+/// does most of the filtering. Measured on a 4.9-megapixel photo to 224 px: 72 ms instead of
+/// 200 ms, within 2 grey levels (0.12 on average) of decoding it whole. (At 2x the difference
+/// reached 13 levels on small targets, too far from PIL, which CLIP was trained with.)
+pub fn decode_rgb_at_least(bytes: &[u8], min_short_edge: Option<usize>) -> Result<image::RgbImage> {
     if bytes.is_empty() {
         return Err(Error::Image("empty image (0 bytes)".into()));
     }
@@ -147,7 +157,7 @@ pub fn decode_rgb(bytes: &[u8]) -> Result<image::RgbImage> {
         .with_guessed_format()
         .map_err(|e| Error::Image(format!("cannot read the image: {e}")))?;
     if reader.format() == Some(image::ImageFormat::Jpeg) {
-        if let Some(rgb) = decode_jpeg(bytes)? {
+        if let Some(rgb) = decode_jpeg(bytes, min_short_edge)? {
             return Ok(rgb);
         }
     }
@@ -203,13 +213,14 @@ fn check_pixels(w: u64, h: u64) -> Result<()> {
 /// Grayscale and YCbCr JPEGs through jpeg-decoder, whose IDCT and chroma upsampling follow
 /// libjpeg (what PIL uses) more closely than zune-jpeg; `None` for CMYK and 16-bit JPEGs, which
 /// go through the image crate.
-fn decode_jpeg(bytes: &[u8]) -> Result<Option<image::RgbImage>> {
-    let mut decoder = jpeg_decoder::Decoder::new(Cursor::new(bytes));
-    decoder.read_info().map_err(|e| {
+fn decode_jpeg(bytes: &[u8], min_short_edge: Option<usize>) -> Result<Option<image::RgbImage>> {
+    let corrupt = |e: jpeg_decoder::Error| {
         Error::Image(format!(
             "cannot decode the image (corrupt or truncated?): {e}"
         ))
-    })?;
+    };
+    let mut decoder = jpeg_decoder::Decoder::new(Cursor::new(bytes));
+    decoder.read_info().map_err(corrupt)?;
     let Some(info) = decoder.info() else {
         return Ok(None);
     };
@@ -219,14 +230,23 @@ fn decode_jpeg(bytes: &[u8]) -> Result<Option<image::RgbImage>> {
         jpeg_decoder::PixelFormat::RGB24 => |p: Vec<u8>| p,
         _ => return Ok(None),
     };
-    let pixels = decoder.decode().map_err(|e| {
-        Error::Image(format!(
-            "cannot decode the image (corrupt or truncated?): {e}"
-        ))
-    })?;
+    let (mut w, mut h) = (info.width, info.height);
+    if let Some(edge) = min_short_edge {
+        // The decoder picks the smallest scale whose width OR height reaches the request, so
+        // only the short side is requested.
+        let need = (edge * 4).min(usize::from(u16::MAX)) as u16;
+        if w.min(h) >= need {
+            let request = if w <= h {
+                (need, u16::MAX)
+            } else {
+                (u16::MAX, need)
+            };
+            (w, h) = decoder.scale(request.0, request.1).map_err(corrupt)?;
+        }
+    }
+    let pixels = decoder.decode().map_err(corrupt)?;
     let rgb = to_rgb(pixels);
-    let (w, h) = (u32::from(info.width), u32::from(info.height));
-    image::RgbImage::from_raw(w, h, rgb)
+    image::RgbImage::from_raw(u32::from(w), u32::from(h), rgb)
         .map(Some)
         .ok_or_else(|| Error::Image("cannot decode the image: truncated pixel data".into()))
 }
@@ -378,7 +398,7 @@ pub fn pixels_from_rgb(rgb: &image::RgbImage, c: &PreprocessConfig) -> Result<Ve
 
 /// Encoded image bytes -> the model's input.
 pub fn pixels_from_bytes(bytes: &[u8], c: &PreprocessConfig) -> Result<Vec<f32>> {
-    pixels_from_rgb(&decode_rgb(bytes)?, c)
+    pixels_from_rgb(&decode_rgb_at_least(bytes, Some(c.shortest_edge))?, c)
 }
 
 #[cfg(test)]

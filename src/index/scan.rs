@@ -415,6 +415,19 @@ impl<'q> StreamScan<'q> {
 mod tests {
     use super::*;
 
+    /// A seeded uniform [-1, 1) generator (splitmix64), so tests need no random-number crate.
+    pub fn uniform(seed: u64) -> impl FnMut() -> f32 {
+        let mut state = seed;
+        move || {
+            state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            let mut z = state;
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            z ^= z >> 31;
+            ((z >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        }
+    }
+
     fn reference(rows: &[(i64, Vec<f32>)], q: &[f32], k: usize) -> Vec<i64> {
         let cos = |a: &[f32], b: &[f32]| {
             let d: f64 = a
@@ -434,16 +447,10 @@ mod tests {
 
     #[test]
     fn parallel_scan_matches_scalar_reference_with_ties() {
-        use rand::{Rng, SeedableRng};
-        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        let mut rng = uniform(7);
         let dims = 33;
         let mut rows: Vec<(i64, Vec<f32>)> = (0..30_000)
-            .map(|i| {
-                (
-                    i * 3 + 1,
-                    (0..dims).map(|_| rng.random_range(-1.0f32..1.0)).collect(),
-                )
-            })
+            .map(|i| (i * 3 + 1, (0..dims).map(|_| rng()).collect()))
             .collect();
         // Exact duplicates of one row, at ids on both sides of it: the tie must go to the smaller id.
         let dup = rows[500].1.clone();
@@ -468,12 +475,11 @@ mod tests {
 
     #[test]
     fn the_stream_scan_gives_exactly_what_the_copy_gives() {
-        use rand::{Rng, SeedableRng};
-        let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+        let mut rng = uniform(11);
         let rows: Vec<Vec<f32>> = (0..20_000)
-            .map(|_| (0..24).map(|_| rng.random_range(-1.0f32..1.0)).collect())
+            .map(|_| (0..24).map(|_| rng()).collect())
             .collect();
-        let q: Vec<f32> = (0..24).map(|_| rng.random_range(-1.0f32..1.0)).collect();
+        let q: Vec<f32> = (0..24).map(|_| rng()).collect();
         for metric in [Metric::Cosine, Metric::Dot, Metric::L2] {
             let mut b = VectorSetBuilder::new();
             let mut s = StreamScan::new(&q, 15, metric).unwrap();

@@ -1,0 +1,163 @@
+#!/usr/bin/env python3
+"""CLIP throughput: archaeclip (the built extension, through SQL) against transformers (torch)
+and onnxruntime, on one ViT-B/32-shaped model with identical random weights, 2 threads each, in
+one run. Also checks archaeclip's features against transformers' on that full-size model.
+
+Developer-run (torch, transformers, onnxruntime and onnx are not CI dependencies), from a venv made
+from Debian's /usr/bin/python3 so that sqlite3 can load the extension:
+
+    python3 -m venv /tmp/refvenv && /tmp/refvenv/bin/pip install torch transformers onnxruntime onnx onnxscript pillow
+    make build && /tmp/refvenv/bin/python benches/clip_bench.py
+
+Prints images/s at batch 1 and 32 (preprocessed 224x224 input for torch/ORT; archaeclip's
+numbers include decoding a 224x224 PNG and its preprocessing, which costs ~1 ms), texts/s for
+12- and 77-token captions, medians of several runs.
+"""
+import io
+import os
+import sqlite3
+import statistics
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+from PIL import Image
+from transformers import CLIPConfig, CLIPModel
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+EXT = os.path.join(HERE, "..", "dist", "archaeclip")
+THREADS = 2
+
+
+def timed(fn, repeat):
+    fn()  # warm up
+    times = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def main():
+    torch.manual_seed(0)
+    torch.set_num_threads(THREADS)
+    config = CLIPConfig(
+        text_config=dict(hidden_size=512, intermediate_size=2048, num_attention_heads=8, num_hidden_layers=12,
+                         max_position_embeddings=77, hidden_act="quick_gelu", eos_token_id=49407, bos_token_id=49406),
+        vision_config=dict(hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12,
+                           image_size=224, patch_size=32, hidden_act="quick_gelu"),
+        projection_dim=512,
+    )
+    model = CLIPModel(config).eval()
+    tmp = tempfile.mkdtemp(prefix="clip-bench-")
+    model.save_pretrained(tmp)
+    rng = np.random.default_rng(0)
+
+    # Inputs: 32 random-content 224x224 PNGs (no resize needed), their preprocessed pixels, and
+    # captions of 12 and 77 tokens.
+    images = [Image.fromarray(rng.integers(0, 256, (224, 224, 3), dtype=np.uint8)) for _ in range(32)]
+    pngs = []
+    for im in images:
+        b = io.BytesIO()
+        im.save(b, format="PNG")
+        pngs.append(b.getvalue())
+    mean = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)[:, None, None]
+    std = np.array([0.26862954, 0.26130258, 0.27577711], dtype=np.float32)[:, None, None]
+    pixels = np.stack([(np.asarray(im, dtype=np.float32).transpose(2, 0, 1) / 255.0 - mean) / std for im in images])
+    ids12 = [49406] + [320 + i for i in range(10)] + [49407]
+    ids77 = [49406] + [320 + (i % 400) for i in range(75)] + [49407]
+    text12 = "a photo of a small bronze coin from gabii in lazio italy"
+    text77 = " ".join(["terracotta"] * 200)
+
+    db = sqlite3.connect(":memory:")
+    db.enable_load_extension(True)
+    db.load_extension(EXT)
+    db.execute("INSERT INTO temp.clip_models(name, path) VALUES ('b32', ?)", (tmp,))
+    assert len(db.execute("SELECT clip_tokenize(?, 'b32')", (text12,)).fetchone()[0].split(",")) == 12
+    db.execute("CREATE TABLE imgs(id INTEGER PRIMARY KEY, image BLOB)")
+    db.executemany("INSERT INTO imgs(image) VALUES (?)", [(p,) for p in pngs])
+
+    # Fidelity on the full-size model.
+    with torch.no_grad():
+        ref_img = model.get_image_features(pixel_values=torch.from_numpy(pixels[:1]))
+        ref_img = (ref_img / ref_img.norm(dim=-1, keepdim=True))[0].numpy()
+        ids = db.execute("SELECT clip_tokenize(?, 'b32')", (text12,)).fetchone()[0]
+        ref_txt = model.get_text_features(input_ids=torch.tensor([eval(ids)]))
+        ref_txt = (ref_txt / ref_txt.norm(dim=-1, keepdim=True))[0].numpy()
+    ours_img = np.frombuffer(db.execute("SELECT clip_embed_image(image, 'b32') FROM imgs WHERE id = 1").fetchone()[0], dtype="<f4")
+    ours_txt = np.frombuffer(db.execute("SELECT clip_embed_text(?, 'b32')", (text12,)).fetchone()[0], dtype="<f4")
+    print(f"fidelity vs transformers (unit vectors, max abs diff): image {np.abs(ours_img - ref_img).max():.2e}, "
+          f"text {np.abs(ours_txt - ref_txt).max():.2e}")
+
+    rows = {}
+    # archaeclip
+    rows.setdefault("archaeclip", {})["img b1"] = 1 / timed(lambda: db.execute("SELECT clip_embed_image(image, 'b32') FROM imgs WHERE id = 1").fetchall(), 5)
+    rows["archaeclip"]["img b32"] = 32 / timed(lambda: db.execute(
+        "SELECT count(*) FROM clip_embed_images('SELECT id, image FROM imgs', 'b32', '{\"batch_size\": 32}')").fetchall(), 3)
+    rows["archaeclip"]["txt 12"] = 1 / timed(lambda: db.execute("SELECT clip_embed_text(?, 'b32')", (text12,)).fetchall(), 20)
+    rows["archaeclip"]["txt 77"] = 1 / timed(lambda: db.execute("SELECT clip_embed_text(?, 'b32')", (text77,)).fetchall(), 10)
+
+    # torch
+    with torch.no_grad():
+        p1, p32 = torch.from_numpy(pixels[:1]), torch.from_numpy(pixels)
+        t12, t77 = torch.tensor([ids12]), torch.tensor([ids77])
+        rows["torch"] = {
+            "img b1": 1 / timed(lambda: model.get_image_features(pixel_values=p1), 5),
+            "img b32": 32 / timed(lambda: model.get_image_features(pixel_values=p32), 3),
+            "txt 12": 1 / timed(lambda: model.get_text_features(input_ids=t12), 20),
+            "txt 77": 1 / timed(lambda: model.get_text_features(input_ids=t77), 10),
+        }
+
+    # onnxruntime
+    try:
+        import onnxruntime as ort
+
+        class Vision(torch.nn.Module):
+            def __init__(self, m):
+                super().__init__()
+                self.m = m
+
+            def forward(self, pixel_values):
+                return self.m.get_image_features(pixel_values=pixel_values)
+
+        class Text(torch.nn.Module):
+            def __init__(self, m):
+                super().__init__()
+                self.m = m
+
+            def forward(self, input_ids):
+                return self.m.get_text_features(input_ids=input_ids)
+
+        vpath, tpath = os.path.join(tmp, "vision.onnx"), os.path.join(tmp, "text.onnx")
+        torch.onnx.export(Vision(model), (p1,), vpath, input_names=["pixel_values"], dynamic_axes={"pixel_values": {0: "b"}}, dynamo=False)
+        torch.onnx.export(Text(model), (t12,), tpath, input_names=["input_ids"], dynamic_axes={"input_ids": {1: "s"}}, dynamo=False)
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = THREADS
+        opts.inter_op_num_threads = 1
+        vs = ort.InferenceSession(vpath, opts, providers=["CPUExecutionProvider"])
+        ts = ort.InferenceSession(tpath, opts, providers=["CPUExecutionProvider"])
+        rows["onnxruntime"] = {
+            "img b1": 1 / timed(lambda: vs.run(None, {"pixel_values": pixels[:1]}), 5),
+            "img b32": 32 / timed(lambda: vs.run(None, {"pixel_values": pixels}), 3),
+            "txt 12": 1 / timed(lambda: ts.run(None, {"input_ids": np.array([ids12], dtype=np.int64)}), 20),
+            "txt 77": 1 / timed(lambda: ts.run(None, {"input_ids": np.array([ids77], dtype=np.int64)}), 10),
+        }
+    except Exception as e:  # noqa: BLE001 - report, keep the other rows
+        print(f"onnxruntime skipped: {e}")
+
+    cols = ["img b1", "img b32", "txt 12", "txt 77"]
+    print(f"\nViT-B/32-shaped random CLIP, {THREADS} threads, per second (images or texts), medians")
+    print(f"{'engine':14}" + "".join(f"{c:>10}" for c in cols))
+    for name, r in rows.items():
+        print(f"{name:14}" + "".join(f"{r[c]:10.1f}" for c in cols))
+    base = rows["archaeclip"]
+    for name, r in rows.items():
+        if name != "archaeclip":
+            print(f"archaeclip / {name:12}" + "".join(f"{base[c] / r[c]:9.2f}x" for c in cols))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
