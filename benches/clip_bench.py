@@ -31,6 +31,11 @@ EXT = os.path.join(HERE, "..", "dist", "archaeclip")
 THREADS = 2
 
 
+def feats(out):
+    """transformers 5 returns a ModelOutput whose pooler_output is the projected features."""
+    return out.pooler_output if hasattr(out, "pooler_output") else out
+
+
 def timed(fn, repeat):
     fn()  # warm up
     times = []
@@ -69,7 +74,7 @@ def main():
     pixels = np.stack([(np.asarray(im, dtype=np.float32).transpose(2, 0, 1) / 255.0 - mean) / std for im in images])
     ids12 = [49406] + [320 + i for i in range(10)] + [49407]
     ids77 = [49406] + [320 + (i % 400) for i in range(75)] + [49407]
-    text12 = "a photo of a small bronze coin from gabii in lazio italy"
+    text12 = "a photo of a bronze coin from gabii italy"
     text77 = " ".join(["terracotta"] * 200)
 
     db = sqlite3.connect(":memory:")
@@ -82,10 +87,10 @@ def main():
 
     # Fidelity on the full-size model.
     with torch.no_grad():
-        ref_img = model.get_image_features(pixel_values=torch.from_numpy(pixels[:1]))
+        ref_img = feats(model.get_image_features(pixel_values=torch.from_numpy(pixels[:1])))
         ref_img = (ref_img / ref_img.norm(dim=-1, keepdim=True))[0].numpy()
         ids = db.execute("SELECT clip_tokenize(?, 'b32')", (text12,)).fetchone()[0]
-        ref_txt = model.get_text_features(input_ids=torch.tensor([eval(ids)]))
+        ref_txt = feats(model.get_text_features(input_ids=torch.tensor([eval(ids)])))
         ref_txt = (ref_txt / ref_txt.norm(dim=-1, keepdim=True))[0].numpy()
     ours_img = np.frombuffer(db.execute("SELECT clip_embed_image(image, 'b32') FROM imgs WHERE id = 1").fetchone()[0], dtype="<f4")
     ours_txt = np.frombuffer(db.execute("SELECT clip_embed_text(?, 'b32')", (text12,)).fetchone()[0], dtype="<f4")
@@ -121,7 +126,7 @@ def main():
                 self.m = m
 
             def forward(self, pixel_values):
-                return self.m.get_image_features(pixel_values=pixel_values)
+                return feats(self.m.get_image_features(pixel_values=pixel_values))
 
         class Text(torch.nn.Module):
             def __init__(self, m):
@@ -129,7 +134,7 @@ def main():
                 self.m = m
 
             def forward(self, input_ids):
-                return self.m.get_text_features(input_ids=input_ids)
+                return feats(self.m.get_text_features(input_ids=input_ids))
 
         vpath, tpath = os.path.join(tmp, "vision.onnx"), os.path.join(tmp, "text.onnx")
         torch.onnx.export(Vision(model), (p1,), vpath, input_names=["pixel_values"], dynamic_axes={"pixel_values": {0: "b"}}, dynamo=False)
