@@ -24,8 +24,7 @@ use rayon::prelude::*;
 use rusqlite::ffi;
 use rusqlite::types::{Value, ValueRef};
 use rusqlite::vtab::{
-    Context, Filters, IndexConstraintOp, IndexInfo, Module, VTab, VTabConfig, VTabConnection,
-    VTabCursor,
+    Context, Filters, IndexInfo, Module, VTab, VTabConfig, VTabConnection, VTabCursor,
 };
 use rusqlite::Connection;
 
@@ -116,37 +115,7 @@ unsafe impl<'vtab> VTab<'vtab> for BatchTab {
     }
 
     fn best_index(&self, info: &mut IndexInfo) -> rusqlite::Result<bool> {
-        guard(self.kind.name(), || {
-            let mut found: [Option<usize>; 3] = [None; 3];
-            let mut unusable = false;
-            for (i, c) in info.constraints().enumerate() {
-                if let Some(slot) = ARGUMENTS.iter().position(|&col| col == c.column()) {
-                    if c.operator() == IndexConstraintOp::SQLITE_INDEX_CONSTRAINT_EQ {
-                        if c.is_usable() {
-                            found[slot] = Some(i);
-                        } else {
-                            unusable = true;
-                        }
-                    }
-                }
-            }
-            if unusable && found[0].is_none() {
-                return Ok(false);
-            }
-            let (mut mask, mut argv) = (0, 0);
-            for (slot, c) in found.iter().enumerate() {
-                if let Some(i) = c {
-                    argv += 1;
-                    mask |= 1 << slot;
-                    let mut usage = info.constraint_usage(*i);
-                    usage.set_argv_index(argv);
-                    usage.set_omit(true);
-                }
-            }
-            info.set_idx_num(mask);
-            info.set_estimated_cost(if found[0].is_some() { 1e6 } else { 1e12 });
-            Ok(true)
-        })
+        Ok(super::tvf_args::bind(info, &ARGUMENTS, 1).is_some())
     }
 
     fn open(&'vtab mut self) -> rusqlite::Result<BatchCursor<'vtab>> {
@@ -426,14 +395,7 @@ unsafe impl VTabCursor for BatchCursor<'_> {
     ) -> rusqlite::Result<()> {
         let name = self.name();
         guard(name, || {
-            let mut values: [Option<ValueRef<'_>>; 3] = [None; 3];
-            let mut next = 0;
-            for (slot, v) in values.iter_mut().enumerate() {
-                if idx_num & (1 << slot) != 0 {
-                    *v = Some(args.iter().nth(next).unwrap_or(ValueRef::Null));
-                    next += 1;
-                }
-            }
+            let values = super::tvf_args::values(idx_num, args, ARGUMENTS.len());
             let statement = match values[0] {
                 Some(ValueRef::Text(t)) => String::from_utf8_lossy(t).into_owned(),
                 Some(other) => return Err(arg_error(name, 0, format!("expected the text of a SELECT statement, found {}", type_name(other)))),

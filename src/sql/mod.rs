@@ -7,6 +7,7 @@ pub mod clip_models;
 pub mod embed_batch;
 pub mod meta;
 pub mod search;
+pub mod tvf_args;
 pub mod vector_fns;
 
 use std::fmt::Display;

@@ -21,8 +21,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use rusqlite::ffi;
 use rusqlite::types::{Value, ValueRef};
 use rusqlite::vtab::{
-    Context, Filters, IndexConstraintOp, IndexInfo, Module, VTab, VTabConfig, VTabConnection,
-    VTabCursor,
+    Context, Filters, IndexInfo, Module, VTab, VTabConfig, VTabConnection, VTabCursor,
 };
 use rusqlite::Connection;
 
@@ -120,36 +119,9 @@ unsafe impl<'vtab> VTab<'vtab> for SearchTab {
 /// passed to filter in that order. A required argument present but not yet usable (e.g. it
 /// comes from another table of a join) makes SQLite try another join order.
 fn plan(info: &mut IndexInfo) -> rusqlite::Result<bool> {
-    let mut found: [Option<usize>; 4] = [None; 4];
-    let mut unusable = false;
-    for (i, c) in info.constraints().enumerate() {
-        let Some(slot) = ARGUMENTS.iter().position(|&col| col == c.column()) else {
-            continue;
-        };
-        if c.operator() != IndexConstraintOp::SQLITE_INDEX_CONSTRAINT_EQ {
-            continue;
-        }
-        if c.is_usable() {
-            found[slot] = Some(i);
-        } else {
-            unusable = true;
-        }
-    }
-    if unusable && found[..REQUIRED_ARGUMENTS].iter().any(Option::is_none) {
+    if super::tvf_args::bind(info, &ARGUMENTS, REQUIRED_ARGUMENTS).is_none() {
         return Ok(false);
     }
-    let mut mask = 0;
-    let mut argv = 0;
-    for (slot, constraint) in found.iter().enumerate() {
-        if let Some(i) = constraint {
-            argv += 1;
-            mask |= 1 << slot;
-            let mut usage = info.constraint_usage(*i);
-            usage.set_argv_index(argv);
-            usage.set_omit(true);
-        }
-    }
-    info.set_idx_num(mask);
     // Results come out nearest first: a single ORDER BY distance/rank ASC or score DESC is free.
     let mut order_bys = info.order_bys();
     if let (Some(o), None) = (order_bys.next(), order_bys.next()) {
@@ -161,9 +133,6 @@ fn plan(info: &mut IndexInfo) -> rusqlite::Result<bool> {
             info.set_order_by_consumed(true);
         }
     }
-    let complete = found[..REQUIRED_ARGUMENTS].iter().all(Option::is_some);
-    info.set_estimated_cost(if complete { 1_000.0 } else { 1e12 });
-    info.set_estimated_rows(if complete { 100 } else { i64::MAX });
     Ok(true)
 }
 
@@ -187,14 +156,7 @@ unsafe impl VTabCursor for SearchCursor<'_> {
         args: &Filters<'_>,
     ) -> rusqlite::Result<()> {
         guard(NAME, || {
-            let mut values: [Option<ValueRef<'_>>; 4] = [None; 4];
-            let mut next = 0;
-            for (slot, value) in values.iter_mut().enumerate() {
-                if idx_num & (1 << slot) != 0 {
-                    *value = Some(args.iter().nth(next).unwrap_or(ValueRef::Null));
-                    next += 1;
-                }
-            }
+            let values = super::tvf_args::values(idx_num, args, ARGUMENTS.len());
             let request = Request::parse(&values)?;
             self.args = values
                 .iter()
@@ -251,7 +213,7 @@ struct Request {
 }
 
 impl Request {
-    fn parse(values: &[Option<ValueRef<'_>>; 4]) -> rusqlite::Result<Request> {
+    fn parse(values: &[Option<ValueRef<'_>>]) -> rusqlite::Result<Request> {
         let missing = ["query vector", "k", "statement"];
         for (i, what) in missing.iter().enumerate() {
             if values[i].is_none() {
