@@ -47,6 +47,14 @@ pub enum Error {
     Image(String),
     /// An error in one row of a set of vectors, named by its id.
     InRow { id: i64, error: Box<Error> },
+    /// Training options that are refused (the message names the option).
+    Options(String),
+    /// Training that cannot go on (the message says why).
+    Training(String),
+    /// A file or directory that cannot be read or written (the message names it).
+    Io(String),
+    /// SQLite's interrupt (Ctrl-C in the shell) stopped the work.
+    Interrupted,
 }
 
 impl fmt::Display for Error {
@@ -86,7 +94,12 @@ impl fmt::Display for Error {
                 f,
                 "the query vector has {query} dimensions, the statement's vectors have {rows}"
             ),
-            Error::Model(what) | Error::Image(what) => f.write_str(what),
+            Error::Model(what)
+            | Error::Image(what)
+            | Error::Options(what)
+            | Error::Training(what)
+            | Error::Io(what) => f.write_str(what),
+            Error::Interrupted => f.write_str("interrupted"),
             Error::InRow { id, error } => write!(f, "row with id {id}: {error}"),
         }
     }

@@ -8,6 +8,7 @@ pub mod clip;
 pub mod error;
 pub mod index;
 pub mod sql;
+pub mod train;
 pub mod vector;
 
 use rusqlite::functions::FunctionFlags;
@@ -104,6 +105,7 @@ pub fn register(db: &Connection) -> rusqlite::Result<()> {
     let names = SharedNames::default();
     clip_models::load_module(db, names.clone())?;
     sql::embed_batch::load_modules(db, names.clone())?;
+    sql::train::load_modules(db, names.clone())?;
     for s in CLIP_SCALARS {
         for &n_arg in s.arities {
             let (name, func, names) = (s.name, s.func, names.clone());

@@ -10,6 +10,7 @@
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device};
+use candle_nn::var_builder::SimpleBackend;
 use candle_nn::VarBuilder;
 use serde_json::Value;
 
@@ -35,6 +36,69 @@ pub struct LoadedModel {
     /// What was missing and replaced by a standard default.
     pub fallbacks: Vec<String>,
     pub parameters: usize,
+}
+
+/// A model directory whose files are parsed and whose weights are open, before the model is
+/// built (inference builds it with fused kernels, training with differentiable ones).
+pub struct Opened {
+    pub root: PathBuf,
+    pub model_dir: PathBuf,
+    pub layout: &'static str,
+    pub config: ClipConfig,
+    /// The weights, by HF name, converted to float32 on the CPU as they are read.
+    pub weights: Box<dyn SimpleBackend>,
+    pub tokenizer: ClipTokenizer,
+    pub preprocess: PreprocessConfig,
+    pub files: Vec<String>,
+    pub fallbacks: Vec<String>,
+    pub parameters: usize,
+}
+
+impl Opened {
+    /// Builds the model from the weights (`differentiable` for training).
+    pub fn build(self, differentiable: bool) -> Result<(ClipModel, Opened)> {
+        let vb = VarBuilder::from_backend(
+            Box::new(Forward(&*self.weights)) as Box<dyn SimpleBackend + '_>,
+            DType::F32,
+            Device::Cpu,
+        );
+        let model = ClipModel::build(vb, &self.config, differentiable).map_err(|e| {
+            model_error(
+                &self.model_dir,
+                format!("the weights do not match config.json: {e}"),
+            )
+        })?;
+        Ok((model, self))
+    }
+}
+
+/// Lends a backend to a VarBuilder without giving it away.
+pub struct Forward<'a>(pub &'a dyn SimpleBackend);
+
+impl SimpleBackend for Forward<'_> {
+    fn get(
+        &self,
+        s: candle_core::Shape,
+        name: &str,
+        h: candle_nn::Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<candle_core::Tensor> {
+        self.0.get(s, name, h, dtype, dev)
+    }
+
+    fn get_unchecked(
+        &self,
+        name: &str,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<candle_core::Tensor> {
+        self.0.get_unchecked(name, dtype, dev)
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.0.contains_tensor(name)
+    }
 }
 
 enum Weights {
@@ -139,8 +203,26 @@ fn relative(root: &Path, p: &Path) -> String {
     p.strip_prefix(root).unwrap_or(p).display().to_string()
 }
 
-/// Loads a model directory (any supported layout).
+/// Loads a model directory (any supported layout) for inference.
 pub fn load(path: &Path) -> Result<LoadedModel> {
+    let (model, o) = open(path)?.build(false)?;
+    Ok(LoadedModel {
+        root: o.root,
+        model_dir: o.model_dir,
+        layout: o.layout,
+        config: o.config,
+        model,
+        tokenizer: o.tokenizer,
+        preprocess: o.preprocess,
+        files: o.files,
+        fallbacks: o.fallbacks,
+        parameters: o.parameters,
+    })
+}
+
+/// Reads a model directory (any supported layout): config, tokenizer, preprocessing, and the
+/// weights opened (memory-mapped safetensors, or the pickle's tensor index).
+pub fn open(path: &Path) -> Result<Opened> {
     let root = path
         .canonicalize()
         .map_err(|e| model_error(path, format!("cannot open the model directory: {e}")))?;
@@ -176,8 +258,7 @@ pub fn load(path: &Path) -> Result<LoadedModel> {
 
     let mut files = vec![relative(&root, &config_path)];
     let mut fallbacks = Vec::new();
-    let device = Device::Cpu;
-    let (vb, parameters) = match &weights {
+    let (backend, parameters): (Box<dyn SimpleBackend>, usize) = match &weights {
         Weights::Safetensors(paths) => {
             // SAFETY: the files are memory-mapped read-only; candle copies each tensor out.
             // A file changed on disk while loading is the caller's problem, as with any mmap.
@@ -195,10 +276,7 @@ pub fn load(path: &Path) -> Result<LoadedModel> {
                 .map(|(_, t)| t.shape().iter().product::<usize>())
                 .sum();
             files.extend(paths.iter().map(|p| relative(&root, p)));
-            (
-                VarBuilder::from_backend(Box::new(st), DType::F32, device.clone()),
-                parameters,
-            )
+            (Box::new(st), parameters)
         }
         Weights::Pth(p) => {
             let infos = candle_core::pickle::read_pth_tensor_info(p, false, None).map_err(|e| {
@@ -206,18 +284,12 @@ pub fn load(path: &Path) -> Result<LoadedModel> {
             })?;
             let parameters = infos.iter().map(|t| t.layout.shape().elem_count()).sum();
             files.push(relative(&root, p));
-            let vb = VarBuilder::from_pth(p, DType::F32, &device).map_err(|e| {
+            let pth = candle_core::pickle::PthTensors::new(p, None).map_err(|e| {
                 model_error(&model_dir, format!("cannot read pytorch_model.bin: {e}"))
             })?;
-            (vb, parameters)
+            (Box::new(pth), parameters)
         }
     };
-    let model = ClipModel::new(vb, &config).map_err(|e| {
-        model_error(
-            &model_dir,
-            format!("the weights do not match config.json: {e}"),
-        )
-    })?;
 
     let max_len = config.text.max_position_embeddings;
     let tokenizer = match ClipTokenizer::from_dir(&model_dir, max_len)? {
@@ -266,12 +338,12 @@ pub fn load(path: &Path) -> Result<LoadedModel> {
             ),
         ));
     }
-    Ok(LoadedModel {
+    Ok(Opened {
         root,
         model_dir,
         layout,
         config,
-        model,
+        weights: backend,
         tokenizer,
         preprocess,
         files,

@@ -1,9 +1,13 @@
 //! The CLIP model (candle), mirroring transformers' `CLIPModel` module by module and weight name
 //! by weight name (`text_model.encoder.layers.0.self_attn.q_proj`, `vision_model.pre_layrnorm`
 //! with its misspelling, ...), so any HuggingFace CLIP checkpoint loads as it is.
+//!
+//! Built for inference, layer norm and softmax use candle's fused kernels. Built for training
+//! (`differentiable`), they are composed of elementary ops instead: candle's fused layer norm and
+//! softmax have no backward pass, so gradients would silently stop at every layer norm.
 
-use candle_core::{DType, Device, IndexOp, Module, Result, Tensor};
-use candle_nn::{layer_norm, linear, linear_no_bias, LayerNorm, Linear, VarBuilder};
+use candle_core::{DType, Device, IndexOp, Module, Result, Tensor, D};
+use candle_nn::{linear, linear_no_bias, Linear, VarBuilder};
 
 use super::config::{Activation, ClipConfig, TowerConfig};
 
@@ -15,6 +19,38 @@ fn activate(act: Activation, xs: &Tensor) -> Result<Tensor> {
     }
 }
 
+/// transformers' `nn.LayerNorm` (weight and bias).
+struct Norm {
+    weight: Tensor,
+    bias: Tensor,
+    eps: f64,
+    differentiable: bool,
+}
+
+impl Norm {
+    fn new(size: usize, eps: f64, vb: VarBuilder, differentiable: bool) -> Result<Norm> {
+        Ok(Norm {
+            weight: vb.get(size, "weight")?,
+            bias: vb.get(size, "bias")?,
+            eps,
+            differentiable,
+        })
+    }
+
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        if !self.differentiable && xs.is_contiguous() {
+            return candle_nn::ops::layer_norm(xs, &self.weight, &self.bias, self.eps as f32);
+        }
+        let size = xs.dim(D::Minus1)? as f64;
+        let centred = xs.broadcast_sub(&(xs.sum_keepdim(D::Minus1)? / size)?)?;
+        let variance = (centred.sqr()?.sum_keepdim(D::Minus1)? / size)?;
+        centred
+            .broadcast_div(&(variance + self.eps)?.sqrt()?)?
+            .broadcast_mul(&self.weight)?
+            .broadcast_add(&self.bias)
+    }
+}
+
 struct Attention {
     q_proj: Linear,
     k_proj: Linear,
@@ -23,10 +59,11 @@ struct Attention {
     heads: usize,
     head_dim: usize,
     scale: f64,
+    differentiable: bool,
 }
 
 impl Attention {
-    fn new(vb: VarBuilder, c: &TowerConfig) -> Result<Attention> {
+    fn new(vb: VarBuilder, c: &TowerConfig, differentiable: bool) -> Result<Attention> {
         let h = c.hidden_size;
         let head_dim = h / c.num_attention_heads;
         Ok(Attention {
@@ -37,6 +74,7 @@ impl Attention {
             heads: c.num_attention_heads,
             head_dim,
             scale: (head_dim as f64).powf(-0.5),
+            differentiable,
         })
     }
 
@@ -56,7 +94,11 @@ impl Attention {
         if let Some(mask) = mask {
             weights = weights.broadcast_add(mask)?;
         }
-        let weights = candle_nn::ops::softmax_last_dim(&weights)?;
+        let weights = if self.differentiable {
+            candle_nn::ops::softmax(&weights, D::Minus1)?
+        } else {
+            candle_nn::ops::softmax_last_dim(&weights)?
+        };
         let out = weights.matmul(&v)?.transpose(1, 2)?.reshape((b, s, h))?;
         self.out_proj.forward(&out)
     }
@@ -64,22 +106,22 @@ impl Attention {
 
 struct EncoderLayer {
     self_attn: Attention,
-    layer_norm1: LayerNorm,
+    layer_norm1: Norm,
     fc1: Linear,
     fc2: Linear,
-    layer_norm2: LayerNorm,
+    layer_norm2: Norm,
     act: Activation,
 }
 
 impl EncoderLayer {
-    fn new(vb: VarBuilder, c: &TowerConfig) -> Result<EncoderLayer> {
+    fn new(vb: VarBuilder, c: &TowerConfig, diff: bool) -> Result<EncoderLayer> {
         let (h, i, eps) = (c.hidden_size, c.intermediate_size, c.layer_norm_eps);
         Ok(EncoderLayer {
-            self_attn: Attention::new(vb.pp("self_attn"), c)?,
-            layer_norm1: layer_norm(h, eps, vb.pp("layer_norm1"))?,
+            self_attn: Attention::new(vb.pp("self_attn"), c, diff)?,
+            layer_norm1: Norm::new(h, eps, vb.pp("layer_norm1"), diff)?,
             fc1: linear(h, i, vb.pp("mlp").pp("fc1"))?,
             fc2: linear(i, h, vb.pp("mlp").pp("fc2"))?,
-            layer_norm2: layer_norm(h, eps, vb.pp("layer_norm2"))?,
+            layer_norm2: Norm::new(h, eps, vb.pp("layer_norm2"), diff)?,
             act: c.activation,
         })
     }
@@ -102,10 +144,10 @@ struct Encoder {
 }
 
 impl Encoder {
-    fn new(vb: VarBuilder, c: &TowerConfig) -> Result<Encoder> {
+    fn new(vb: VarBuilder, c: &TowerConfig, diff: bool) -> Result<Encoder> {
         let vb = vb.pp("layers");
         let layers = (0..c.num_hidden_layers)
-            .map(|i| EncoderLayer::new(vb.pp(i.to_string()), c))
+            .map(|i| EncoderLayer::new(vb.pp(i.to_string()), c, diff))
             .collect::<Result<_>>()?;
         Ok(Encoder { layers })
     }
@@ -125,12 +167,12 @@ struct TextTransformer {
     token_embedding: Tensor,
     position_embedding: Tensor,
     encoder: Encoder,
-    final_layer_norm: LayerNorm,
+    final_layer_norm: Norm,
     eos_token_id: u32,
 }
 
 impl TextTransformer {
-    fn new(vb: VarBuilder, c: &ClipConfig) -> Result<TextTransformer> {
+    fn new(vb: VarBuilder, c: &ClipConfig, diff: bool) -> Result<TextTransformer> {
         let t = &c.text;
         let h = t.tower.hidden_size;
         let emb = vb.pp("embeddings");
@@ -139,8 +181,13 @@ impl TextTransformer {
             position_embedding: emb
                 .pp("position_embedding")
                 .get((t.max_position_embeddings, h), "weight")?,
-            encoder: Encoder::new(vb.pp("encoder"), &t.tower)?,
-            final_layer_norm: layer_norm(h, t.tower.layer_norm_eps, vb.pp("final_layer_norm"))?,
+            encoder: Encoder::new(vb.pp("encoder"), &t.tower, diff)?,
+            final_layer_norm: Norm::new(
+                h,
+                t.tower.layer_norm_eps,
+                vb.pp("final_layer_norm"),
+                diff,
+            )?,
             eos_token_id: t.eos_token_id,
         })
     }
@@ -158,19 +205,32 @@ impl TextTransformer {
         }
     }
 
-    /// Pooled output (1, hidden) for one unpadded sequence of ids.
-    fn forward(&self, ids: &[u32], device: &Device) -> Result<Tensor> {
-        let s = ids.len();
-        let ids_t = Tensor::new(ids, device)?;
+    /// Pooled output (batch, hidden) for sequences of ids (each with its start and end of
+    /// text). Shorter sequences are padded to the longest after their end of text, which the
+    /// causal mask makes irrelevant to the pooled token.
+    fn forward(&self, batch: &[Vec<u32>], device: &Device) -> Result<Tensor> {
+        let (b, s) = (batch.len(), batch.iter().map(Vec::len).max().unwrap_or(0));
+        if b == 0 || s == 0 {
+            candle_core::bail!("no token ids to embed");
+        }
+        let mut padded = Vec::with_capacity(b * s);
+        let mut pooled = Vec::with_capacity(b);
+        for (row, ids) in batch.iter().enumerate() {
+            padded.extend_from_slice(ids);
+            padded.resize((row + 1) * s, 0);
+            pooled.push((row * s + self.pool_index(ids)) as u32);
+        }
+        let h = self.token_embedding.dim(1)?;
         let xs = self
             .token_embedding
-            .index_select(&ids_t, 0)?
-            .add(&self.position_embedding.narrow(0, 0, s)?)?
-            .unsqueeze(0)?;
+            .index_select(&Tensor::from_vec(padded, b * s, device)?, 0)?
+            .reshape((b, s, h))?
+            .broadcast_add(&self.position_embedding.narrow(0, 0, s)?)?;
         let mask = causal_mask(s, device)?;
         let xs = self.encoder.forward(&xs, Some(&mask))?;
         let xs = self.final_layer_norm.forward(&xs)?;
-        xs.i((.., self.pool_index(ids), ..))
+        xs.reshape((b * s, h))?
+            .index_select(&Tensor::from_vec(pooled, b, device)?, 0)
     }
 }
 
@@ -188,15 +248,15 @@ struct VisionTransformer {
     /// (hidden, channels * patch * patch)
     patch_weight: Tensor,
     position_embedding: Tensor,
-    pre_layrnorm: LayerNorm,
+    pre_layrnorm: Norm,
     encoder: Encoder,
-    post_layernorm: LayerNorm,
+    post_layernorm: Norm,
     patch: usize,
     grid: usize,
 }
 
 impl VisionTransformer {
-    fn new(vb: VarBuilder, c: &ClipConfig) -> Result<VisionTransformer> {
+    fn new(vb: VarBuilder, c: &ClipConfig, diff: bool) -> Result<VisionTransformer> {
         let v = &c.vision;
         let (h, p, eps) = (v.tower.hidden_size, v.patch_size, v.tower.layer_norm_eps);
         let grid = c.grid();
@@ -211,9 +271,9 @@ impl VisionTransformer {
             position_embedding: emb
                 .pp("position_embedding")
                 .get((grid * grid + 1, h), "weight")?,
-            pre_layrnorm: layer_norm(h, eps, vb.pp("pre_layrnorm"))?,
-            encoder: Encoder::new(vb.pp("encoder"), &v.tower)?,
-            post_layernorm: layer_norm(h, eps, vb.pp("post_layernorm"))?,
+            pre_layrnorm: Norm::new(h, eps, vb.pp("pre_layrnorm"), diff)?,
+            encoder: Encoder::new(vb.pp("encoder"), &v.tower, diff)?,
+            post_layernorm: Norm::new(h, eps, vb.pp("post_layernorm"), diff)?,
             patch: p,
             grid,
         })
@@ -246,24 +306,27 @@ pub struct ClipModel {
     vision_model: VisionTransformer,
     text_projection: Linear,
     visual_projection: Linear,
-    logit_scale: Option<f32>,
+    /// The learned temperature (log scale), when the checkpoint has one.
+    logit_scale: Option<Tensor>,
     device: Device,
 }
 
 impl ClipModel {
+    /// A model for inference (fused kernels).
     pub fn new(vb: VarBuilder, c: &ClipConfig) -> Result<ClipModel> {
+        ClipModel::build(vb, c, false)
+    }
+
+    /// `differentiable`: every op has a backward pass (for training).
+    pub fn build(vb: VarBuilder, c: &ClipConfig, differentiable: bool) -> Result<ClipModel> {
         let logit_scale = if vb.contains_tensor("logit_scale") {
-            Some(
-                vb.get((), "logit_scale")?
-                    .to_dtype(DType::F32)?
-                    .to_scalar::<f32>()?,
-            )
+            Some(vb.get((), "logit_scale")?)
         } else {
             None
         };
         Ok(ClipModel {
-            text_model: TextTransformer::new(vb.pp("text_model"), c)?,
-            vision_model: VisionTransformer::new(vb.pp("vision_model"), c)?,
+            text_model: TextTransformer::new(vb.pp("text_model"), c, differentiable)?,
+            vision_model: VisionTransformer::new(vb.pp("vision_model"), c, differentiable)?,
             text_projection: linear_no_bias(
                 c.text.tower.hidden_size,
                 c.projection_dim,
@@ -279,20 +342,39 @@ impl ClipModel {
         })
     }
 
-    /// transformers' `get_text_features` for one sequence of ids (not normalized).
-    pub fn text_features(&self, ids: &[u32]) -> Result<Vec<f32>> {
+    /// transformers' `get_text_features` for a batch of token id sequences: (batch, dims),
+    /// not normalized.
+    pub fn text_embeds(&self, ids: &[Vec<u32>]) -> Result<Tensor> {
         let pooled = self.text_model.forward(ids, &self.device)?;
-        self.text_projection.forward(&pooled)?.squeeze(0)?.to_vec1()
+        self.text_projection.forward(&pooled)
     }
 
-    /// transformers' `get_image_features` for a batch of preprocessed pixels (not normalized).
-    pub fn image_features(&self, pixels: &Tensor) -> Result<Vec<Vec<f32>>> {
+    /// transformers' `get_image_features` for preprocessed pixels (batch, 3, size, size):
+    /// (batch, dims), not normalized.
+    pub fn image_embeds(&self, pixels: &Tensor) -> Result<Tensor> {
         let pooled = self.vision_model.forward(pixels)?;
-        self.visual_projection.forward(&pooled)?.to_vec2()
+        self.visual_projection.forward(&pooled)
+    }
+
+    /// `text_embeds` for one sequence of ids, as a vector.
+    pub fn text_features(&self, ids: &[u32]) -> Result<Vec<f32>> {
+        self.text_embeds(&[ids.to_vec()])?.squeeze(0)?.to_vec1()
+    }
+
+    /// `image_embeds` as vectors.
+    pub fn image_features(&self, pixels: &Tensor) -> Result<Vec<Vec<f32>>> {
+        self.image_embeds(pixels)?.to_vec2()
+    }
+
+    /// The learned temperature (log scale) as stored, if the checkpoint has one.
+    pub fn logit_scale_tensor(&self) -> Option<&Tensor> {
+        self.logit_scale.as_ref()
     }
 
     pub fn logit_scale(&self) -> Option<f32> {
         self.logit_scale
+            .as_ref()
+            .and_then(|t| t.to_dtype(DType::F32).ok()?.to_scalar::<f32>().ok())
     }
 
     pub fn device(&self) -> &Device {

@@ -57,6 +57,29 @@ impl PreprocessConfig {
         }
     }
 
+    /// `preprocessor_config.json` as CLIPImageProcessor writes it (bicubic resize).
+    pub fn to_json(&self) -> Value {
+        serde_json::json!({
+            "image_processor_type": "CLIPImageProcessor",
+            "do_resize": self.do_resize,
+            "size": {"shortest_edge": self.shortest_edge},
+            "resample": 3,
+            "do_center_crop": self.do_center_crop,
+            "crop_size": {"height": self.crop_size, "width": self.crop_size},
+            "do_rescale": self.do_rescale,
+            // 1/255 as Python writes it, not its float32 rounding.
+            "rescale_factor": if self.rescale_factor == 1.0 / 255.0 {
+                1.0 / 255.0
+            } else {
+                f64::from(self.rescale_factor)
+            },
+            "do_normalize": self.do_normalize,
+            "image_mean": self.mean,
+            "image_std": self.std,
+            "do_convert_rgb": true,
+        })
+    }
+
     /// Parses `preprocessor_config.json`; absent fields take CLIPImageProcessor's defaults.
     pub fn parse(text: &str, file: &str) -> Result<PreprocessConfig> {
         let json: Value = serde_json::from_str(text)

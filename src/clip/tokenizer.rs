@@ -70,6 +70,7 @@ fn file_name(path: &Path) -> String {
 
 /// A CLIP tokenizer: text -> ids framed by `<|startoftext|>` and `<|endoftext|>`, truncated to
 /// `max_len`. Immutable once built, so it can be shared across threads.
+#[derive(Clone)]
 pub struct ClipTokenizer {
     tokenizer: Tokenizer,
     bos: u32,
@@ -124,6 +125,44 @@ impl ClipTokenizer {
             .and_then(|(vocab, merges)| clip_pipeline(vocab, merges))
             .map_err(|e| Error::Model(format!("{}: {e}", TokenizerSource::Bundled.describe())))?;
         Self::new(tokenizer, max_len, TokenizerSource::Bundled)
+    }
+
+    /// Writes the bundled vocabulary as HuggingFace's slow-tokenizer files (`vocab.json`,
+    /// `merges.txt`, `tokenizer_config.json`, `special_tokens_map.json`), for a model directory
+    /// whose base had no tokenizer files. Returns the file names written.
+    pub fn write_bundled_files(dir: &Path, max_len: usize) -> Result<Vec<&'static str>> {
+        let fail = |e: String| Error::Io(format!("{}: {e}", dir.display()));
+        let (vocab, merges) = bundled_vocab_and_merges().map_err(fail)?;
+        let mut ordered: Vec<(&String, &u32)> = vocab.iter().collect();
+        ordered.sort_by_key(|(_, id)| **id);
+        let vocab_json: serde_json::Map<String, serde_json::Value> = ordered
+            .into_iter()
+            .map(|(t, id)| (t.clone(), (*id).into()))
+            .collect();
+        let mut merges_txt = String::from("#version: 0.2\n");
+        for (a, b) in &merges {
+            merges_txt.push_str(&format!("{a} {b}\n"));
+        }
+        let special = serde_json::json!({
+            "bos_token": BOS, "eos_token": EOS, "unk_token": EOS, "pad_token": EOS,
+        });
+        let mut config = special.clone();
+        config["tokenizer_class"] = "CLIPTokenizer".into();
+        config["model_max_length"] = max_len.into();
+        config["do_lower_case"] = true.into();
+        let files: [(&'static str, String); 4] = [
+            (
+                "vocab.json",
+                serde_json::Value::Object(vocab_json).to_string(),
+            ),
+            ("merges.txt", merges_txt),
+            ("tokenizer_config.json", format!("{config:#}")),
+            ("special_tokens_map.json", format!("{special:#}")),
+        ];
+        for (name, text) in &files {
+            std::fs::write(dir.join(name), text).map_err(|e| fail(format!("{name}: {e}")))?;
+        }
+        Ok(files.iter().map(|(n, _)| *n).collect())
     }
 
     fn from_tokenizer_json(path: &Path, max_len: usize) -> Result<ClipTokenizer> {

@@ -80,6 +80,15 @@ impl ModelNames {
         }
     }
 
+    /// Registers a training run's output under `name`, unless the name is taken by another
+    /// directory. Returns whether `name` now names `path`.
+    pub fn register_output(&mut self, name: &str, path: PathBuf) -> bool {
+        match self.entries.iter().find(|e| e.name == name) {
+            Some(e) => e.path == path,
+            None => self.insert(name.to_owned(), path).is_ok(),
+        }
+    }
+
     fn insert(&mut self, name: String, path: PathBuf) -> rusqlite::Result<i64> {
         if self.entries.iter().any(|e| e.name == name) {
             return Err(sql_error(format!(

@@ -15,7 +15,7 @@
 
 use std::borrow::Cow;
 use std::collections::VecDeque;
-use std::ffi::{c_int, CStr, CString};
+use std::ffi::{c_int, CStr};
 use std::marker::PhantomData;
 use std::sync::Arc;
 use std::time::Instant;
@@ -29,6 +29,7 @@ use rusqlite::vtab::{
 use rusqlite::Connection;
 
 use super::clip_models::SharedNames;
+use super::statement::Select;
 use super::{arg_error, fn_error, guard, type_name};
 use crate::clip::load::LoadedModel;
 use crate::clip::registry;
@@ -122,7 +123,7 @@ unsafe impl<'vtab> VTab<'vtab> for BatchTab {
         Ok(BatchCursor {
             base: ffi::sqlite3_vtab_cursor::default(),
             tab: self,
-            stmt: std::ptr::null_mut(),
+            select: None,
             model: None,
             batch_size: 32,
             progress: false,
@@ -160,7 +161,7 @@ enum InputValue {
 pub struct BatchCursor<'vtab> {
     base: ffi::sqlite3_vtab_cursor,
     tab: &'vtab BatchTab,
-    stmt: *mut ffi::sqlite3_stmt,
+    select: Option<Select>,
     model: Option<Arc<LoadedModel>>,
     batch_size: usize,
     progress: bool,
@@ -173,56 +174,44 @@ pub struct BatchCursor<'vtab> {
     phantom: PhantomData<&'vtab BatchTab>,
 }
 
-impl Drop for BatchCursor<'_> {
-    fn drop(&mut self) {
-        self.finalize();
-    }
-}
-
 impl BatchCursor<'_> {
-    fn finalize(&mut self) {
-        if !self.stmt.is_null() {
-            unsafe { ffi::sqlite3_finalize(self.stmt) };
-            self.stmt = std::ptr::null_mut();
-        }
-    }
-
     fn name(&self) -> &'static str {
         self.tab.kind.name()
-    }
-
-    fn db_error(&self) -> rusqlite::Error {
-        let msg = unsafe { CStr::from_ptr(ffi::sqlite3_errmsg(self.tab.db)) }
-            .to_string_lossy()
-            .into_owned();
-        fn_error(self.name(), format!("the statement failed: {msg}"))
     }
 
     /// Reads up to batch_size rows from the statement.
     fn read_batch(&mut self) -> rusqlite::Result<Vec<Input>> {
         let mut batch = Vec::with_capacity(self.batch_size);
         while batch.len() < self.batch_size && !self.done {
-            match unsafe { ffi::sqlite3_step(self.stmt) } {
-                ffi::SQLITE_ROW => batch.push(self.read_row()),
-                ffi::SQLITE_DONE => {
+            let Some(select) = self.select.as_mut() else {
+                self.done = true;
+                break;
+            };
+            match select.step() {
+                Ok(true) => batch.push(read_row(self.tab.kind, select)),
+                Ok(false) => {
                     self.done = true;
-                    self.finalize();
+                    self.select = None;
                 }
-                _ => {
-                    let e = self.db_error();
+                Err((_, msg)) => {
                     self.done = true;
-                    self.finalize();
-                    return Err(e);
+                    self.select = None;
+                    return Err(fn_error(
+                        self.name(),
+                        format!("the statement failed: {msg}"),
+                    ));
                 }
             }
         }
         Ok(batch)
     }
+}
 
-    fn read_row(&self) -> Input {
-        let value_ref = |i: c_int| column_value(self.stmt, i);
+fn read_row(kind: Kind, select: &Select) -> Input {
+    {
+        let value_ref = |i: c_int| select.column(i);
         let id = Value::try_from(value_ref(0)).unwrap_or(Value::Null);
-        let value = match (self.tab.kind, value_ref(1)) {
+        let value = match (kind, value_ref(1)) {
             (Kind::Images, ValueRef::Blob(b)) => Ok(InputValue::Bytes(b.to_vec())),
             (Kind::Images, ValueRef::Text(t)) => {
                 Ok(InputValue::Path(String::from_utf8_lossy(t).into_owned()))
@@ -239,7 +228,9 @@ impl BatchCursor<'_> {
         };
         Input { id, value }
     }
+}
 
+impl BatchCursor<'_> {
     /// Embeds a batch; failures become rows with an error.
     fn process(&self, batch: Vec<Input>) -> Vec<Row> {
         let model = self.model.as_ref().expect("the model is loaded in filter");
@@ -327,37 +318,6 @@ impl BatchCursor<'_> {
             self.buffer.extend(rows);
         }
         Ok(())
-    }
-}
-
-/// Column `i` of the current row, borrowed from the statement.
-fn column_value<'a>(stmt: *mut ffi::sqlite3_stmt, i: c_int) -> ValueRef<'a> {
-    // SAFETY: stmt is a live statement positioned on a row; the borrowed bytes are copied
-    // before the next step.
-    unsafe {
-        match ffi::sqlite3_column_type(stmt, i) {
-            ffi::SQLITE_INTEGER => ValueRef::Integer(ffi::sqlite3_column_int64(stmt, i)),
-            ffi::SQLITE_FLOAT => ValueRef::Real(ffi::sqlite3_column_double(stmt, i)),
-            ffi::SQLITE_TEXT => {
-                let p = ffi::sqlite3_column_text(stmt, i);
-                let n = ffi::sqlite3_column_bytes(stmt, i) as usize;
-                ValueRef::Text(if p.is_null() {
-                    &[]
-                } else {
-                    std::slice::from_raw_parts(p, n)
-                })
-            }
-            ffi::SQLITE_BLOB => {
-                let p = ffi::sqlite3_column_blob(stmt, i).cast::<u8>();
-                let n = ffi::sqlite3_column_bytes(stmt, i) as usize;
-                ValueRef::Blob(if p.is_null() {
-                    &[]
-                } else {
-                    std::slice::from_raw_parts(p, n)
-                })
-            }
-            _ => ValueRef::Null,
-        }
     }
 }
 
@@ -468,46 +428,15 @@ unsafe impl VTabCursor for BatchCursor<'_> {
                     .map_err(|e| fn_error(name, format!("model '{model_label}': {e}")))?,
             );
 
-            self.finalize();
-            let sql = CString::new(statement)
-                .map_err(|_| arg_error(name, 0, "the statement contains a NUL character"))?;
-            let mut stmt = std::ptr::null_mut();
-            let mut tail = std::ptr::null();
-            let rc = unsafe {
-                ffi::sqlite3_prepare_v2(self.tab.db, sql.as_ptr(), -1, &mut stmt, &mut tail)
-            };
-            if rc != ffi::SQLITE_OK {
-                let msg = unsafe { CStr::from_ptr(ffi::sqlite3_errmsg(self.tab.db)) }
-                    .to_string_lossy()
-                    .into_owned();
-                return Err(arg_error(
-                    name,
-                    0,
-                    format!("cannot prepare the statement: {msg}"),
-                ));
-            }
-            self.stmt = stmt;
-            let rest = unsafe { CStr::from_ptr(tail) }.to_string_lossy();
-            if stmt.is_null() || !rest.trim().is_empty() {
-                self.finalize();
-                return Err(arg_error(name, 0, "expected one SELECT statement"));
-            }
-            if unsafe { ffi::sqlite3_stmt_readonly(stmt) } == 0 {
-                self.finalize();
-                return Err(arg_error(
-                    name,
-                    0,
-                    "the statement must be a read-only SELECT",
-                ));
-            }
-            if unsafe { ffi::sqlite3_column_count(stmt) } < 2 {
-                self.finalize();
-                return Err(arg_error(
-                    name,
-                    0,
-                    "the statement must return (id, value) columns",
-                ));
-            }
+            self.select = None;
+            self.select = Some(Select::prepare(
+                self.tab.db,
+                &statement,
+                name,
+                0,
+                2,
+                "(id, value)",
+            )?);
             self.done = false;
             self.buffer.clear();
             self.rows = 0;

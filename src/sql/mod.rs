@@ -7,6 +7,8 @@ pub mod clip_models;
 pub mod embed_batch;
 pub mod meta;
 pub mod search;
+pub mod statement;
+pub mod train;
 pub mod tvf_args;
 pub mod vector_fns;
 

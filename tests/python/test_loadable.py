@@ -36,7 +36,7 @@ def test_it_registers_the_documented_surface(db):
         "vec_add", "vec_sub", "vec_quantize_int8", "vec_quantize_binary", "vec_avg",
         "clip_embed_text", "clip_embed_image", "clip_tokenize", "clip_model_info",
     }
-    assert mods == {"clip_search", "clip_models", "clip_embed_images", "clip_embed_texts"}
+    assert mods == {"clip_search", "clip_models", "clip_embed_images", "clip_embed_texts", "clip_train", "clip_evaluate"}
 
 
 def test_every_registered_function_has_a_snapshot_case(db):

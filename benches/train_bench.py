@@ -1,0 +1,352 @@
+#!/usr/bin/env python3
+"""One CLIP fine-tuning step: archaeclip's clip_train (the built extension, through SQL) against a
+plain torch/transformers training step, on one ViT-B/32-shaped model with identical seeded random
+weights, 2 threads each, at batch 32 and 64.
+
+Developer-run (torch and transformers are not CI dependencies), from a venv made from Debian's
+/usr/bin/python3 so that sqlite3 can load the extension (see benches/clip_bench.py):
+
+    make build && /tmp/refvenv/bin/python benches/train_bench.py           # batch 32 and 64
+    /tmp/refvenv/bin/python benches/train_bench.py --quick                  # smoke run: batch 8, 2 steps
+    /tmp/refvenv/bin/python benches/train_bench.py --only torch             # torch half only
+
+Each (engine, batch) runs in a fresh subprocess, so that its peak RSS (getrusage ru_maxrss) is its
+own. Both do the same full fine-tune step (both towers forward, CLIP contrastive loss, backward,
+global grad-norm clipping at 1.0, AdamW with weight decay 0.2 on ndim >= 2 tensors only, logit_scale
+clamp), lr 1e-5:
+  - torch: one fixed batch of preprocessed pixels + padded token ids (captions of ~12 tokens),
+    1 warm-up step, then the median of --steps timed steps.
+  - archaeclip: clip_train over a table of JPEGs (256x256, so every image is resized and cropped)
+    and captions, max_steps = --steps + 1, no shuffle; the step time is the difference of
+    consecutive `elapsed_s`, the first step skipped, median. It INCLUDES reading, decoding and
+    preprocessing each batch (overlapped with compute on a background thread), which torch's
+    number does not.
+Nothing is downloaded: the config is openai/clip-vit-base-patch32's, written out by hand; the
+tokenizer files are copied from tests/fixtures/clip/models/tiny-quickgelu (the standard CLIP
+tokenizer).
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import resource
+import shutil
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+EXT = os.path.join(REPO, "dist", "archaeclip")
+TOKENIZER_SRC = os.path.join(REPO, "tests", "fixtures", "clip", "models", "tiny-quickgelu")
+THREADS = 2
+LR = 1e-5
+WEIGHT_DECAY = 0.2
+IMAGE_SIDE = 256
+
+ADJ = ["bronze", "silver", "painted", "broken", "carved", "glazed", "small", "ancient", "red", "black"]
+NOUN = ["coin", "vase", "lamp", "statue", "bowl", "brooch", "tile", "amphora", "ring", "mask"]
+PLACE = ["gabii", "rome", "ostia", "pompeii", "naples", "athens", "corinth", "sparta", "delphi", "cyprus"]
+
+
+def caption(i: int) -> str:
+    """About 12 tokens with bos/eos: 'a photo of a bronze coin found at gabii'."""
+    return f"a photo of a {ADJ[i % 10]} {NOUN[(i // 10) % 10]} found at {PLACE[(i // 100) % 10]}"
+
+
+def rss_now_mib() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+# ----------------------------------------------------------------------------------------------
+# Setup (parent process): model directory and the pairs database
+# ----------------------------------------------------------------------------------------------
+
+
+def build_model(root: str) -> str:
+    import torch
+    from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel
+
+    torch.manual_seed(0)
+    config = CLIPConfig(
+        text_config=dict(vocab_size=49408, hidden_size=512, intermediate_size=2048, num_attention_heads=8,
+                         num_hidden_layers=12, max_position_embeddings=77, hidden_act="quick_gelu",
+                         eos_token_id=49407, bos_token_id=49406, pad_token_id=1),
+        vision_config=dict(hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12,
+                           image_size=224, patch_size=32, hidden_act="quick_gelu"),
+        projection_dim=512,
+    )
+    model = CLIPModel(config)
+    d = os.path.join(root, "b32")
+    model.save_pretrained(d)
+    for f in ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"]:
+        shutil.copyfile(os.path.join(TOKENIZER_SRC, f), os.path.join(d, f))
+    CLIPImageProcessorPil().save_pretrained(d)  # ViT-B/32 defaults: shortest edge 224, crop 224
+    return d
+
+
+def build_pairs(root: str, n: int) -> str:
+    """n JPEGs (a colour gradient plus noise, IMAGE_SIDE square, quality 90) with captions."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:IMAGE_SIDE, 0:IMAGE_SIDE].astype(np.float32) / IMAGE_SIDE
+    path = os.path.join(root, "pairs.db")
+    db = sqlite3.connect(path)
+    db.execute("CREATE TABLE pairs(id INTEGER PRIMARY KEY, image BLOB, caption TEXT)")
+    for i in range(n):
+        c = rng.uniform(0, 255, (3,)).astype(np.float32)
+        base = np.stack([c[0] * xx, c[1] * yy, c[2] * (1 - xx)], -1)
+        a = np.clip(base + rng.normal(0, 40, base.shape), 0, 255).astype(np.uint8)
+        b = io.BytesIO()
+        Image.fromarray(a, "RGB").save(b, format="JPEG", quality=90)
+        db.execute("INSERT INTO pairs(id, image, caption) VALUES (?, ?, ?)", (i + 1, b.getvalue(), caption(i)))
+    db.commit()
+    db.close()
+    return path
+
+
+def archaeclip_available() -> str | None:
+    """None if clip_train can be used, else why not."""
+    if not os.path.exists(EXT + ".so"):
+        return f"{EXT}.so not found (run `make build`)"
+    try:
+        db = sqlite3.connect(":memory:")
+        db.enable_load_extension(True)
+        db.load_extension(EXT)
+    except Exception as e:  # noqa: BLE001
+        return f"cannot load {EXT}.so: {e}"
+    mods = {r[0] for r in db.execute("SELECT name FROM pragma_module_list")}
+    if "clip_train" not in mods:
+        return "this build of archaeclip has no clip_train table-valued function"
+    return None
+
+
+# ----------------------------------------------------------------------------------------------
+# Workers (one fresh subprocess per engine and batch size)
+# ----------------------------------------------------------------------------------------------
+
+
+def worker_torch(model_dir: str, db_path: str, batch: int, steps: int) -> dict:
+    import torch
+    from PIL import Image
+    from transformers import CLIPImageProcessorPil, CLIPModel, CLIPTokenizer
+
+    torch.set_num_threads(THREADS)
+    torch.set_num_interop_threads(1)
+    db = sqlite3.connect(db_path)
+    rows = db.execute("SELECT image, caption FROM pairs ORDER BY id LIMIT ?", (batch,)).fetchall()
+    proc = CLIPImageProcessorPil.from_pretrained(model_dir)
+    tok = CLIPTokenizer.from_pretrained(model_dir)
+    pixels = proc([Image.open(io.BytesIO(r[0])).convert("RGB") for r in rows], return_tensors="pt")["pixel_values"]
+    text = tok([r[1] for r in rows], padding=True, return_tensors="pt")
+    tokens = round(float(text["attention_mask"].sum(1).float().mean()), 1)
+
+    model = CLIPModel.from_pretrained(model_dir).train()
+    rss_loaded = rss_now_mib()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW([
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": WEIGHT_DECAY},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    ], lr=LR, betas=(0.9, 0.999), eps=1e-8)
+
+    def step() -> float:
+        opt.zero_grad(set_to_none=True)
+        out = model(input_ids=text["input_ids"], attention_mask=text["attention_mask"], pixel_values=pixels,
+                    return_loss=True)
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, 4.605170185988092)
+        return out.loss.item()
+
+    t0 = time.perf_counter()
+    first_loss = step()  # warm-up (also allocates the AdamW state)
+    warm = time.perf_counter() - t0
+    times = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t)
+    return {"engine": "torch", "batch": batch, "s_per_step": statistics.median(times), "times": times,
+            "warmup_s": warm, "first_loss": first_loss, "mean_tokens": tokens,
+            "num_parameters": sum(p.numel() for p in params), "rss_after_load_mib": rss_loaded,
+            "rss_end_mib": rss_now_mib(), "peak_rss_mib": peak_rss_mib()}
+
+
+def worker_archaeclip(model_dir: str, db_path: str, batch: int, steps: int) -> dict:
+    db = sqlite3.connect(db_path)
+    db.enable_load_extension(True)
+    db.load_extension(EXT)
+    out_dir = tempfile.mkdtemp(prefix="train-bench-out-")
+    max_steps = steps + 1
+    n = batch * max_steps
+    stmt = f"SELECT image, caption FROM pairs WHERE id <= {n} ORDER BY id"
+    sql = ("SELECT kind, step, loss, examples_per_s, elapsed_s FROM clip_train(?, ?, json_object("
+           "'output', ?, 'batch_size', ?, 'max_steps', ?, 'lr', ?, 'save_every', 0, 'shuffle', json('false'), "
+           "'save_optimizer', json('false'), 'overwrite', json('true')))")
+    model_arg = "path"
+    t0 = time.perf_counter()
+    try:
+        rows = db.execute(sql, (model_dir, stmt, out_dir, batch, max_steps, LR)).fetchall()
+    except sqlite3.Error as e:
+        # the model argument may only accept a registered name: register the directory and retry
+        first_error = str(e)
+        if "no such table" in first_error:
+            shutil.rmtree(out_dir, ignore_errors=True)
+            return {"engine": "archaeclip", "batch": batch, "error": first_error}
+        try:
+            db.execute("INSERT INTO temp.clip_models(name, path) VALUES ('train_bench_b32', ?)", (model_dir,))
+            model_arg = f"registered name (path failed: {first_error})"
+            t0 = time.perf_counter()
+            rows = db.execute(sql, ("train_bench_b32", stmt, out_dir, batch, max_steps, LR)).fetchall()
+        except sqlite3.Error as e2:
+            shutil.rmtree(out_dir, ignore_errors=True)
+            return {"engine": "archaeclip", "batch": batch, "error": f"{e2} (with the path: {first_error})"}
+    total = time.perf_counter() - t0
+    shutil.rmtree(out_dir, ignore_errors=True)
+    train = sorted((r for r in rows if r[0] == "train"), key=lambda r: r[1])
+    if len(train) < 2:
+        return {"engine": "archaeclip", "batch": batch, "error": f"expected {max_steps} 'train' rows, got {rows!r}"}
+    elapsed = [r[4] for r in train]
+    diffs = [b - a for a, b in zip(elapsed, elapsed[1:])]  # step 1 (warm-up) skipped
+    return {"engine": "archaeclip", "batch": batch, "s_per_step": statistics.median(diffs), "times": diffs,
+            "first_step_s": elapsed[0], "first_loss": train[0][2], "losses": [r[2] for r in train],
+            "reported_examples_per_s": [r[3] for r in train], "kinds": sorted({r[0] for r in rows}),
+            "total_s_including_save": total, "model_arg": model_arg, "peak_rss_mib": peak_rss_mib()}
+
+
+def busy_cpu_s() -> float | None:
+    """CPU seconds spent busy by the whole machine so far (/proc/stat; None where unavailable)."""
+    try:
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:]]
+    except OSError:
+        return None
+    idle = v[3] + (v[4] if len(v) > 4 else 0)
+    return (sum(v[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def run_worker(engine: str, model_dir: str, db_path: str, batch: int, steps: int) -> dict:
+    env = dict(os.environ, RAYON_NUM_THREADS=str(THREADS), OMP_NUM_THREADS=str(THREADS))
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", engine, "--model-dir", model_dir,
+           "--db", db_path, "--batch", str(batch), "--steps", str(steps)]
+
+    def children_cpu_s():
+        c = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return c.ru_utime + c.ru_stime
+
+    busy0, own0, t0 = busy_cpu_s(), children_cpu_s(), time.perf_counter()
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    busy1, own, wall = busy_cpu_s(), children_cpu_s() - own0, time.perf_counter() - t0
+    for line in p.stdout.splitlines():
+        if line.startswith("RESULT "):
+            r = json.loads(line[len("RESULT "):])
+            if busy0 is not None and busy1 is not None:
+                # other processes' CPU use during the run, in cores: a noisy machine shows here
+                r["other_load_cores"] = max(0.0, (busy1 - busy0 - own) / wall)
+            return r
+    tail = (p.stderr or p.stdout).strip().splitlines()[-5:]
+    return {"engine": engine, "batch": batch, "error": f"worker exited {p.returncode}: " + " | ".join(tail)}
+
+
+# ----------------------------------------------------------------------------------------------
+# Main
+# ----------------------------------------------------------------------------------------------
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="smoke run: batch 8, 2 timed steps")
+    ap.add_argument("--batches", default="32,64", help="comma-separated batch sizes (default 32,64)")
+    ap.add_argument("--steps", type=int, default=5, help="timed steps after 1 warm-up step (default 5)")
+    ap.add_argument("--only", choices=["torch", "archaeclip"], help="run one engine only")
+    ap.add_argument("--worker", choices=["torch", "archaeclip"], help=argparse.SUPPRESS)
+    ap.add_argument("--model-dir", help=argparse.SUPPRESS)
+    ap.add_argument("--db", help=argparse.SUPPRESS)
+    ap.add_argument("--batch", type=int, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+
+    if args.worker:
+        fn = worker_torch if args.worker == "torch" else worker_archaeclip
+        print("RESULT " + json.dumps(fn(args.model_dir, args.db, args.batch, args.steps)), flush=True)
+        return 0
+
+    batches = [8] if args.quick else [int(b) for b in args.batches.split(",")]
+    steps = 2 if args.quick else args.steps
+    engines = [args.only] if args.only else ["torch", "archaeclip"]
+    skip = archaeclip_available() if "archaeclip" in engines else None
+    if skip:
+        print(f"archaeclip skipped: {skip}")
+        engines.remove("archaeclip")
+
+    root = tempfile.mkdtemp(prefix="train-bench-")
+    try:
+        print(f"building the ViT-B/32-shaped model and {max(batches) * (steps + 1)} JPEGs in {root} ...", flush=True)
+        model_dir = build_model(root)
+        db_path = build_pairs(root, max(batches) * (steps + 1))
+        results = {}
+        for b in batches:
+            for e in engines:
+                print(f"  {e}, batch {b} ...", flush=True)
+                r = run_worker(e, model_dir, db_path, b, steps)
+                results[(e, b)] = r
+                if "error" in r:
+                    print(f"    {e} failed: {r['error']}")
+                else:
+                    print(f"    {r['s_per_step']:.3f} s/step median, fastest {min(r['times']):.3f} (steps: {', '.join(f'{t:.3f}' for t in r['times'])}), "
+                          f"first loss {r['first_loss']:.5f}, peak RSS {r['peak_rss_mib']:.0f} MiB, "
+                          f"other processes used {r.get('other_load_cores', float('nan')):.2f} cores meanwhile"
+                          + (f", model given as {r['model_arg']}" if e == "archaeclip" else
+                             f", RSS after loading {r['rss_after_load_mib']:.0f} MiB, at the end {r['rss_end_mib']:.0f} MiB, "
+                             f"{r['mean_tokens']} tokens/caption, {r['num_parameters']:,} parameters"), flush=True)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+    print(f"\nOne full fine-tune step, ViT-B/32-shaped random CLIP (~12-token captions), {THREADS} threads, "
+          f"median of {steps} steps after 1 warm-up, {os.cpu_count()} CPUs here")
+    hdr = (f"{'config':10}{'torch s/step':>14}{'arch. s/step':>14}{'ratio':>8}{'torch ex/s':>12}{'arch. ex/s':>12}"
+           f"{'torch RSS':>11}{'arch. RSS':>11}")
+    print(hdr)
+    print("-" * len(hdr))
+
+    def ok(r):
+        return bool(r) and "error" not in r
+
+    for b in batches:
+        t, a = results.get(("torch", b)), results.get(("archaeclip", b))
+        sec = [f"{r['s_per_step']:.3f}" if ok(r) else "-" for r in (t, a)]
+        eps = [f"{b / r['s_per_step']:.1f}" if ok(r) else "-" for r in (t, a)]
+        rss = [f"{r['peak_rss_mib']:.0f} MiB" if ok(r) else "-" for r in (t, a)]
+        ratio = f"{t['s_per_step'] / a['s_per_step']:.2f}x" if ok(t) and ok(a) else "-"
+        print(f"{'batch ' + str(b):10}{sec[0]:>14}{sec[1]:>14}{ratio:>8}{eps[0]:>12}{eps[1]:>12}{rss[0]:>11}{rss[1]:>11}")
+    print("ratio = torch s/step / archaeclip s/step (> 1: archaeclip faster). archaeclip's step time includes "
+          "reading, decoding (256x256 JPEG) and preprocessing its batch, on a background thread overlapped with "
+          "compute; torch's uses a fixed, already preprocessed batch. Peak RSS is each run's own process "
+          "(torch's includes the Python/torch runtime). Timings are only meaningful on an otherwise idle "
+          "machine: see 'other processes used N cores' above.")
+    for b in batches:
+        t, a = results.get(("torch", b)), results.get(("archaeclip", b))
+        if ok(t) and ok(a):
+            print(f"batch {b}: loss at the initial weights on the same first batch: torch {t['first_loss']:.6f}, "
+                  f"archaeclip {a['first_loss']:.6f} (diff {abs(t['first_loss'] - a['first_loss']):.2e})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
