@@ -410,3 +410,40 @@ fn the_output_is_a_complete_model_directory_with_the_base_keys() {
         .to_string();
     assert!(e.contains("exists and is not empty"), "{e}");
 }
+
+#[test]
+fn a_weights_only_base_gets_standard_tokenizer_files() {
+    // tiny-gelu: config.json + pytorch_model.bin only (what HF Trainer's save_model leaves).
+    let base = "tests/fixtures/clip/models/tiny-gelu";
+    let s = Scratch::new("weights-only");
+    let mut source = VecSource::new(shapes(1, 3), vec![]);
+    let o = options(serde_json::json!({"output": s.out(), "batch_size": 6, "max_steps": 1}));
+    let mut trainer = Trainer::new(Path::new(base), "s", o, &mut source).unwrap();
+    run(&mut trainer, &mut source).unwrap();
+    let out = PathBuf::from(s.out());
+    for f in [
+        "vocab.json",
+        "merges.txt",
+        "tokenizer_config.json",
+        "preprocessor_config.json",
+        "model.safetensors",
+    ] {
+        assert!(out.join(f).is_file(), "{f} missing");
+    }
+    let trained = archaeclip::clip::load::load(&out).unwrap();
+    assert!(trained.fallbacks.is_empty(), "{:?}", trained.fallbacks);
+    let original = archaeclip::clip::load::load(Path::new(base)).unwrap();
+    assert_eq!(original.fallbacks.len(), 2);
+    for text in [
+        "a bronze coin from Gabii",
+        "terracotta statuette, 6th century BCE",
+        "café 🏺",
+    ] {
+        assert_eq!(
+            trained.tokenize(text).unwrap(),
+            original.tokenize(text).unwrap(),
+            "{text}"
+        );
+    }
+    assert_eq!(trained.preprocess, original.preprocess);
+}
