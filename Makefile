@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 N ?= 100000
 EXT := dist/archaeclip.so
 
-.PHONY: all build test test-rust test-python demo bench venv clean
+.PHONY: all build test test-rust test-python demo train-demo bench venv clean
 
 all: build
 
@@ -38,13 +38,19 @@ test-rust:
 test-python: build venv
 	$(PY) -m pytest -q tests/python
 
-demo: build
-	@rm -f dist/demo.db
-	/usr/bin/python3 examples/demo_collection.py dist/demo.db
+demo: build venv
+	$(PY) examples/demo_collection.py dist/demo.db
 	sqlite3 dist/demo.db < sql/demo.sql
 	@echo
 	@echo "The demo database is dist/demo.db: open it with"
 	@echo "  sqlite3 dist/demo.db -cmd '.load ./dist/archaeclip'"
+
+# Retrains the bundled model models/archaeclip-demo from random weights with clip_train
+# (sql/train_demo.sql), then records its held-out evaluation next to it.
+train-demo: build venv
+	$(PY) examples/demo_collection.py dist/demo.db
+	sqlite3 dist/demo.db < sql/train_demo.sql | tee dist/train_demo.log
+	sqlite3 dist/demo.db < sql/evaluate_demo.sql | tee models/archaeclip-demo/evaluation.txt
 
 bench: build venv
 	$(PY) benches/search_bench.py --n $(N)

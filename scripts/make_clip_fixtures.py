@@ -29,9 +29,7 @@ Output (see tests/fixtures/clip/README.md, written by this script, for the detai
 
 from __future__ import annotations
 
-import argparse
 import binascii
-import filecmp
 import gzip
 import io
 import json
@@ -40,11 +38,12 @@ import os
 import platform
 import shutil
 import sys
-import tempfile
 import zipfile
 from pathlib import Path
 
 import numpy as np
+
+import fixture_cli  # scripts/fixture_cli.py (scripts/ is on sys.path when run as a script)
 import torch
 from PIL import Image, ImageOps
 
@@ -1010,37 +1009,10 @@ def generate(out: Path):
     return meta
 
 
-def summary(out: Path):
-    total = 0
-    for p in sorted(out.rglob("*")):
-        if p.is_file():
-            n = p.stat().st_size
-            total += n
-            print(f"{n:>10}  {p.relative_to(out)}")
-    print(f"{total:>10}  total ({total / 1e6:.2f} MB)")
-
-
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    ap.add_argument("--verify", action="store_true",
-                    help="regenerate into a temporary folder and compare with --out byte for byte")
-    args = ap.parse_args()
-    if args.verify:
-        with tempfile.TemporaryDirectory() as tmp:
-            fresh = Path(tmp) / "clip"
-            generate(fresh)
-            a = sorted(str(p.relative_to(fresh)) for p in fresh.rglob("*") if p.is_file())
-            b = sorted(str(p.relative_to(args.out)) for p in args.out.rglob("*") if p.is_file())
-            bad = sorted(set(a) ^ set(b))
-            bad += [f for f in sorted(set(a) & set(b)) if not filecmp.cmp(fresh / f, args.out / f, shallow=False)]
-            for f in bad:
-                print("DIFFERS:", f)
-            print("verify:", "OK, byte-identical" if not bad else f"{len(bad)} files differ")
-            sys.exit(1 if bad else 0)
-    meta = generate(args.out)
-    summary(args.out)
-    print(json.dumps(meta["checks"], indent=1, ensure_ascii=False))
+    fixture_cli.run(__doc__.split("\n")[0], DEFAULT_OUT, generate,
+                    lambda meta: print(json.dumps(meta["checks"], indent=1, ensure_ascii=False)))
+
 
 
 if __name__ == "__main__":

@@ -1,48 +1,76 @@
--- The searches of `make demo`, run by the sqlite3 shell over the collection that
--- examples/demo_collection.py writes (20,000 artifacts, 64-dimensional embeddings).
+-- The searches of `make demo`, run by the sqlite3 shell over the demo collection that
+-- examples/demo_collection.py writes, with the CLIP model bundled in models/archaeclip-demo
+-- (trained by clip_train itself: sql/train_demo.sql).
 .load ./dist/archaeclip
+.bail on
 .headers on
-.mode column
-.print '== The collection =='
-SELECT count(*) AS artifacts, (SELECT vec_length(embedding) FROM artifacts LIMIT 1) AS dimensions FROM artifacts;
+.mode box
+INSERT INTO temp.clip_models(name, path) VALUES ('default', 'models/archaeclip-demo');
+
+.print '== The collection and the model =='
+SELECT count(*) AS artifacts, sum(split = 'test') AS held_out, count(DISTINCT site) AS sites,
+       json_extract(clip_model_info(), '$.parameters') AS model_parameters,
+       json_extract(clip_model_info(), '$.dimensions') AS dimensions
+FROM artifacts;
 
 .print
-.print '== Reverse search: the 8 artifacts nearest to #42 =='
-SELECT a.id, a.object_type, a.material, a.period, a.site, round(s.score, 3) AS score
-FROM clip_search((SELECT embedding FROM artifacts WHERE id = 42), 8,
-                 'SELECT id, embedding FROM artifacts') AS s
+.print '== Embedding every photo with the batched function (bad rows would be listed, not fatal) =='
+CREATE TABLE IF NOT EXISTS artifact_embeddings(id INTEGER PRIMARY KEY, embedding BLOB);
+DELETE FROM artifact_embeddings;
+INSERT INTO artifact_embeddings(id, embedding)
+  SELECT id, embedding FROM clip_embed_images('SELECT id, image FROM artifacts', NULL, '{"batch_size": 64}')
+  WHERE error IS NULL;
+SELECT count(*) AS embedded FROM artifact_embeddings;
+
+.print
+.print '== Concept search: "bronze coins" from central Italy (Lazio, Tuscany), filtered before k =='
+SELECT a.id, a.object_type, a.material, a.decoration, a.period, a.site, a.region, round(s.score, 3) AS score
+FROM clip_search(clip_embed_text('a photo of a bronze coin'), 8,
+       'SELECT e.id, e.embedding FROM artifact_embeddings e JOIN artifacts a USING (id)
+        WHERE a.region IN (''Lazio'', ''Tuscany'')') AS s
 JOIN artifacts a ON a.id = s.rowid ORDER BY s.rank;
 
 .print
-.print '== The same, only finds from Lazio in the Republican period (filtered before k) =='
-SELECT a.id, a.object_type, a.material, a.period, a.site, round(s.score, 3) AS score
-FROM clip_search((SELECT embedding FROM artifacts WHERE id = 42), 5,
-                 'SELECT id, embedding FROM artifacts WHERE region = ''Lazio'' AND period = ''Republican''') AS s
+.print '== Concept search: "a banded terracotta vessel" of the Archaic period, anywhere =='
+SELECT a.id, a.object_type, a.material, a.decoration, a.period, a.site, round(s.score, 3) AS score
+FROM clip_search(clip_embed_text('a photo of a banded terracotta vessel'), 6,
+       'SELECT e.id, e.embedding FROM artifact_embeddings e JOIN artifacts a USING (id) WHERE a.period = ''Archaic''') AS s
 JOIN artifacts a ON a.id = s.rowid ORDER BY s.rank;
 
 .print
-.print '== More like these: the centroid (vec_avg) of three silver lamps, excluding them =='
+.print '== Reverse image search: the photos nearest to the first held-out lamp (its own photo first) =='
+SELECT a.id, a.object_type, a.material, a.decoration, a.site, round(s.score, 3) AS score
+FROM clip_search(clip_embed_image((SELECT image FROM artifacts WHERE split = 'test' AND object_type = 'lamp' ORDER BY id LIMIT 1)), 6,
+       'SELECT id, embedding FROM artifact_embeddings') AS s
+JOIN artifacts a ON a.id = s.rowid ORDER BY s.rank;
+
+.print
+.print '== More like these: the centroid (vec_avg) of three dotted silver coins, excluding them =='
 CREATE TEMP VIEW chosen AS
-  SELECT id, embedding FROM artifacts WHERE object_type = 'lamp' AND material = 'silver' ORDER BY id LIMIT 3;
-SELECT a.id, a.object_type, a.material, a.period, round(s.score, 3) AS score
-FROM clip_search((SELECT vec_avg(embedding) FROM chosen), 5,
-                 'SELECT id, embedding FROM artifacts WHERE id NOT IN (SELECT id FROM chosen)') AS s
+  SELECT id FROM artifacts WHERE object_type = 'coin' AND material = 'silver' AND decoration = 'dotted' ORDER BY id LIMIT 3;
+SELECT a.id, a.object_type, a.material, a.decoration, round(s.score, 3) AS score
+FROM clip_search((SELECT vec_avg(embedding) FROM artifact_embeddings WHERE id IN (SELECT id FROM chosen)), 5,
+       'SELECT id, embedding FROM artifact_embeddings WHERE id NOT IN (SELECT id FROM chosen)') AS s
 JOIN artifacts a ON a.id = s.rowid ORDER BY s.rank;
 
 .print
-.print '== Nearest-centroid classification in SQL: predict the type of every 5th artifact =='
-CREATE TEMP TABLE centroids AS
-  SELECT object_type, vec_avg(embedding) AS c FROM artifacts WHERE id % 5 != 0 GROUP BY object_type;
-SELECT count(*) AS test_artifacts,
-       round(100.0 * sum(predicted = object_type) / count(*), 1) AS accuracy_percent
-FROM (SELECT a.id, a.object_type, c.object_type AS predicted, max(vec_cosine(c.c, a.embedding))
-      FROM artifacts a CROSS JOIN centroids c WHERE a.id % 5 = 0 GROUP BY a.id);
+.print '== Zero-shot classification in SQL: each held-out photo against the label prompts =='
+CREATE TEMP TABLE label_vectors AS
+  SELECT object_type, material, prompt, clip_embed_text(prompt) AS embedding FROM labels;
+CREATE TEMP VIEW predictions AS
+  SELECT a.id, a.object_type, a.material, l.object_type AS predicted_type,
+         l.material AS predicted_material, max(vec_dot(e.embedding, l.embedding)) AS score
+  FROM artifacts a JOIN artifact_embeddings e USING (id) CROSS JOIN label_vectors l
+  WHERE a.split = 'test' GROUP BY a.id;
+SELECT count(*) AS photos, (SELECT count(*) FROM labels) AS labels,
+       round(avg(predicted_type = object_type), 3) AS type_accuracy,
+       round(avg(predicted_material = material), 3) AS material_accuracy,
+       round(avg(predicted_type = object_type AND predicted_material = material), 3) AS both,
+       round(1.0 / (SELECT count(*) FROM labels), 3) AS chance_both
+FROM predictions;
 
 .print
-.print '== Timing: the same search three times (1st streams the rows, 2nd keeps a copy, 3rd scans it) =='
-.timer on
-SELECT count(*) FROM clip_search((SELECT embedding FROM artifacts WHERE id = 7), 10, 'SELECT id, embedding FROM artifacts WHERE id > 0');
-SELECT count(*) FROM clip_search((SELECT embedding FROM artifacts WHERE id = 8), 10, 'SELECT id, embedding FROM artifacts WHERE id > 0');
-SELECT count(*) FROM clip_search((SELECT embedding FROM artifacts WHERE id = 9), 10, 'SELECT id, embedding FROM artifacts WHERE id > 0');
-.timer off
-SELECT archaeclip_version() AS archaeclip, sqlite_version() AS sqlite;
+.print '== Held-out text -> image and image -> text retrieval (clip_evaluate) =='
+SELECT direction, pairs, round(recall_at_1, 3) AS "R@1", round(recall_at_5, 3) AS "R@5",
+       round(recall_at_10, 3) AS "R@10", median_rank, round(5.0 / pairs, 4) AS "chance R@5"
+FROM clip_evaluate('default', 'SELECT image, caption FROM captions WHERE split = ''test''');

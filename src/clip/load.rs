@@ -104,6 +104,7 @@ impl SimpleBackend for Forward<'_> {
 enum Weights {
     Safetensors(Vec<PathBuf>),
     Pth(PathBuf),
+    Made,
 }
 
 fn model_error(dir: &Path, what: impl std::fmt::Display) -> Error {
@@ -223,6 +224,15 @@ pub fn load(path: &Path) -> Result<LoadedModel> {
 /// Reads a model directory (any supported layout): config, tokenizer, preprocessing, and the
 /// weights opened (memory-mapped safetensors, or the pickle's tensor index).
 pub fn open(path: &Path) -> Result<Opened> {
+    open_with(path, None)
+}
+
+/// Makes the weights of a model from its config instead of reading them (random initial
+/// weights for training from scratch).
+pub type WeightsFromConfig<'a> = &'a dyn Fn(&ClipConfig) -> Box<dyn SimpleBackend>;
+
+/// [`open`], or with `make_weights`, a directory that needs only `config.json`.
+pub fn open_with(path: &Path, make_weights: Option<WeightsFromConfig>) -> Result<Opened> {
     let root = path
         .canonicalize()
         .map_err(|e| model_error(path, format!("cannot open the model directory: {e}")))?;
@@ -238,7 +248,10 @@ pub fn open(path: &Path) -> Result<Opened> {
     if !config_path.is_file() {
         missing.push("config.json");
     }
-    let weights = find_weights(&model_dir);
+    let weights = match make_weights {
+        Some(_) => Ok(Weights::Made),
+        None => find_weights(&model_dir),
+    };
     if weights.is_err() {
         missing.push("model.safetensors (or model.safetensors.index.json, or pytorch_model.bin)");
     }
@@ -277,6 +290,11 @@ pub fn open(path: &Path) -> Result<Opened> {
                 .sum();
             files.extend(paths.iter().map(|p| relative(&root, p)));
             (Box::new(st), parameters)
+        }
+        Weights::Made => {
+            let make = make_weights.expect("Made only with a maker");
+            fallbacks.push("no weights read: initial weights made from config.json".to_owned());
+            (make(&config), 0)
         }
         Weights::Pth(p) => {
             let infos = candle_core::pickle::read_pth_tensor_info(p, false, None).map_err(|e| {

@@ -119,15 +119,20 @@ impl EpochReader {
 
     /// Up to `n` pairs (fewer at the end of the epoch).
     pub fn take(&mut self, source: &mut dyn PairSource, n: usize) -> Result<Vec<RawPair>> {
-        let mut out = Vec::with_capacity(n);
-        while out.len() < n {
-            match self.next(source)? {
-                Some(p) => out.push(p),
-                None => break,
-            }
-        }
-        Ok(out)
+        take(n, || self.next(source))
     }
+}
+
+/// Up to `n` items of `next`, fewer when it runs out.
+pub fn take(n: usize, mut next: impl FnMut() -> Result<Option<RawPair>>) -> Result<Vec<RawPair>> {
+    let mut out = Vec::with_capacity(n);
+    while out.len() < n {
+        match next()? {
+            Some(p) => out.push(p),
+            None => break,
+        }
+    }
+    Ok(out)
 }
 
 /// A pair ready for the model.

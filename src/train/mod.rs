@@ -6,6 +6,7 @@
 pub mod data;
 pub mod evaluate;
 pub mod export;
+pub mod init;
 pub mod optim;
 pub mod options;
 pub mod params;

@@ -65,6 +65,9 @@ pub struct TrainOptions {
     pub eval_every: u64,
     /// Write a checkpoint every N steps (0: at the end of every epoch); always at the end.
     pub save_every: u64,
+    /// `random`: start from random weights (transformers' initialization, seeded by `seed`);
+    /// the model directory then needs only `config.json`.
+    pub init: Option<String>,
     /// Continue the run saved in `output`.
     #[serde(deserialize_with = "flag")]
     pub resume: bool,
@@ -104,6 +107,7 @@ impl Default for TrainOptions {
             validation: None,
             eval_every: 0,
             save_every: 0,
+            init: None,
             resume: false,
             overwrite: false,
             save_optimizer: true,
@@ -199,6 +203,14 @@ impl TrainOptions {
                 return Err(bad("validation", "empty statement"));
             }
         }
+        if let Some(init) = &self.init {
+            if init != "random" {
+                return Err(bad(
+                    "init",
+                    format!("'{init}' is not supported (only 'random')"),
+                ));
+            }
+        }
         if self.resume && self.overwrite {
             return Err(bad("overwrite", "cannot be combined with resume"));
         }
@@ -213,7 +225,7 @@ impl TrainOptions {
             "schedule": self.schedule, "adam_beta1": self.adam_beta1, "adam_beta2": self.adam_beta2,
             "adam_eps": self.adam_eps, "max_grad_norm": self.max_grad_norm, "seed": self.seed,
             "shuffle": self.shuffle, "shuffle_buffer": self.shuffle_buffer, "freeze": self.freeze,
-            "train_last_layers": self.train_last_layers,
+            "train_last_layers": self.train_last_layers, "init": self.init,
         })
     }
 }

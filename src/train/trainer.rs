@@ -124,7 +124,15 @@ impl Trainer {
     ) -> Result<Trainer> {
         options.check()?;
         let output = export::absolute(options.output.as_deref().unwrap_or_default())?;
-        let opened = load::open(base)?;
+        let seed = options.seed;
+        let random = move |c: &ClipConfig| {
+            Box::new(super::init::RandomInit::new(c, seed))
+                as Box<dyn candle_nn::var_builder::SimpleBackend>
+        };
+        let opened = match options.init.as_deref() {
+            Some(_) => load::open_with(base, Some(&random))?,
+            None => load::open(base)?,
+        };
         if opened.root == output || opened.root.starts_with(&output) {
             return Err(Error::Options(format!(
                 "'output': {} is or contains the base model",
@@ -851,16 +859,7 @@ pub fn embed_stream(
     stream: Stream,
     batch_size: usize,
 ) -> Result<Embedded> {
-    let read = |source: &mut dyn PairSource| -> Result<Vec<super::data::RawPair>> {
-        let mut raw = Vec::with_capacity(batch_size);
-        while raw.len() < batch_size {
-            match source.next(stream)? {
-                Some(p) => raw.push(p),
-                None => break,
-            }
-        }
-        Ok(raw)
-    };
+    let read = |source: &mut dyn PairSource| super::data::take(batch_size, || source.next(stream));
     let (mut features, mut ids, mut skipped) = (Vec::new(), Vec::new(), Vec::new());
     let first = read(source)?;
     let mut pending = (!first.is_empty()).then(|| preparer.spawn(first, true));
