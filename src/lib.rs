@@ -4,30 +4,6 @@
 //! everything registered. The pure core (`vector`, `index`) knows nothing of SQLite; `sql` is the
 //! thin layer that parses arguments and reports errors.
 
-/// The library's Rust allocations go through mimalloc, which keeps freed pages for reuse:
-/// candle allocates a fresh buffer for every op, and with glibc's malloc each large one is
-/// mmap'd, faulted in page by page and unmapped again (a training step spent a third of its
-/// time in the kernel). The host process's own malloc is not affected.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
-/// mimalloc (v3)'s `mi_option_purge_delay`, from its include/mimalloc.h (a test checks that this
-/// index holds the purge delay's default of 1000 ms, from src/options.c).
-const MI_OPTION_PURGE_DELAY: std::ffi::c_int = 15;
-
-/// Keeps freed memory 5 s before returning it to the kernel (mimalloc's default is 1 s): a
-/// training step frees and reallocates the same tensor sizes op after op, and re-faulting them
-/// cost it a third of its time (measured on 6 steps of the demo model: glibc malloc 8.5 s,
-/// mimalloc 6.3 s, with a 5 s delay 4.5 s). An idle process still gives memory back.
-/// `MIMALLOC_PURGE_DELAY` in the environment wins.
-pub fn tune_allocator() {
-    static ONCE: std::sync::Once = std::sync::Once::new();
-    // SAFETY: setting an option of the allocator this library links.
-    ONCE.call_once(|| unsafe {
-        libmimalloc_sys::mi_option_set_default(MI_OPTION_PURGE_DELAY, 5000)
-    });
-}
-
 pub mod clip;
 pub mod error;
 pub mod index;
@@ -121,7 +97,6 @@ pub const CLIP_SCALARS: &[ClipScalar] = &[
 /// `clip_search` table-valued function, the CLIP functions and the connection's
 /// `temp.clip_models` table of model names.
 pub fn register(db: &Connection) -> rusqlite::Result<()> {
-    tune_allocator();
     for s in SCALARS {
         register_scalar(db, s)?;
     }
@@ -205,25 +180,6 @@ pub unsafe extern "C" fn sqlite3_archaeclip_init(
 #[cfg(test)]
 mod tests {
 
-    #[test]
-    fn the_purge_delay_option_is_the_one_documented() {
-        // SAFETY: reading and setting options of the linked allocator.
-        unsafe {
-            if std::env::var_os("MIMALLOC_PURGE_DELAY").is_none() {
-                assert_eq!(
-                    libmimalloc_sys::mi_option_get(super::MI_OPTION_PURGE_DELAY),
-                    1000
-                );
-            }
-            super::tune_allocator();
-            if std::env::var_os("MIMALLOC_PURGE_DELAY").is_none() {
-                assert_eq!(
-                    libmimalloc_sys::mi_option_get(super::MI_OPTION_PURGE_DELAY),
-                    5000
-                );
-            }
-        }
-    }
     /// The real entry point, handed the API table of a host that reports SQLite 3.33.0: it must
     /// return SQLITE_ERROR with the message, without calling anything else (a zeroed table would
     /// crash on any other call).

@@ -258,6 +258,25 @@ impl PairSource for SqlSource {
     }
 }
 
+/// Training allocates and frees the same tensor sizes op after op. glibc's malloc returns each
+/// large buffer to the kernel (mmap/munmap, trimming the heap top) and faults it back in on the
+/// next op; a demo-model step spent over a third of its time in the kernel that way. So a
+/// training run raises the process's mmap threshold to glibc's maximum (32 MiB) and its trim
+/// threshold to 1 GiB: freed tensors stay in the heap. This changes the host process's malloc
+/// settings for its lifetime (documented in the reference); training is only reachable from
+/// trusted SQL.
+fn tune_malloc_for_training() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        static ONCE: std::sync::Once = std::sync::Once::new();
+        // SAFETY: mallopt only changes allocator parameters.
+        ONCE.call_once(|| unsafe {
+            libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+            libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
+        });
+    }
+}
+
 fn step_error((rc, msg): (c_int, String)) -> Error {
     if rc & 0xff == ffi::SQLITE_INTERRUPT {
         Error::Interrupted
@@ -419,6 +438,7 @@ impl TrainCursor<'_> {
                         .map_err(|e| arg_error(name, 2, format!("'validation': {e}")))?;
                     source.validation = Some((v.clone(), None, 0));
                 }
+                tune_malloc_for_training();
                 let trainer =
                     Trainer::new(&path, &statement, options, &mut source).map_err(|e| match e {
                         Error::Options(m) => arg_error(name, 2, m),
