@@ -35,7 +35,6 @@ import io
 import json
 import math
 import os
-import platform
 import shutil
 import sys
 import zipfile
@@ -43,7 +42,7 @@ from pathlib import Path
 
 import numpy as np
 
-import fixture_cli  # scripts/fixture_cli.py (scripts/ is on sys.path when run as a script)
+import fixture_common  # scripts/fixture_common.py (scripts/ is on sys.path when run as a script)
 import torch
 from PIL import Image, ImageOps
 
@@ -137,27 +136,12 @@ SHARD_SIZE = "1MB"
 # ----------------------------------------------------------------------------------------------
 
 
-def log(*a):
-    print(*a, file=sys.stderr, flush=True)
-
-
-def fmt(x: float) -> float:
-    """A float for JSON, short and stable."""
-    return float(f"{float(x):.4g}")
-
-
-def maxdiff(a: torch.Tensor, b: torch.Tensor) -> float:
-    return fmt((a.double() - b.double()).abs().max().item()) if a.numel() else 0.0
+log, fmt, maxdiff = fixture_common.log, fixture_common.fmt, fixture_common.maxdiff
 
 
 def versions() -> dict:
-    import importlib.metadata as md
-
-    out = {"python": platform.python_version()}
-    for dist in ["torch", "transformers", "tokenizers", "safetensors", "sentence-transformers",
-                 "pillow", "numpy", "open-clip-torch", "scikit-image"]:
-        out[dist] = md.version(dist)
-    return out
+    return fixture_common.versions(["torch", "transformers", "tokenizers", "safetensors", "sentence-transformers",
+                 "pillow", "numpy", "open-clip-torch", "scikit-image"])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1010,7 +994,7 @@ def generate(out: Path):
 
 
 def main():
-    fixture_cli.run(__doc__.split("\n")[0], DEFAULT_OUT, generate,
+    fixture_common.run(__doc__.split("\n")[0], DEFAULT_OUT, generate,
                     lambda meta: print(json.dumps(meta["checks"], indent=1, ensure_ascii=False)))
 
 

@@ -28,14 +28,13 @@ from __future__ import annotations
 
 import json
 import math
-import platform
 import shutil
 import sys
 from pathlib import Path
 
 import numpy as np
 
-import fixture_cli  # scripts/fixture_cli.py (scripts/ is on sys.path when run as a script)
+import fixture_common  # scripts/fixture_common.py (scripts/ is on sys.path when run as a script)
 import torch
 from PIL import Image, ImageDraw
 
@@ -186,25 +185,11 @@ def make_images(out: Path) -> list[dict]:
 # ----------------------------------------------------------------------------------------------
 
 
-def log(*a):
-    print(*a, file=sys.stderr, flush=True)
-
-
-def fmt(x: float) -> float:
-    return float(f"{float(x):.4g}")
-
-
-def maxdiff(a: torch.Tensor, b: torch.Tensor) -> float:
-    return fmt((a.double() - b.double()).abs().max().item()) if a.numel() else 0.0
+log, fmt, maxdiff = fixture_common.log, fixture_common.fmt, fixture_common.maxdiff
 
 
 def versions() -> dict:
-    import importlib.metadata as md
-
-    out = {"python": platform.python_version()}
-    for dist in ["torch", "transformers", "tokenizers", "safetensors", "pillow", "numpy"]:
-        out[dist] = md.version(dist)
-    return out
+    return fixture_common.versions(["torch", "transformers", "tokenizers", "safetensors", "pillow", "numpy"])
 
 
 def write_json(path: Path, obj, indent=2):
@@ -642,7 +627,7 @@ def write_readme(out: Path, meta: dict):
 
 
 def main():
-    fixture_cli.run(__doc__.split("\n")[0], DEFAULT_OUT, generate, lambda meta: print(json.dumps(
+    fixture_common.run(__doc__.split("\n")[0], DEFAULT_OUT, generate, lambda meta: print(json.dumps(
         {k: meta[k] for k in ["losses", "lrs", "grad_norms", "frozen_vision", "accum", "num_parameters"]},
         indent=1)))
 

@@ -1,10 +1,35 @@
-"""The command line shared by the fixture generators: write the fixture folder (and list its
-files), or `--verify`: regenerate into a temporary folder and compare byte for byte."""
+"""What the fixture generators share: small helpers, and the command line (write the fixture
+folder and list its files, or `--verify`: regenerate into a temporary folder and compare byte
+for byte)."""
 import argparse
 import filecmp
+import platform
 import sys
 import tempfile
 from pathlib import Path
+
+
+def log(*a):
+    print(*a, file=sys.stderr, flush=True)
+
+
+def fmt(x: float) -> float:
+    """A float for JSON, short and stable."""
+    return float(f"{float(x):.4g}")
+
+
+def maxdiff(a, b) -> float:
+    """Largest absolute difference of two torch tensors, in float64."""
+    return fmt((a.double() - b.double()).abs().max().item()) if a.numel() else 0.0
+
+
+def versions(dists) -> dict:
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version()}
+    for dist in dists:
+        out[dist] = md.version(dist)
+    return out
 
 
 def summary(out: Path):
