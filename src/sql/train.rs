@@ -179,25 +179,23 @@ impl SqlSource {
 
 impl PairSource for SqlSource {
     fn count(&mut self, stream: Stream) -> Result<u64> {
+        // Wrapped, so SQLite counts without reading the images (the newline ends a trailing
+        // `--` comment of the statement).
         let sql = self.slot(stream)?.0.clone();
         let inner = sql.trim().trim_end_matches(';');
-        let mut select = self
-            .prepare(&format!("SELECT count(*) FROM ({inner})"), stream)
-            .or_else(|_| self.prepare(&sql, stream))?;
-        match select.step() {
-            Ok(true) => match select.column(0) {
-                ValueRef::Integer(n) if select.column(1) == ValueRef::Null => Ok(n.max(0) as u64),
-                _ => {
-                    // Not the count: count by stepping.
-                    let mut n = 1;
-                    while select.step().map_err(step_error)? {
-                        n += 1;
-                    }
-                    Ok(n)
-                }
+        let mut select = Select::try_prepare(
+            self.db,
+            &format!("SELECT count(*) FROM ({inner}\n)"),
+            1,
+            "1",
+        )
+        .map_err(|e| Error::Training(format!("counting the statement's rows: {e}")))?;
+        match select.step().map_err(step_error)? {
+            true => match select.column(0) {
+                ValueRef::Integer(n) => Ok(n.max(0) as u64),
+                _ => Ok(0),
             },
-            Ok(false) => Ok(0),
-            Err(e) => Err(step_error(e)),
+            false => Ok(0),
         }
     }
 

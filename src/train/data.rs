@@ -138,7 +138,7 @@ pub fn take(n: usize, mut next: impl FnMut() -> Result<Option<RawPair>>) -> Resu
 /// A pair ready for the model.
 pub struct Prepared {
     pub row: u64,
-    /// Preprocessed pixels (3 x size x size); empty when the image features are cached.
+    /// Preprocessed pixels (3 x size x size).
     pub pixels: Vec<f32>,
     pub ids: Vec<u32>,
 }
@@ -164,8 +164,8 @@ pub struct Preparer {
 }
 
 impl Preparer {
-    /// Decodes, preprocesses and tokenizes in parallel (`pixels: false` skips the images).
-    pub fn prepare(&self, raw: Vec<RawPair>, pixels: bool) -> Batch {
+    /// Decodes, preprocesses and tokenizes in parallel.
+    pub fn prepare(&self, raw: Vec<RawPair>) -> Batch {
         let results: Vec<std::result::Result<Prepared, Skipped>> = raw
             .into_par_iter()
             .map(|p| {
@@ -179,12 +179,8 @@ impl Preparer {
                     .encode(&caption)
                     .map_err(|e| fail("caption", e.to_string()))?;
                 let image = p.image.map_err(|e| fail("image", e))?;
-                let pixels = if pixels {
-                    pixels_from_bytes(&image, &self.preprocess)
-                        .map_err(|e| fail("image", e.to_string()))?
-                } else {
-                    Vec::new()
-                };
+                let pixels = pixels_from_bytes(&image, &self.preprocess)
+                    .map_err(|e| fail("image", e.to_string()))?;
                 Ok(Prepared {
                     row: p.row,
                     pixels,
@@ -203,9 +199,9 @@ impl Preparer {
     }
 
     /// [`Preparer::prepare`] on a background thread.
-    pub fn spawn(self: &Arc<Self>, raw: Vec<RawPair>, pixels: bool) -> Pending {
+    pub fn spawn(self: &Arc<Self>, raw: Vec<RawPair>) -> Pending {
         let me = self.clone();
-        Pending(std::thread::spawn(move || me.prepare(raw, pixels)))
+        Pending(std::thread::spawn(move || me.prepare(raw)))
     }
 }
 

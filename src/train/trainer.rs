@@ -229,7 +229,7 @@ impl Trainer {
                 (var.as_tensor().clone(), Some(var))
             }
         };
-        let mut optimizer = AdamW::new(&params, &options)?;
+        let optimizer = AdamW::new(&params, &options)?;
 
         let rows = source.count(Stream::Train)?;
         if rows < 2 {
@@ -254,7 +254,7 @@ impl Trainer {
             logit_scale,
             logit_scale_var,
             params,
-            optimizer: AdamW::new(&[], &options)?,
+            optimizer,
             rule,
             base_root: opened.root,
             base_model_dir: opened.model_dir,
@@ -285,16 +285,15 @@ impl Trainer {
             options,
         };
         if let Some(r) = record {
-            trainer.resume_from(&r, &mut optimizer)?;
+            trainer.resume_from(&r)?;
         }
-        trainer.optimizer = optimizer;
         if trainer.rule.vision_frozen() {
             trainer.build_cache(source)?;
         }
         Ok(trainer)
     }
 
-    fn resume_from(&mut self, r: &Value, optimizer: &mut AdamW) -> Result<()> {
+    fn resume_from(&mut self, r: &Value) -> Result<()> {
         let state = r.get("state").cloned().unwrap_or(Value::Null);
         let num = |k: &str| {
             state.get(k).and_then(Value::as_u64).ok_or_else(|| {
@@ -313,7 +312,8 @@ impl Trainer {
             .get("elapsed_s")
             .and_then(Value::as_f64)
             .unwrap_or(0.0);
-        optimizer.restore(&export::read_optimizer(&self.output)?, self.step)?;
+        self.optimizer
+            .restore(&export::read_optimizer(&self.output)?, self.step)?;
         self.log = r
             .get("log")
             .and_then(Value::as_array)
@@ -529,12 +529,12 @@ impl Trainer {
                 if raw.is_empty() {
                     return Ok(None);
                 }
-                self.preparer.prepare(raw, true)
+                self.preparer.prepare(raw)
             }
         };
         let raw = reader.take(source, bs)?;
         if !raw.is_empty() {
-            self.pending = Some(self.preparer.spawn(raw, true));
+            self.pending = Some(self.preparer.spawn(raw));
         }
         Ok(Some(current))
     }
@@ -862,12 +862,12 @@ pub fn embed_stream(
     let read = |source: &mut dyn PairSource| super::data::take(batch_size, || source.next(stream));
     let (mut features, mut ids, mut skipped) = (Vec::new(), Vec::new(), Vec::new());
     let first = read(source)?;
-    let mut pending = (!first.is_empty()).then(|| preparer.spawn(first, true));
+    let mut pending = (!first.is_empty()).then(|| preparer.spawn(first));
     while let Some(p) = pending.take() {
         let batch = p.wait()?;
         let next = read(source)?;
         if !next.is_empty() {
-            pending = Some(preparer.spawn(next, true));
+            pending = Some(preparer.spawn(next));
         }
         skipped.extend(batch.skipped);
         if batch.pairs.is_empty() {
