@@ -15,7 +15,9 @@ use rusqlite::functions::FunctionFlags;
 use rusqlite::Connection;
 
 use sql::clip_fns::{self as c, ClipFn};
-use sql::clip_models::{self, SharedNames};
+use std::sync::Mutex;
+
+use sql::clip_models::{self, ModelNames, SharedNames};
 use sql::{meta, search, vector_fns as v, ScalarFn, PURE, PURE_READS_SUBTYPE, PURE_VECTOR};
 
 /// One scalar function of the SQL surface.
@@ -85,12 +87,19 @@ pub const CLIP_FLAGS: FunctionFlags = FunctionFlags::SQLITE_UTF8
     .union(FunctionFlags::SQLITE_DIRECTONLY)
     .union(FunctionFlags::SQLITE_RESULT_SUBTYPE);
 
-/// Every CLIP function.
+/// Every CLIP function, and the functions of the connection's policy.
 pub const CLIP_SCALARS: &[ClipScalar] = &[
     clip("clip_embed_text", &[1, 2], c::clip_embed_text),
     clip("clip_embed_image", &[1, 2], c::clip_embed_image),
     clip("clip_tokenize", &[1, 2], c::clip_tokenize),
     clip("clip_model_info", &[0, 1], c::clip_model_info),
+    // The connection's policy (SECURITY.md): shown, and narrowed by a trusted host.
+    clip("archaeclip_policy", &[0], sql::policy::archaeclip_policy),
+    clip(
+        "archaeclip_restrict",
+        &[1],
+        sql::policy::archaeclip_restrict,
+    ),
 ];
 
 /// Registers everything on a connection: the scalars above, the `vec_avg` aggregate, the
@@ -101,11 +110,13 @@ pub fn register(db: &Connection) -> rusqlite::Result<()> {
         register_scalar(db, s)?;
     }
     db.create_aggregate_function("vec_avg", 1, PURE_VECTOR, v::VecAvg)?;
-    search::load_module(db)?;
-    let names = SharedNames::default();
+    let names = SharedNames::new(Mutex::new(ModelNames::new(connection_policy(db)?)));
+    search::load_module(db, names.clone())?;
     clip_models::load_module(db, names.clone())?;
     sql::embed_batch::load_modules(db, names.clone())?;
+    sql::files::load_module(db, names.clone())?;
     sql::train::load_modules(db, names.clone())?;
+    sql::clip_index::load_module(db)?;
     for s in CLIP_SCALARS {
         for &n_arg in s.arities {
             let (name, func, names) = (s.name, s.func, names.clone());
@@ -115,6 +126,17 @@ pub fn register(db: &Connection) -> rusqlite::Result<()> {
         }
     }
     Ok(())
+}
+
+/// The policy for a connection, from the environment and the connection's state (a read-only or
+/// `query_only` connection is untrusted unless the host says otherwise; see `sql/policy.rs`).
+fn connection_policy(db: &Connection) -> rusqlite::Result<sql::policy::Policy> {
+    let query_only: i64 = db
+        .pragma_query_value(None, "query_only", |r| r.get(0))
+        .unwrap_or(0);
+    let read_only = db.is_readonly(rusqlite::MAIN_DB).unwrap_or(false) || query_only != 0;
+    sql::policy::Policy::decide(&sql::policy::Host::from_env(read_only))
+        .map_err(|e| sql::sql_error(format!("archaeclip: {e}")))
 }
 
 /// Registers one scalar behind the panic guard (public so tests can prove the guard works).

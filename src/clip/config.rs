@@ -100,6 +100,8 @@ const MAX_LAYERS: usize = 256;
 const MAX_VOCAB: usize = 1 << 20;
 const MAX_POSITIONS: usize = 4096;
 const MAX_IMAGE: usize = 4096;
+/// Patches per image (attention costs their square).
+const MAX_PATCHES: usize = 4096;
 
 impl ClipConfig {
     /// Parses `config.json` text; `file` names it in errors.
@@ -218,6 +220,15 @@ impl ClipConfig {
         {
             return bad(format!(
                 "vision_config: image_size {} must be a multiple of patch_size {} (and at most {MAX_IMAGE})",
+                v.image_size, v.patch_size
+            ));
+        }
+        // Attention is quadratic in the patch count: bound it (ViT-L/14 at 336 px has 576).
+        let patches = (v.image_size / v.patch_size).pow(2);
+        if patches > MAX_PATCHES {
+            return bad(format!(
+                "vision_config: image_size {} / patch_size {} gives {patches} patches per image, \
+                 more than the limit of {MAX_PATCHES}",
                 v.image_size, v.patch_size
             ));
         }

@@ -9,7 +9,7 @@ use super::preprocess;
 use crate::error::{Error, Result};
 
 fn model_error(e: candle_core::Error) -> Error {
-    Error::Model(format!("the model failed: {e}"))
+    Error::Model(format!("the model failed: {}", super::candle_message(&e)))
 }
 
 impl LoadedModel {

@@ -65,7 +65,10 @@ impl Opened {
         let model = ClipModel::build(vb, &self.config, differentiable).map_err(|e| {
             model_error(
                 &self.model_dir,
-                format!("the weights do not match config.json: {e}"),
+                format!(
+                    "the weights do not match config.json: {}",
+                    super::candle_message(&e)
+                ),
             )
         })?;
         Ok((model, self))
@@ -200,6 +203,59 @@ fn find_weights(dir: &Path) -> Result<Weights> {
     ))
 }
 
+/// Reads the tensor index of a `pytorch_model.bin` (candle's pickle reader interprets the
+/// opcodes as data and calls nothing) and checks it before any tensor is read: every tensor
+/// must fit in the file, so a pickle that claims a huge shape is refused instead of making the
+/// reader allocate it. Returns the tensors and their parameter count.
+fn open_pth(p: &Path) -> std::result::Result<(candle_core::pickle::PthTensors, usize), String> {
+    // The reader indexes argument tuples without checking their length: a malformed pickle
+    // panics in it, which becomes an error here rather than a caught "internal error".
+    let opened = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        candle_core::pickle::PthTensors::new(p, None)
+    }));
+    let pth = match opened {
+        Ok(Ok(pth)) => pth,
+        Ok(Err(e)) => {
+            return Err(format!(
+                "cannot read pytorch_model.bin: {}",
+                super::candle_message(&e)
+            ))
+        }
+        Err(_) => {
+            return Err(
+                "cannot read pytorch_model.bin: malformed pickle (a tensor record has the wrong arguments)"
+                    .into(),
+            )
+        }
+    };
+    if pth.tensor_infos().is_empty() {
+        return Err(
+            "pytorch_model.bin holds no tensors: not a PyTorch state dict (nothing in it was run)"
+                .into(),
+        );
+    }
+    let file_len = std::fs::metadata(p)
+        .map_err(|e| format!("pytorch_model.bin: {e}"))?
+        .len();
+    let mut parameters = 0usize;
+    for (name, info) in pth.tensor_infos() {
+        let dims = info.layout.dims();
+        let elements = dims.iter().try_fold(1usize, |n, &d| n.checked_mul(d));
+        let end = elements
+            .and_then(|n| n.checked_mul(info.dtype.size_in_bytes()))
+            .and_then(|b| b.checked_add(info.layout.start_offset()));
+        match (elements, end) {
+            (Some(n), Some(end)) if end as u64 <= file_len => parameters += n,
+            _ => {
+                return Err(format!(
+                    "pytorch_model.bin: tensor '{name}' claims shape {dims:?}, more data than the file's {file_len} bytes hold"
+                ))
+            }
+        }
+    }
+    Ok((pth, parameters))
+}
+
 fn relative(root: &Path, p: &Path) -> String {
     p.strip_prefix(root).unwrap_or(p).display().to_string()
 }
@@ -279,7 +335,10 @@ pub fn open_with(path: &Path, make_weights: Option<WeightsFromConfig>) -> Result
                 |e| {
                     model_error(
                         &model_dir,
-                        format!("cannot read the safetensors weights: {e}"),
+                        format!(
+                            "cannot read the safetensors weights: {}",
+                            super::candle_message(&e)
+                        ),
                     )
                 },
             )?;
@@ -297,14 +356,8 @@ pub fn open_with(path: &Path, make_weights: Option<WeightsFromConfig>) -> Result
             (make(&config), 0)
         }
         Weights::Pth(p) => {
-            let infos = candle_core::pickle::read_pth_tensor_info(p, false, None).map_err(|e| {
-                model_error(&model_dir, format!("cannot read pytorch_model.bin: {e}"))
-            })?;
-            let parameters = infos.iter().map(|t| t.layout.shape().elem_count()).sum();
+            let (pth, parameters) = open_pth(p).map_err(|e| model_error(&model_dir, e))?;
             files.push(relative(&root, p));
-            let pth = candle_core::pickle::PthTensors::new(p, None).map_err(|e| {
-                model_error(&model_dir, format!("cannot read pytorch_model.bin: {e}"))
-            })?;
             (Box::new(pth), parameters)
         }
     };
@@ -330,6 +383,16 @@ pub fn open_with(path: &Path, make_weights: Option<WeightsFromConfig>) -> Result
             format!(
                 "the tokenizer has {} tokens but the model's vocab_size is {}",
                 tokenizer.vocab_size(),
+                config.text.vocab_size
+            ),
+        ));
+    }
+    if tokenizer.max_id() as usize >= config.text.vocab_size {
+        return Err(model_error(
+            &model_dir,
+            format!(
+                "the tokenizer has a token with id {} but the model's vocab_size is {} (ids must be below it)",
+                tokenizer.max_id(),
                 config.text.vocab_size
             ),
         ));

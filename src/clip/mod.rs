@@ -8,3 +8,15 @@ pub mod model;
 pub mod preprocess;
 pub mod registry;
 pub mod tokenizer;
+
+/// A candle error as one line for an SQL error message: without the backtrace candle captures
+/// when `RUST_BACKTRACE` is set (dozens of lines of frames), contexts joined by ": ".
+pub fn candle_message(e: &candle_core::Error) -> String {
+    use candle_core::Error as E;
+    match e {
+        E::WithBacktrace { inner, .. } => candle_message(inner),
+        E::Context { inner, context } => format!("{context}: {}", candle_message(inner)),
+        E::WithPath { inner, path } => format!("{}: {}", path.display(), candle_message(inner)),
+        other => other.to_string(),
+    }
+}

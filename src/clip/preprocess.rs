@@ -57,6 +57,20 @@ impl PreprocessConfig {
         }
     }
 
+    /// One 8-bit channel value (0-255) as the model sees it: rescaled, then normalized.
+    fn normalize(&self, raw: f32, ch: usize) -> f32 {
+        let v = if self.do_rescale {
+            raw * self.rescale_factor
+        } else {
+            raw
+        };
+        if self.do_normalize {
+            (v - self.mean[ch]) / self.std[ch]
+        } else {
+            v
+        }
+    }
+
     /// `preprocessor_config.json` as CLIPImageProcessor writes it (bicubic resize).
     pub fn to_json(&self) -> Value {
         serde_json::json!({
@@ -121,6 +135,9 @@ impl PreprocessConfig {
                             .as_f64()
                             .ok_or_else(|| bad(&format!("{k} must be 3 numbers")))?
                             as f32;
+                        if !o.is_finite() {
+                            return Err(bad(&format!("{k}: {v} is beyond float32's range")));
+                        }
                     }
                     Ok(out)
                 }
@@ -142,6 +159,21 @@ impl PreprocessConfig {
             mean: triple("image_mean", OPENAI_MEAN)?,
             std: triple("image_std", OPENAI_STD)?,
         };
+        if !config.rescale_factor.is_finite() {
+            return Err(bad("rescale_factor is beyond float32's range"));
+        }
+        // The mapping is affine in the pixel value, so its ends decide: a subnormal std or a huge
+        // rescale_factor would turn pixels into inf or NaN.
+        let overflows = (0..3).any(|ch| {
+            [0.0f32, 255.0]
+                .iter()
+                .any(|&raw| !config.normalize(raw, ch).is_finite())
+        });
+        if overflows {
+            return Err(bad(
+                "rescale_factor, image_mean and image_std take pixel values beyond float32's range",
+            ));
+        }
         if config.std.contains(&0.0) {
             return Err(bad("image_std must not contain 0"));
         }
@@ -381,11 +413,28 @@ fn resize_bicubic(src: &[u8], w: usize, h: usize, out_w: usize, out_h: usize) ->
     out
 }
 
+/// Longest edge the resize may produce (its per-position weights cost ~50 bytes each).
+const MAX_RESIZED_EDGE: usize = 1 << 20;
+
+/// Refuses an image so elongated that resizing its shortest edge would make it enormous: a
+/// 1 x 16,000,000 PNG is 31 KB, passes the pixel limit, and would resize to 32 x 512,000,000
+/// (tens of GB) at 32 px.
+fn check_resized(w: usize, h: usize, rw: usize, rh: usize, edge: usize) -> Result<()> {
+    if (rw as u64).saturating_mul(rh as u64) > MAX_PIXELS || rw.max(rh) > MAX_RESIZED_EDGE {
+        return Err(Error::Image(format!(
+            "image of {w} x {h} pixels is too elongated: resizing its shortest edge to {edge} px \
+             would make it {rw} x {rh} (at most {MAX_PIXELS} pixels and {MAX_RESIZED_EDGE} per edge)"
+        )));
+    }
+    Ok(())
+}
+
 /// Decoded RGB -> the model's input, channel-first (3 x crop x crop), normalized.
 pub fn pixels_from_rgb(rgb: &image::RgbImage, c: &PreprocessConfig) -> Result<Vec<f32>> {
     let (w, h) = (rgb.width() as usize, rgb.height() as usize);
     let (rw, rh) = resized_size(w, h, c.shortest_edge);
     let (rw, rh) = (rw.max(1), rh.max(1));
+    check_resized(w, h, rw, rh, c.shortest_edge)?;
     let resized = resize_bicubic(rgb.as_raw(), w, h, rw, rh);
     let crop = c.crop_size;
     // transformers' center_crop: the top-left corner at ((h - crop) // 2, (w - crop) // 2),
@@ -394,7 +443,6 @@ pub fn pixels_from_rgb(rgb: &image::RgbImage, c: &PreprocessConfig) -> Result<Ve
     let left = (rw as isize - crop as isize).div_euclid(2);
     let mut out = vec![0f32; 3 * crop * crop];
     for ch in 0..3 {
-        let (mean, std) = (c.mean[ch], c.std[ch]);
         for y in 0..crop {
             let sy = top + y as isize;
             for x in 0..crop {
@@ -404,15 +452,7 @@ pub fn pixels_from_rgb(rgb: &image::RgbImage, c: &PreprocessConfig) -> Result<Ve
                 } else {
                     0.0
                 };
-                let mut v = if c.do_rescale {
-                    raw * c.rescale_factor
-                } else {
-                    raw
-                };
-                if c.do_normalize {
-                    v = (v - mean) / std;
-                }
-                out[ch * crop * crop + y * crop + x] = v;
+                out[ch * crop * crop + y * crop + x] = c.normalize(raw, ch);
             }
         }
     }

@@ -5,6 +5,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::SystemTime;
 
@@ -17,7 +18,17 @@ type Signature = Vec<(PathBuf, u64, Option<SystemTime>)>;
 #[derive(Default)]
 struct Slot {
     loaded: Option<(Signature, Arc<LoadedModel>)>,
+    /// When the model was last handed out (a tick of [`CLOCK`]).
+    last_used: u64,
 }
+
+/// How many models stay loaded while no call holds them. A long-running host that goes through
+/// many model directories (registering and dropping names, fine-tunes written again) keeps at
+/// most this many idle ones, the least recently used going first; models in use are never
+/// dropped.
+pub const MAX_IDLE_MODELS: usize = 4;
+
+static CLOCK: AtomicU64 = AtomicU64::new(0);
 
 fn slots() -> &'static Mutex<HashMap<PathBuf, Arc<Mutex<Slot>>>> {
     static SLOTS: OnceLock<Mutex<HashMap<PathBuf, Arc<Mutex<Slot>>>>> = OnceLock::new();
@@ -52,16 +63,70 @@ pub fn get(path: &Path) -> Result<Arc<LoadedModel>> {
         let mut map = slots().lock().unwrap_or_else(|p| p.into_inner());
         map.entry(key.clone()).or_default().clone()
     };
-    let mut slot = slot.lock().unwrap_or_else(|p| p.into_inner());
-    if let Some((sig, model)) = &slot.loaded {
+    let mut guard = slot.lock().unwrap_or_else(|p| p.into_inner());
+    guard.last_used = CLOCK.fetch_add(1, Ordering::Relaxed);
+    if let Some((sig, model)) = &guard.loaded {
         if *sig == signature(model) {
             return Ok(model.clone());
         }
     }
-    slot.loaded = None; // free the old copy before loading the new one
+    guard.loaded = None; // free the old copy before loading the new one
     let model = Arc::new(load(&key)?);
-    slot.loaded = Some((signature(&model), model.clone()));
+    guard.loaded = Some((signature(&model), model.clone()));
+    drop(guard);
+    evict_idle(&key);
     Ok(model)
+}
+
+/// Drops the least recently used idle models beyond [`MAX_IDLE_MODELS`], and forgets empty
+/// slots. A slot being loaded (locked) is skipped, so this never waits on a load.
+fn evict_idle(keep: &Path) {
+    let mut map = slots().lock().unwrap_or_else(|p| p.into_inner());
+    let mut idle: Vec<(u64, PathBuf)> = Vec::new();
+    map.retain(|key, slot| {
+        let Ok(s) = slot.try_lock() else {
+            return true;
+        };
+        match &s.loaded {
+            Some((_, model)) if key != keep && Arc::strong_count(model) == 1 => {
+                idle.push((s.last_used, key.clone()));
+                true
+            }
+            Some(_) => true,
+            // Nobody is loading it (we hold its lock): an empty slot need not be remembered.
+            None => Arc::strong_count(slot) > 1,
+        }
+    });
+    // `keep` is in use now and idle once its caller is done with it: it counts as one.
+    if idle.len() < MAX_IDLE_MODELS {
+        return;
+    }
+    idle.sort();
+    for (_, key) in &idle[..=idle.len() - MAX_IDLE_MODELS] {
+        if let Some(slot) = map.get(key) {
+            let Ok(mut s) = slot.try_lock() else {
+                continue;
+            };
+            if s.loaded
+                .as_ref()
+                .is_some_and(|(_, m)| Arc::strong_count(m) == 1)
+            {
+                s.loaded = None;
+                drop(s);
+                map.remove(key);
+            }
+        }
+    }
+}
+
+/// Whether the model in `path` is loaded now.
+pub fn is_loaded(path: &Path) -> bool {
+    let Ok(key) = path.canonicalize() else {
+        return false;
+    };
+    let map = slots().lock().unwrap_or_else(|p| p.into_inner());
+    map.get(&key)
+        .is_some_and(|s| s.lock().map(|s| s.loaded.is_some()).unwrap_or(false))
 }
 
 /// How many models this process holds (for tests: one copy per directory).
@@ -70,4 +135,48 @@ pub fn loaded_count() -> usize {
     map.values()
         .filter(|s| s.lock().map(|s| s.loaded.is_some()).unwrap_or(false))
         .count()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A process that goes through many model directories keeps at most MAX_IDLE_MODELS of
+    /// them loaded once nothing uses them, dropping the least recently used; one in use stays.
+    #[test]
+    fn idle_models_beyond_the_bound_are_dropped_least_recently_used_first() {
+        let tiny = Path::new("tests/fixtures/clip/models/tiny-quickgelu");
+        let base = std::env::temp_dir().join(format!("archaeclip-registry-{}", std::process::id()));
+        let dirs: Vec<PathBuf> = (0..MAX_IDLE_MODELS + 3)
+            .map(|i| {
+                let d = base.join(format!("m{i}"));
+                std::fs::create_dir_all(&d).unwrap();
+                for f in std::fs::read_dir(tiny).unwrap() {
+                    let f = f.unwrap().path();
+                    std::fs::copy(&f, d.join(f.file_name().unwrap())).unwrap();
+                }
+                d
+            })
+            .collect();
+        let held = get(&dirs[0]).unwrap();
+        for d in &dirs[1..] {
+            drop(get(d).unwrap());
+        }
+        let loaded: Vec<bool> = dirs.iter().map(|d| is_loaded(d)).collect();
+        assert!(loaded[0], "a model in use is never dropped");
+        // (Other tests of this process may hold idle models too: at most, not exactly.)
+        let idle = loaded[1..].iter().filter(|&&l| l).count();
+        assert!((1..=MAX_IDLE_MODELS).contains(&idle), "{loaded:?}");
+        assert!(
+            !loaded[1] && !loaded[2],
+            "the least recently used go first: {loaded:?}"
+        );
+        assert!(loaded[dirs.len() - 1], "{loaded:?}");
+        // A dropped model loads again on its next use.
+        let again = get(&dirs[1]).unwrap();
+        assert!(is_loaded(&dirs[1]));
+        assert_eq!(again.info("x")["dimensions"], held.info("x")["dimensions"]);
+        drop((held, again));
+        std::fs::remove_dir_all(&base).unwrap();
+    }
 }

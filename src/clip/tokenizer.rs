@@ -264,6 +264,16 @@ impl ClipTokenizer {
         self.tokenizer.get_vocab_size(true)
     }
 
+    /// The largest id the tokenizer can produce, special tokens included: the model's token
+    /// embedding must have more rows than this (a tokenizer.json may number its tokens sparsely).
+    pub fn max_id(&self) -> u32 {
+        self.tokenizer
+            .get_vocab(true)
+            .into_values()
+            .max()
+            .unwrap_or(0)
+    }
+
     pub fn source(&self) -> &TokenizerSource {
         &self.source
     }

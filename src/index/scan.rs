@@ -265,14 +265,14 @@ impl VectorSet {
 }
 
 /// A query, ready to score rows under a metric.
-struct Scorer<'q> {
+pub(crate) struct Scorer<'q> {
     query: &'q [f32],
     metric: Metric,
     inv_query_norm: f64,
 }
 
 impl<'q> Scorer<'q> {
-    fn new(query: &'q [f32], metric: Metric) -> Result<Scorer<'q>> {
+    pub(crate) fn new(query: &'q [f32], metric: Metric) -> Result<Scorer<'q>> {
         let norm = norm_f32(query);
         if metric == Metric::Cosine && norm == 0.0 {
             return Err(Error::InvalidArgument {
@@ -289,7 +289,7 @@ impl<'q> Scorer<'q> {
     /// The distance to sort by (for L2 the squared distance), or `None` for a row that cannot
     /// match (an all-zero row under cosine, whose `inv_norm` is 0).
     #[inline]
-    fn distance(&self, row: &[f32], inv_norm: f64) -> Option<f64> {
+    pub(crate) fn distance(&self, row: &[f32], inv_norm: f64) -> Option<f64> {
         match self.metric {
             Metric::Cosine if inv_norm == 0.0 => None,
             Metric::Cosine => Some(1.0 - dot_f32(self.query, row) * inv_norm * self.inv_query_norm),
@@ -299,7 +299,7 @@ impl<'q> Scorer<'q> {
     }
 
     /// (id, score, distance), nearest first.
-    fn results(&self, top: TopK) -> Vec<(i64, f64, f64)> {
+    pub(crate) fn results(&self, top: TopK) -> Vec<(i64, f64, f64)> {
         top.into_sorted()
             .into_iter()
             .map(|hit| {
@@ -317,7 +317,7 @@ impl<'q> Scorer<'q> {
     }
 }
 
-fn inv_norm(row: &[f32]) -> f64 {
+pub(crate) fn inv_norm(row: &[f32]) -> f64 {
     let norm = norm_f32(row);
     if norm > 0.0 {
         // Rounded through f32 as the copy stores it, so both paths score identically.

@@ -6,6 +6,7 @@ use rusqlite::functions::Context;
 use rusqlite::types::{Value, ValueRef};
 
 use super::clip_models::SharedNames;
+use super::policy::Policy;
 use super::{arg_error, fn_error, type_name, Output};
 use crate::clip::load::LoadedModel;
 use crate::clip::registry;
@@ -51,15 +52,29 @@ fn model(
     Ok((name, model))
 }
 
+/// A copy of the connection's policy.
+pub fn policy(names: &SharedNames) -> Policy {
+    names
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .policy
+        .clone()
+}
+
 fn text(
     ctx: &Context<'_>,
+    names: &SharedNames,
     index: usize,
     func: &str,
     allow_empty: bool,
 ) -> rusqlite::Result<String> {
     match ctx.get_raw(index) {
         ValueRef::Text(t) if !t.is_empty() || allow_empty => {
-            Ok(String::from_utf8_lossy(t).into_owned())
+            let text = String::from_utf8_lossy(t).into_owned();
+            policy(names)
+                .check_text(&text)
+                .map_err(|e| arg_error(func, index, e))?;
+            Ok(text)
         }
         ValueRef::Text(_) => Err(arg_error(
             func,
@@ -84,7 +99,7 @@ fn vector_output(v: Vec<f32>) -> Output {
 
 pub fn clip_embed_text(ctx: &Context<'_>, names: &SharedNames) -> rusqlite::Result<Output> {
     const F: &str = "clip_embed_text";
-    let t = text(ctx, 0, F, false)?;
+    let t = text(ctx, names, 0, F, false)?;
     let (_, m) = model(ctx, names, 1, F)?;
     m.embed_text(&t)
         .map(vector_output)
@@ -97,7 +112,9 @@ pub fn clip_embed_image(ctx: &Context<'_>, names: &SharedNames) -> rusqlite::Res
         ValueRef::Blob(b) => b.to_vec(),
         ValueRef::Text(t) => {
             let path = String::from_utf8_lossy(t).into_owned();
-            read_image_file(&path).map_err(|e| arg_error(F, 0, e))?
+            policy(names)
+                .read_image_file(&path, crate::clip::preprocess::MAX_BYTES)
+                .map_err(|e| arg_error(F, 0, e))?
         }
         other => {
             return Err(arg_error(
@@ -116,26 +133,9 @@ pub fn clip_embed_image(ctx: &Context<'_>, names: &SharedNames) -> rusqlite::Res
         .map_err(|e| arg_error(F, 0, e))
 }
 
-/// Reads an image file, refusing what is not a regular file or is too large.
-pub fn read_image_file(path: &str) -> Result<Vec<u8>, String> {
-    let meta =
-        std::fs::metadata(path).map_err(|e| format!("cannot read image file '{path}': {e}"))?;
-    if !meta.is_file() {
-        return Err(format!("'{path}' is not a regular file"));
-    }
-    if meta.len() > crate::clip::preprocess::MAX_BYTES as u64 {
-        return Err(format!(
-            "image file '{path}' is {} bytes, larger than the limit of {} bytes",
-            meta.len(),
-            crate::clip::preprocess::MAX_BYTES
-        ));
-    }
-    std::fs::read(path).map_err(|e| format!("cannot read image file '{path}': {e}"))
-}
-
 pub fn clip_tokenize(ctx: &Context<'_>, names: &SharedNames) -> rusqlite::Result<Output> {
     const F: &str = "clip_tokenize";
-    let t = text(ctx, 0, F, true)?;
+    let t = text(ctx, names, 0, F, true)?;
     let (_, m) = model(ctx, names, 1, F)?;
     let ids = m.tokenize(&t).map_err(|e| fn_error(F, e))?;
     Ok((

@@ -18,6 +18,7 @@ use rusqlite::vtab::{
 };
 use rusqlite::Connection;
 
+use super::policy::Policy;
 use super::sql_error;
 
 /// A named model directory.
@@ -28,23 +29,39 @@ pub struct ModelName {
     pub path: PathBuf,
 }
 
-/// The names registered on one connection.
+/// The names registered on one connection, and the connection's policy (which bounds the
+/// directories names may point to; see `policy.rs`).
 #[derive(Debug, Default)]
 pub struct ModelNames {
     entries: Vec<ModelName>,
     next_rowid: i64,
+    pub policy: Policy,
 }
 
-/// Shared between the table and the functions of one connection.
+/// Shared between the tables and the functions of one connection.
 pub type SharedNames = Arc<Mutex<ModelNames>>;
 
 /// The environment variable naming the default model directory.
 pub const DEFAULT_MODEL_ENV: &str = "ARCHAECLIP_MODEL";
 
 impl ModelNames {
+    pub fn new(policy: Policy) -> ModelNames {
+        ModelNames {
+            policy,
+            ..ModelNames::default()
+        }
+    }
+
+    /// The directory for `name`, if the policy allows it (see [`Self::resolve_any`]).
+    pub fn resolve(&self, name: Option<&str>) -> Result<(String, PathBuf), String> {
+        let (name, path) = self.resolve_any(name)?;
+        self.policy.check_model_dir(&path)?;
+        Ok((name, path))
+    }
+
     /// The directory for `name`, or for the default model when `name` is None: the model named
     /// 'default', else the only registered model, else $ARCHAECLIP_MODEL.
-    pub fn resolve(&self, name: Option<&str>) -> Result<(String, PathBuf), String> {
+    fn resolve_any(&self, name: Option<&str>) -> Result<(String, PathBuf), String> {
         if let Some(name) = name {
             return self
                 .entries
@@ -111,7 +128,18 @@ const MODULE_NAME: &CStr = c"clip_models";
 pub fn load_module(conn: &Connection, names: SharedNames) -> rusqlite::Result<()> {
     const MODULE: Module<ModelsTab> = Module::update_module();
     conn.create_module(MODULE_NAME, &MODULE, Some(names))?;
-    conn.execute_batch("CREATE VIRTUAL TABLE IF NOT EXISTS temp.clip_models USING clip_models")
+    // A `query_only` connection (Datasette opens its in-memory databases so) refuses even this
+    // write to the connection's own temp schema: lift it for this one statement, then restore.
+    let query_only: i64 = conn.pragma_query_value(None, "query_only", |r| r.get(0))?;
+    if query_only != 0 {
+        conn.pragma_update(None, "query_only", 0)?;
+    }
+    let created =
+        conn.execute_batch("CREATE VIRTUAL TABLE IF NOT EXISTS temp.clip_models USING clip_models");
+    if query_only != 0 {
+        conn.pragma_update(None, "query_only", query_only)?;
+    }
+    created
 }
 
 #[repr(C)]
@@ -134,8 +162,11 @@ fn text_arg(v: ValueRef<'_>, column: &str) -> rusqlite::Result<String> {
     }
 }
 
-fn checked_path(path: String) -> rusqlite::Result<PathBuf> {
+fn checked_path(path: String, policy: &Policy) -> rusqlite::Result<PathBuf> {
     let p = PathBuf::from(&path);
+    policy
+        .check_model_dir(&p)
+        .map_err(|e| sql_error(format!("clip_models: {e}")))?;
     if !p.is_dir() {
         return Err(sql_error(format!(
             "clip_models: path '{path}' is not a directory (a model is a directory with config.json and weights)"
@@ -198,18 +229,16 @@ impl UpdateVTab<'_> for ModelsTab {
 
     fn insert(&mut self, args: &Inserts<'_>) -> rusqlite::Result<i64> {
         let name = text_arg(nth(args, 2), "name")?;
-        let path = checked_path(text_arg(nth(args, 3), "path")?)?;
-        self.names
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(name, path)
+        let mut names = self.names.lock().unwrap_or_else(|p| p.into_inner());
+        let path = checked_path(text_arg(nth(args, 3), "path")?, &names.policy)?;
+        names.insert(name, path)
     }
 
     fn update(&mut self, args: &Updates<'_>) -> rusqlite::Result<()> {
         let rowid = args.get::<i64>(0)?;
         let name = text_arg(nth(args, 2), "name")?;
-        let path = checked_path(text_arg(nth(args, 3), "path")?)?;
         let mut names = self.names.lock().unwrap_or_else(|p| p.into_inner());
+        let path = checked_path(text_arg(nth(args, 3), "path")?, &names.policy)?;
         if names
             .entries
             .iter()

@@ -29,6 +29,7 @@ use rusqlite::vtab::{
 use rusqlite::Connection;
 
 use super::clip_models::SharedNames;
+use super::policy::Policy;
 use super::statement::Select;
 use super::{arg_error, fn_error, guard, type_name};
 use crate::clip::load::LoadedModel;
@@ -127,6 +128,7 @@ unsafe impl<'vtab> VTab<'vtab> for BatchTab {
             model: None,
             batch_size: 32,
             progress: false,
+            policy: Policy::default(),
             buffer: VecDeque::new(),
             current: None,
             done: true,
@@ -165,6 +167,8 @@ pub struct BatchCursor<'vtab> {
     model: Option<Arc<LoadedModel>>,
     batch_size: usize,
     progress: bool,
+    /// The connection's policy when the call started (file roots, limits).
+    policy: Policy,
     buffer: VecDeque<Row>,
     current: Option<Row>,
     done: bool,
@@ -234,12 +238,16 @@ impl BatchCursor<'_> {
     /// Embeds a batch; failures become rows with an error.
     fn process(&self, batch: Vec<Input>) -> Vec<Row> {
         let model = self.model.as_ref().expect("the model is loaded in filter");
+        let policy = &self.policy;
         match self.tab.kind {
             Kind::Texts => batch
                 .into_par_iter()
                 .map(|input| {
                     let result = input.value.and_then(|v| match v {
-                        InputValue::Text(t) => model.embed_text(&t).map_err(|e| e.to_string()),
+                        InputValue::Text(t) => {
+                            policy.check_text(&t)?;
+                            model.embed_text(&t).map_err(|e| e.to_string())
+                        }
                         _ => Err("expected text".to_owned()),
                     });
                     row(input.id, result)
@@ -252,7 +260,8 @@ impl BatchCursor<'_> {
                         let pixels = input.value.and_then(|v| {
                             let bytes = match v {
                                 InputValue::Bytes(b) => b,
-                                InputValue::Path(p) => super::clip_fns::read_image_file(&p)?,
+                                InputValue::Path(p) => policy
+                                    .read_image_file(&p, crate::clip::preprocess::MAX_BYTES)?,
                                 InputValue::Text(_) => return Err("expected an image".to_owned()),
                             };
                             model.pixels(&bytes).map_err(|e| e.to_string())
@@ -372,7 +381,9 @@ unsafe impl VTabCursor for BatchCursor<'_> {
                     ))
                 }
             };
-            self.batch_size = 32;
+            self.policy = super::clip_fns::policy(&self.tab.names);
+            let max_batch = self.policy.limits.max_batch.min(MAX_BATCH);
+            self.batch_size = max_batch.min(32);
             self.progress = false;
             match values[2] {
                 None | Some(ValueRef::Null) => {}
@@ -386,14 +397,14 @@ unsafe impl VTabCursor for BatchCursor<'_> {
                     for (k, v) in obj {
                         match (k.as_str(), v) {
                             ("batch_size", serde_json::Value::Number(n)) => match n.as_u64() {
-                                Some(b) if (1..=MAX_BATCH as u64).contains(&b) => {
+                                Some(b) if (1..=max_batch as u64).contains(&b) => {
                                     self.batch_size = b as usize
                                 }
                                 _ => {
                                     return Err(arg_error(
                                         name,
                                         2,
-                                        format!("batch_size must be between 1 and {MAX_BATCH}"),
+                                        format!("batch_size must be between 1 and {max_batch}"),
                                     ))
                                 }
                             },

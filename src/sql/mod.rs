@@ -3,9 +3,12 @@
 //! instead of unwinding into C.
 
 pub mod clip_fns;
+pub mod clip_index;
 pub mod clip_models;
 pub mod embed_batch;
+pub mod files;
 pub mod meta;
+pub mod policy;
 pub mod search;
 pub mod statement;
 pub mod train;

@@ -25,6 +25,7 @@ use rusqlite::vtab::{
 };
 use rusqlite::Connection;
 
+use super::clip_models::SharedNames;
 use super::{arg_error, fn_error, guard, type_name};
 use crate::index::{DbStamp, Lookup, ScanCache, StreamScan, VectorSet, VectorSetBuilder};
 use crate::vector::codec;
@@ -59,9 +60,9 @@ const ARGUMENTS: [c_int; 4] = [COL_QUERY, COL_K, COL_STATEMENT, COL_METRIC];
 const REQUIRED_ARGUMENTS: usize = 3;
 
 /// Registers the module on a connection.
-pub fn load_module(conn: &Connection) -> rusqlite::Result<()> {
+pub fn load_module(conn: &Connection, names: SharedNames) -> rusqlite::Result<()> {
     const MODULE: Module<SearchTab> = Module::eponymous_only_module();
-    conn.create_module(MODULE_NAME, &MODULE, None)
+    conn.create_module(MODULE_NAME, &MODULE, Some(names))
 }
 
 #[repr(C)]
@@ -69,15 +70,17 @@ pub struct SearchTab {
     base: ffi::sqlite3_vtab,
     db: *mut ffi::sqlite3,
     cache: Mutex<ScanCache>,
+    /// The connection's names and policy (for the cap on k).
+    names: SharedNames,
 }
 
 unsafe impl<'vtab> VTab<'vtab> for SearchTab {
-    type Aux = ();
+    type Aux = SharedNames;
     type Cursor = SearchCursor<'vtab>;
 
     fn connect(
         db: &mut VTabConnection,
-        _aux: Option<&()>,
+        aux: Option<&SharedNames>,
         _module_name: &[u8],
         _database_name: &[u8],
         _table_name: &[u8],
@@ -95,6 +98,7 @@ unsafe impl<'vtab> VTab<'vtab> for SearchTab {
                 base: ffi::sqlite3_vtab::default(),
                 db: handle,
                 cache: Mutex::default(),
+                names: aux.cloned().unwrap_or_default(),
             },
         ))
     }
@@ -157,7 +161,8 @@ unsafe impl VTabCursor for SearchCursor<'_> {
     ) -> rusqlite::Result<()> {
         guard(NAME, || {
             let values = super::tvf_args::values(idx_num, args, ARGUMENTS.len());
-            let request = Request::parse(&values)?;
+            let max_k = super::clip_fns::policy(&self.tab.names).limits.max_k;
+            let request = Request::parse(&values, max_k)?;
             self.args = values
                 .iter()
                 .map(|v| {
@@ -213,7 +218,7 @@ struct Request {
 }
 
 impl Request {
-    fn parse(values: &[Option<ValueRef<'_>>]) -> rusqlite::Result<Request> {
+    fn parse(values: &[Option<ValueRef<'_>>], max_k: usize) -> rusqlite::Result<Request> {
         let missing = ["query vector", "k", "statement"];
         for (i, what) in missing.iter().enumerate() {
             if values[i].is_none() {
@@ -238,12 +243,22 @@ impl Request {
         .and_then(|v| codec::check_finite(&v).map(|()| v))
         .map_err(|e| arg_error(NAME, 0, e))?;
         let k = match values[1].unwrap() {
-            ValueRef::Integer(k) if (0..=MAX_K).contains(&k) => k as usize,
+            ValueRef::Integer(k) if (0..=max_k.min(MAX_K as usize) as i64).contains(&k) => {
+                k as usize
+            }
             ValueRef::Integer(k) => {
                 return Err(arg_error(
                     NAME,
                     1,
-                    format!("k must be between 0 and {MAX_K}, found {k}"),
+                    format!(
+                        "k must be between 0 and {}, found {k}{}",
+                        max_k.min(MAX_K as usize),
+                        if (max_k as i64) < MAX_K {
+                            " (this connection's policy limits k; see archaeclip_policy())"
+                        } else {
+                            ""
+                        }
+                    ),
                 ))
             }
             other => {

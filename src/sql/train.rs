@@ -30,6 +30,7 @@ use rusqlite::vtab::{
 use rusqlite::Connection;
 
 use super::clip_models::SharedNames;
+use super::policy::Policy;
 use super::statement::Select;
 use super::{arg_error, fn_error, guard, sql_error, type_name};
 use crate::clip::registry;
@@ -154,6 +155,8 @@ struct SqlSource {
     train: (String, Option<Select>, u64),
     validation: Option<(String, Option<Select>, u64)>,
     probe: Option<Select>,
+    /// The connection's policy (which directories image paths may name).
+    policy: Policy,
 }
 
 impl SqlSource {
@@ -209,6 +212,7 @@ impl PairSource for SqlSource {
     }
 
     fn next(&mut self, stream: Stream) -> Result<Option<RawPair>> {
+        let policy = self.policy.clone();
         let slot = self.slot(stream)?;
         let Some(select) = slot.1.as_mut() else {
             return Ok(None);
@@ -221,7 +225,10 @@ impl PairSource for SqlSource {
         let image = match select.column(0) {
             ValueRef::Blob([]) => Err("empty blob".to_owned()),
             ValueRef::Blob(b) => Ok(b.to_vec()),
-            ValueRef::Text(t) => super::clip_fns::read_image_file(&String::from_utf8_lossy(t)),
+            ValueRef::Text(t) => policy.read_image_file(
+                &String::from_utf8_lossy(t),
+                crate::clip::preprocess::MAX_BYTES,
+            ),
             other => Err(format!(
                 "expected image bytes (BLOB) or a path (TEXT), found {}",
                 type_name(other)
@@ -405,6 +412,14 @@ impl TrainCursor<'_> {
         let statement = text_value(values[1], name, 1, "the text of a SELECT statement")?
             .ok_or_else(|| fn_error(name, "missing 2nd argument: a SELECT of (image, caption)"))?;
         let options = text_value(values[2], name, 2, "JSON options")?;
+        let policy = super::clip_fns::policy(&self.tab.names);
+        match self.tab.kind {
+            Kind::Train => policy.require_trusted("training"),
+            Kind::Evaluate => {
+                policy.require_trusted("evaluation (it runs for as long as its statement has rows)")
+            }
+        }
+        .map_err(|e| fn_error(name, e))?;
         let resolved = self
             .tab
             .names
@@ -417,6 +432,7 @@ impl TrainCursor<'_> {
             train: (statement.clone(), None, 0),
             validation: None,
             probe: None,
+            policy: policy.clone(),
         };
         // Validate the statement now, so a typo is reported against its argument.
         Select::prepare(self.tab.db, &statement, name, 1, 2, "(image, caption)")?;
@@ -431,6 +447,11 @@ impl TrainCursor<'_> {
                 }
                 let options = TrainOptions::parse(options.as_deref().unwrap_or("{}"))
                     .map_err(|e| arg_error(name, 2, e))?;
+                if let Some(output) = &options.output {
+                    policy
+                        .check_output_dir(std::path::Path::new(output))
+                        .map_err(|e| arg_error(name, 2, format!("'output': {e}")))?;
+                }
                 if let Some(v) = &options.validation {
                     Select::try_prepare(self.tab.db, v, 2, "(image, caption)")
                         .map_err(|e| arg_error(name, 2, format!("'validation': {e}")))?;

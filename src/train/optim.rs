@@ -17,7 +17,7 @@ use crate::error::{Error, Result};
 pub type Grads = BTreeMap<String, Tensor>;
 
 fn fail(e: candle_core::Error) -> Error {
-    Error::Training(format!("optimizer: {e}"))
+    Error::Training(format!("optimizer: {}", crate::clip::candle_message(&e)))
 }
 
 struct Slot {

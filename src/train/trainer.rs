@@ -34,7 +34,10 @@ use crate::error::{Error, Result};
 pub const MAX_LOGIT_SCALE: f64 = 4.605_170_185_988_092; // ln(100)
 
 fn fail(e: candle_core::Error) -> Error {
-    Error::Training(format!("the model failed: {e}"))
+    Error::Training(format!(
+        "the model failed: {}",
+        crate::clip::candle_message(&e)
+    ))
 }
 
 /// One row of `clip_train`.
@@ -188,8 +191,9 @@ impl Trainer {
                 }
                 .map_err(|e| {
                     Error::Io(format!(
-                        "{}: {e}",
-                        output.join("model.safetensors").display()
+                        "{}: {}",
+                        output.join("model.safetensors").display(),
+                        crate::clip::candle_message(&e)
                     ))
                 })?,
             ),

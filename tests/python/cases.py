@@ -167,4 +167,28 @@ CASES = [
     "SELECT * FROM clip_evaluate('tiny', 'SELECT path, ''a photo'' FROM files WHERE id = 1')",
     "SELECT * FROM clip_evaluate('tiny', 'SELECT path, ''a photo'' FROM files', '{\"batch_size\": 0}')",
     "SELECT * FROM clip_evaluate('tiny')",
+    # the persistent index (clip_index): a temp one over t's vectors
+    "CREATE VIRTUAL TABLE temp.ix USING clip_index(e float[3], kind text)",
+    "INSERT INTO temp.ix(rowid, e, kind) SELECT id, e, kind FROM t WHERE e IS NOT NULL",
+    "SELECT rowid, round(distance, 4) FROM temp.ix WHERE e MATCH '[1, 0, 0]' AND k = 3 ORDER BY distance",
+    "SELECT rowid FROM temp.ix WHERE e MATCH '[1, 0, 0]' AND k = 2 AND kind = 'vessel' ORDER BY distance",
+    "SELECT rowid FROM temp.ix WHERE e MATCH '[1, 0]' AND k = 2",
+    "INSERT INTO temp.ix(rowid, e, kind) VALUES (1, '[0, 0, 1]', 'coin')",
+    "INSERT INTO temp.ix(ix) VALUES ('integrity-check')",
+    # listing a folder
+    "SELECT name, size, hex(md5), length(content), error FROM clip_files('tests/fixtures/clip/images', 'gray*')",
+    "SELECT count(*) FROM clip_files('tests/fixtures/clip', '**/*.json')",
+    "SELECT * FROM clip_files('tests/fixtures/clip/no-such-dir')",
+    "SELECT * FROM clip_files('README.md')",
+    "SELECT * FROM clip_files('tests', '{a,')",
+    "SELECT * FROM clip_files(1)",
+    "SELECT * FROM clip_files",
+    # the connection's policy (this connection is writable and ARCHAECLIP_POLICY is unset)
+    "SELECT json_extract(archaeclip_policy(), '$.level'), json_extract(archaeclip_policy(), '$.reason'), json_extract(archaeclip_policy(), '$.file_roots'), json_extract(archaeclip_policy(), '$.limits.max_k')",
+    "SELECT clip_embed_image('/proc/self/environ', 'tiny')",
+    "SELECT clip_embed_image('/dev/zero', 'tiny')",
+    "SELECT archaeclip_restrict('{\"write\": true}')",
+    "SELECT archaeclip_restrict('{\"file_roots\": \"tests\"}')",
+    "SELECT archaeclip_restrict('{\"file_roots\": [\"no/such/dir\"]}')",
+    "SELECT archaeclip_restrict(1)",
 ]

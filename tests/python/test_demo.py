@@ -60,6 +60,6 @@ def test_the_demo_script_runs_in_the_shell(collection):
     out = subprocess.run(["sqlite3", str(collection)], stdin=open(os.path.join(ROOT, "sql", "demo.sql")),
                          cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr
-    for title in ["Concept search", "Reverse image search", "More like these", "Zero-shot classification", "Held-out"]:
+    for title in ["Concept search", "Reverse image search", "More like these", "Zero-shot classification", "Held-out", "Fine-tuning on your own captions", "R@5 after"]:
         assert title in out.stdout, title
     assert "Error" not in out.stdout + out.stderr

@@ -35,8 +35,9 @@ def test_it_registers_the_documented_surface(db):
         "vec_cosine", "vec_dot", "vec_distance_cosine", "vec_distance_l2", "vec_normalize",
         "vec_add", "vec_sub", "vec_quantize_int8", "vec_quantize_binary", "vec_avg",
         "clip_embed_text", "clip_embed_image", "clip_tokenize", "clip_model_info",
+        "archaeclip_policy", "archaeclip_restrict",
     }
-    assert mods == {"clip_search", "clip_models", "clip_embed_images", "clip_embed_texts", "clip_train", "clip_evaluate"}
+    assert mods == {"clip_search", "clip_models", "clip_embed_images", "clip_embed_texts", "clip_train", "clip_evaluate", "clip_files", "clip_index"}
 
 
 def test_every_registered_function_has_a_snapshot_case(db):
@@ -71,7 +72,11 @@ def test_clip_functions_are_directonly(db):
 
 
 def test_flags_tell_the_truth(db):
-    flags = {n: f for n, f in db.execute("SELECT name, flags FROM pragma_function_list WHERE name LIKE 'vec%' OR name LIKE 'archaeclip%'")}
+    policy = {n: f for n, f in db.execute("SELECT name, flags FROM pragma_function_list WHERE name IN ('archaeclip_policy', 'archaeclip_restrict')")}
+    assert len(policy) == 2
+    for name, f in policy.items():
+        assert f & DIRECTONLY and not f & INNOCUOUS and not f & DETERMINISTIC, name
+    flags = {n: f for n, f in db.execute("SELECT name, flags FROM pragma_function_list WHERE name LIKE 'vec%' OR name IN ('archaeclip_version', 'archaeclip_debug')")}
     for name, f in flags.items():
         assert f & DETERMINISTIC and f & INNOCUOUS, f"{name} is pure: DETERMINISTIC|INNOCUOUS"
         assert not f & DIRECTONLY, name

@@ -61,7 +61,7 @@ def test_every_function_has_a_checked_example():
     db = connect()
     names = {r[0] for r in db.execute("SELECT name FROM pragma_function_list WHERE name LIKE 'vec%' OR name LIKE 'archaeclip%'")}
     names |= {r[0] for r in db.execute("SELECT name FROM pragma_function_list WHERE name LIKE 'clip%'")}
-    names |= {"clip_search", "temp.clip_models", "clip_embed_images", "clip_embed_texts"}
+    names |= {"clip_search", "temp.clip_models", "clip_embed_images", "clip_embed_texts", "clip_files"}
     missing = sorted(n for n in names if n + "(" not in blocks)
     assert not missing, f"functions without an example in docs/reference.md: {missing}"
 

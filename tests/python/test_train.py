@@ -132,12 +132,25 @@ def test_a_limit_stops_training_and_keeps_a_checkpoint(tmp_path):
 def test_refused_on_a_read_only_connection_and_from_views(tmp_path):
     path = tmp_path / "c.db"
     make_db(path, bad=False).close()
-    ro = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
-    ro.enable_load_extension(True)
-    ro.load_extension(os.path.join(ROOT, "dist", "archaeclip"))
-    ro.execute("INSERT INTO temp.clip_models(name, path) VALUES ('tiny', ?)", (TINY,))
+    def read_only(monkeypatch_policy):
+        if monkeypatch_policy:
+            os.environ["ARCHAECLIP_POLICY"] = monkeypatch_policy
+        try:
+            ro = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+            ro.enable_load_extension(True)
+            ro.load_extension(os.path.join(ROOT, "dist", "archaeclip"))
+        finally:
+            os.environ.pop("ARCHAECLIP_POLICY", None)
+        ro.execute("INSERT INTO temp.clip_models(name, path) VALUES ('tiny', ?)", (TINY,))
+        return ro
+
+    train = "SELECT * FROM clip_train('tiny', 'SELECT image, caption FROM pairs', json_object('output', ?))"
+    # A read-only connection is untrusted by default (the policy of SECURITY.md)...
+    with pytest.raises(sqlite3.OperationalError, match=r"clip_train\(\): training is not allowed on this connection: its policy is untrusted because the connection is read-only"):
+        read_only(None).execute(train, (str(tmp_path / "o"),)).fetchall()
+    # ...and a host that trusts it still cannot write through it.
     with pytest.raises(sqlite3.OperationalError, match=r"clip_train\(\): refused on a read-only connection"):
-        ro.execute("SELECT * FROM clip_train('tiny', 'SELECT image, caption FROM pairs', json_object('output', ?))", (str(tmp_path / "o"),)).fetchall()
+        read_only("trusted").execute(train, (str(tmp_path / "o"),)).fetchall()
     assert not (tmp_path / "o").exists()
     # A stranger's database whose view trains when queried.
     evil = tmp_path / "evil.db"

@@ -1,0 +1,221 @@
+#!/usr/bin/env python3
+"""The persistent index: archaeclip's clip_index against sqlite-vec 0.1.9's vec0, on the same
+vectors, in one run: insert throughput, file size, the first query after opening the database
+and the median of repeated queries, recall@k against an exact numpy answer.
+
+    .venv/bin/python benches/index_bench.py --n 100000
+    .venv/bin/python benches/index_bench.py --n 1000000 --data clustered
+
+Data: `random` (standard normal) and `clustered` (shaped like real embeddings: a few thousand
+centres, each point a centre plus noise, all normalized); 512 dimensions, cosine, k = 10.
+Each engine gets its own file (so sizes are comparable), built with executemany in transactions
+of 10,000 rows; "first" is the first query on a freshly opened connection (the file in the OS
+page cache), "median" the median of the next queries. Needs numpy and sqlite-vec (the project
+venv has both).
+"""
+import argparse
+import os
+import sqlite3
+import statistics
+import tempfile
+import time
+
+import numpy as np
+import sqlite_vec
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+EXT = os.path.join(HERE, "..", "dist", "archaeclip")
+BATCH = 10_000
+
+
+def connect(path, engine):
+    db = sqlite3.connect(path, isolation_level=None)
+    db.enable_load_extension(True)
+    if engine == "clip_index":
+        db.load_extension(EXT)
+    else:
+        sqlite_vec.load(db)
+    db.enable_load_extension(False)
+    return db
+
+
+def make_data(kind, n, dims, queries, seed=0):
+    rng = np.random.default_rng(seed)
+    if kind == "random":
+        data = rng.standard_normal((n, dims), dtype=np.float32)
+        q = rng.standard_normal((queries, dims), dtype=np.float32)
+        return data, q
+    centres = rng.standard_normal((min(4000, max(1, n // 100)), dims), dtype=np.float32)
+    data = np.empty((n, dims), dtype=np.float32)
+    for s in range(0, n, 100_000):
+        e = min(n, s + 100_000)
+        idx = rng.integers(0, len(centres), e - s)
+        data[s:e] = centres[idx] + 0.35 * rng.standard_normal((e - s, dims), dtype=np.float32)
+    data /= np.linalg.norm(data, axis=1, keepdims=True)
+    qi = rng.integers(0, len(centres), queries)
+    q = centres[qi] + 0.35 * rng.standard_normal((queries, dims), dtype=np.float32)
+    return data, q
+
+
+def exact_topk(data, queries, k):
+    """Exact cosine top-k (float64 scores over unit rows), in blocks to bound memory."""
+    norms = np.linalg.norm(data, axis=1).astype(np.float64)
+    qs = queries.astype(np.float64)
+    qs /= np.linalg.norm(qs, axis=1, keepdims=True)
+    best = [[] for _ in range(len(qs))]
+    for s in range(0, len(data), 200_000):
+        block = data[s : s + 200_000].astype(np.float64) / norms[s : s + 200_000, None]
+        scores = qs @ block.T
+        for i, row in enumerate(scores):
+            top = np.argpartition(-row, k)[:k]
+            best[i].extend((float(row[j]), s + int(j) + 1) for j in top)
+    return [[rid for _, rid in sorted(b, key=lambda x: (-x[0], x[1]))[:k]] for b in best]
+
+
+def build(engine, path, data):
+    n, dims = data.shape
+    db = connect(path, engine)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("PRAGMA synchronous=NORMAL")
+    if engine == "clip_index":
+        db.execute(f"CREATE VIRTUAL TABLE items USING clip_index(embedding float[{dims}], metric=cosine)")
+    else:
+        db.execute(f"CREATE VIRTUAL TABLE items USING vec0(embedding float[{dims}] distance_metric=cosine)")
+    t = time.perf_counter()
+    for s in range(0, n, BATCH):
+        rows = [(s + i + 1, data[s + i].tobytes()) for i in range(min(BATCH, n - s))]
+        db.execute("BEGIN")
+        db.executemany("INSERT INTO items(rowid, embedding) VALUES (?, ?)", rows)
+        db.execute("COMMIT")
+    seconds = time.perf_counter() - t
+    db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    db.close()
+    return n / seconds, os.path.getsize(path)
+
+
+def timed_queries(db, sql, queries, k):
+    times, results = [], []
+    for q in queries:
+        t = time.perf_counter()
+        results.append([r[0] for r in db.execute(sql, (q.tobytes(), k))])
+        times.append((time.perf_counter() - t) * 1000)
+    return times, results
+
+
+def query_run(engine, path, queries, k, truth):
+    """Exact queries on a fresh connection; for clip_index, then the quantized curves."""
+    db = connect(path, engine)
+    sql = "SELECT rowid FROM items WHERE embedding MATCH ? AND k = ? ORDER BY distance"
+    times, results = timed_queries(db, sql, queries, k)
+    curves = []
+    if engine == "clip_index":
+        for mode, factors in (("int8", (1, 2, 4, 8)), ("binary", (4, 8, 16, 32, 64))):
+            for f in factors:
+                q_sql = sql.replace("k = ?", f"k = ? AND mode = '{mode}' AND oversample = {f}")
+                # The first quantized query builds the in-memory int8/bit copies: not timed.
+                if not curves:
+                    timed_queries(db, q_sql, queries[:1], k)
+                t, r = timed_queries(db, q_sql, queries, k)
+                curves.append((mode, f, statistics.median(t), recall(r, truth, k)))
+    db.close()
+    return times, results, curves
+
+
+def recall(results, truth, k):
+    return sum(len(set(r[:k]) & set(t[:k])) for r, t in zip(results, truth)) / (k * len(results))
+
+
+def plot(curves, exact_ms, kind, args):
+    """recall@k against median latency, one line per mode, as a dependency-free SVG."""
+    w, h, m = 520, 340, 50
+    pts = [(med, rec) for _, _, med, rec in curves] + [(exact_ms, 1.0)]
+    x_max = max(p[0] for p in pts) * 1.1
+    y_min = min(0.5, min(p[1] for p in pts))
+    sx = lambda v: m + (w - 2 * m) * v / x_max
+    sy = lambda v: h - m - (h - 2 * m) * (v - y_min) / (1 - y_min)
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="11">',
+           f'<rect width="{w}" height="{h}" fill="white"/>',
+           f'<line x1="{m}" y1="{h - m}" x2="{w - m}" y2="{h - m}" stroke="black"/>',
+           f'<line x1="{m}" y1="{m}" x2="{m}" y2="{h - m}" stroke="black"/>',
+           f'<text x="{w / 2}" y="{h - 12}" text-anchor="middle">median query (ms)</text>',
+           f'<text x="14" y="{h / 2}" transform="rotate(-90 14 {h / 2})" text-anchor="middle">recall@{args.k}</text>',
+           f'<text x="{w / 2}" y="20" text-anchor="middle">clip_index, {kind}, {args.n:,} x {args.dims}</text>']
+    for i in range(5):
+        xv, yv = x_max * i / 4, y_min + (1 - y_min) * i / 4
+        out.append(f'<text x="{sx(xv)}" y="{h - m + 14}" text-anchor="middle">{xv:.0f}</text>')
+        out.append(f'<text x="{m - 4}" y="{sy(yv) + 4}" text-anchor="end">{yv:.2f}</text>')
+    for mode, colour in (("int8", "#1f77b4"), ("binary", "#d62728")):
+        line = [(med, rec, f) for mm, f, med, rec in curves if mm == mode]
+        path = " ".join(f"{sx(a):.1f},{sy(b):.1f}" for a, b, _ in line)
+        out.append(f'<polyline points="{path}" fill="none" stroke="{colour}"/>')
+        for a, b, f in line:
+            out.append(f'<circle cx="{sx(a):.1f}" cy="{sy(b):.1f}" r="3" fill="{colour}"/>')
+            out.append(f'<text x="{sx(a) + 5:.1f}" y="{sy(b) + 12:.1f}" fill="{colour}">x{f}</text>')
+        if line:
+            out.append(f'<text x="{sx(line[-1][0]) + 5:.1f}" y="{sy(line[-1][1]) - 6:.1f}" fill="{colour}">{mode}</text>')
+    out.append(f'<line x1="{sx(exact_ms):.1f}" y1="{m}" x2="{sx(exact_ms):.1f}" y2="{h - m}" stroke="grey" stroke-dasharray="4"/>')
+    out.append(f'<text x="{sx(exact_ms) - 4:.1f}" y="{m + 10}" text-anchor="end" fill="grey">exact</text>')
+    out.append("</svg>")
+    path = args.plot.replace(".svg", "") + f"-{kind}.svg"
+    with open(path, "w") as f:
+        f.write("\n".join(out))
+    print(f"plot: {path}")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", type=int, default=100_000)
+    ap.add_argument("--dims", type=int, default=512)
+    ap.add_argument("--k", type=int, default=10)
+    ap.add_argument("--queries", type=int, default=20)
+    ap.add_argument("--data", choices=["random", "clustered", "both"], default="both")
+    ap.add_argument("--dir", default=None, help="where the database files go (default: a temp dir)")
+    ap.add_argument("--plot", default=None, help="write a recall/latency plot per data set: PREFIX-random.svg, PREFIX-clustered.svg")
+    args = ap.parse_args()
+    kinds = ["random", "clustered"] if args.data == "both" else [args.data]
+    workdir = args.dir or tempfile.mkdtemp(prefix="index-bench-")
+    print(f"{args.n:,} x {args.dims}, k = {args.k}, {args.queries} queries, files in {workdir}", flush=True)
+    for kind in kinds:
+        data, queries = make_data(kind, args.n, args.dims, args.queries)
+        truth = exact_topk(data, queries, args.k)
+        raw = data.nbytes
+        rows = {}
+        for engine in ["clip_index", "vec0"]:
+            path = os.path.join(workdir, f"{engine}-{kind}-{args.n}.db")
+            for suffix in ("", "-wal", "-shm"):
+                if os.path.exists(path + suffix):
+                    os.remove(path + suffix)
+            rate, size = build(engine, path, data)
+            times, results, curves = query_run(engine, path, queries, args.k, truth)
+            rows[engine] = dict(
+                rate=rate,
+                size=size / raw,
+                first=times[0],
+                median=statistics.median(times[1:]),
+                recall=recall(results, truth, args.k),
+                curves=curves,
+            )
+            print(f"  {kind} {engine}: {rows[engine]}", flush=True)
+            os.remove(path)
+        del data
+        a, b = rows["clip_index"], rows["vec0"]
+        print(f"\n{kind}, {args.n:,} x {args.dims}, exact top-{args.k} cosine:\n")
+        print("| | clip_index | vec0 | vec0 / clip_index |")
+        print("|---|---:|---:|---:|")
+        print(f"| insert (rows/s) | {a['rate']:,.0f} | {b['rate']:,.0f} | {b['rate'] / a['rate']:.2f}x |")
+        print(f"| file size / raw float32 | {a['size']:.3f} | {b['size']:.3f} | {b['size'] / a['size']:.2f}x |")
+        print(f"| first query after open (ms) | {a['first']:,.1f} | {b['first']:,.1f} | {b['first'] / a['first']:.1f}x |")
+        print(f"| median query (ms) | {a['median']:,.2f} | {b['median']:,.2f} | {b['median'] / a['median']:.1f}x |")
+        print(f"| recall@{args.k} | {a['recall']:.3f} | {b['recall']:.3f} | |")
+        print(f"\nclip_index quantized candidates + exact float32 rescoring ({kind}):\n")
+        print(f"| mode | oversample | median (ms) | recall@{args.k} | vec0 exact / this |")
+        print("|---|---:|---:|---:|---:|")
+        for mode, f, med, rec in a["curves"]:
+            print(f"| {mode} | {f} | {med:,.2f} | {rec:.3f} | {b['median'] / med:.0f}x |")
+        print(flush=True)
+        if args.plot:
+            plot(a["curves"], a["median"], kind, args)
+
+
+if __name__ == "__main__":
+    main()

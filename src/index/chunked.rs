@@ -1,0 +1,608 @@
+//! The in-memory image of a persistent index (`clip_index`): its vectors in fixed-capacity
+//! chunks, as the shadow tables store them, and the exact top-k over them.
+//!
+//! A chunk holds `capacity` slots: a validity bitmap (bit `s % 8` of byte `s / 8` is set when
+//! slot `s` holds a row), the rowid of each slot and the slot's vector, all slots contiguous
+//! (row-major). Deleted slots stay in place until a later insert reuses them, so a chunk's
+//! position of a row never moves and a write touches one chunk. Each chunk carries the
+//! `version` its shadow row had when it was read: the SQL layer reloads exactly the chunks whose
+//! stored version moved (see `sql/clip_index.rs`).
+//!
+//! The search is split across the rayon pool chunk by chunk; each worker keeps its own bounded
+//! heap and the heaps are merged, as in [`crate::index::VectorSet::search`].
+
+use std::collections::HashMap;
+use std::sync::{Arc, OnceLock};
+
+use rayon::prelude::*;
+use simsimd::{BinarySimilarity, SpatialSimilarity};
+
+use crate::error::{Error, Result};
+use crate::index::scan::{inv_norm, Scorer};
+use crate::vector::distance::Metric;
+use crate::vector::topk::{Hit, TopK};
+
+/// Bytes of a validity bitmap for `capacity` slots.
+pub fn bitmap_bytes(capacity: usize) -> usize {
+    capacity.div_ceil(8)
+}
+
+/// Whether slot `slot` is set in a validity bitmap.
+#[inline]
+pub fn bit(bitmap: &[u8], slot: usize) -> bool {
+    bitmap[slot / 8] & (1 << (slot % 8)) != 0
+}
+
+/// The first clear slot of a bitmap below `capacity`, if any.
+pub fn first_free(bitmap: &[u8], capacity: usize) -> Option<usize> {
+    bitmap.iter().enumerate().find_map(|(i, &byte)| {
+        (byte != 0xFF)
+            .then(|| i * 8 + byte.trailing_ones() as usize)
+            .filter(|&s| s < capacity)
+    })
+}
+
+/// One chunk as read from the shadow tables.
+#[derive(Debug, Clone)]
+pub struct Chunk {
+    pub id: i64,
+    pub version: i64,
+    pub capacity: usize,
+    pub valid: Vec<u8>,
+    pub rowids: Vec<i64>,
+    pub vectors: Vec<f32>,
+    /// 1/|row| of each slot (0 for empty slots and all-zero rows); filled by [`ChunkSet`].
+    inv_norms: Vec<f32>,
+    /// int8 and binary copies, made on the first quantized search that needs them.
+    quantized: OnceLock<Quantized>,
+}
+
+/// A chunk's quantized copies. int8: each row scaled by its own max |x| / 127 (symmetric,
+/// rounded), so int8 dot x scales approximates the float dot; binary: one sign bit per element
+/// (set when > 0), compared by Hamming distance.
+#[derive(Debug, Clone, Default)]
+struct Quantized {
+    int8: Vec<i8>,
+    scales: Vec<f32>,
+    bits: Vec<u8>,
+    /// |row|^2, for L2 from an approximate dot.
+    sq_norms: Vec<f32>,
+}
+
+/// How a search picks its rows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Every row scored with float32.
+    Exact,
+    /// Candidates by int8 dot products, rescored with float32.
+    Int8,
+    /// Candidates by Hamming distance of sign bits, rescored with float32.
+    Binary,
+}
+
+impl Mode {
+    pub fn parse(name: &str) -> Result<Mode> {
+        match name.to_ascii_lowercase().as_str() {
+            "exact" => Ok(Mode::Exact),
+            "int8" => Ok(Mode::Int8),
+            "binary" => Ok(Mode::Binary),
+            _ => Err(Error::InvalidArgument {
+                what: format!("unknown mode '{name}', expected 'exact', 'int8' or 'binary'"),
+            }),
+        }
+    }
+
+    /// Candidates per result when none is given: enough for recall@10 >= 0.99 on the
+    /// benchmark's data (BENCHMARKS.md has the curves).
+    pub fn default_oversample(self) -> usize {
+        match self {
+            Mode::Exact => 1,
+            Mode::Int8 => 4,
+            Mode::Binary => 32,
+        }
+    }
+}
+
+/// Symmetric per-row int8: (codes, scale) with x ~= code * scale.
+pub fn quantize_int8(row: &[f32], out: &mut Vec<i8>) -> f32 {
+    let max = row.iter().fold(0.0f32, |m, x| m.max(x.abs()));
+    let scale = if max > 0.0 { max / 127.0 } else { 0.0 };
+    let inv = if max > 0.0 { 127.0 / max } else { 0.0 };
+    out.extend(
+        row.iter()
+            .map(|x| (x * inv).round().clamp(-127.0, 127.0) as i8),
+    );
+    scale
+}
+
+/// Sign bits, bit `i % 8` of byte `i / 8` set when element i > 0.
+pub fn quantize_bits(row: &[f32], out: &mut Vec<u8>) {
+    for group in row.chunks(8) {
+        let mut byte = 0u8;
+        for (i, x) in group.iter().enumerate() {
+            if *x > 0.0 {
+                byte |= 1 << i;
+            }
+        }
+        out.push(byte);
+    }
+}
+
+impl Chunk {
+    /// A chunk from its stored parts; checks that the parts agree on `capacity` and `dims`.
+    pub fn new(
+        id: i64,
+        version: i64,
+        capacity: usize,
+        dims: usize,
+        valid: Vec<u8>,
+        rowids: Vec<i64>,
+        vectors: Vec<f32>,
+    ) -> Result<Chunk> {
+        if valid.len() != bitmap_bytes(capacity)
+            || rowids.len() != capacity
+            || vectors.len() != capacity * dims
+        {
+            return Err(Error::InvalidArgument {
+                what: format!(
+                    "chunk {id} is malformed: {} validity bytes, {} rowids, {} floats for \
+                     {capacity} slots of {dims} dimensions",
+                    valid.len(),
+                    rowids.len(),
+                    vectors.len()
+                ),
+            });
+        }
+        Ok(Chunk {
+            id,
+            version,
+            capacity,
+            valid,
+            rowids,
+            vectors,
+            inv_norms: Vec::new(),
+            quantized: OnceLock::new(),
+        })
+    }
+
+    fn quantized(&self, dims: usize) -> &Quantized {
+        self.quantized.get_or_init(|| {
+            let mut q = Quantized {
+                int8: Vec::with_capacity(self.capacity * dims),
+                scales: Vec::with_capacity(self.capacity),
+                bits: Vec::with_capacity(self.capacity * dims.div_ceil(8)),
+                sq_norms: Vec::with_capacity(self.capacity),
+            };
+            for slot in 0..self.capacity {
+                let row = self.row(slot, dims);
+                q.scales.push(quantize_int8(row, &mut q.int8));
+                quantize_bits(row, &mut q.bits);
+                let inv = self.inv_norms[slot];
+                q.sq_norms
+                    .push(if inv > 0.0 { 1.0 / (inv * inv) } else { 0.0 });
+            }
+            q
+        })
+    }
+
+    /// Rows held.
+    pub fn live(&self) -> usize {
+        self.valid.iter().map(|b| b.count_ones() as usize).sum()
+    }
+
+    #[inline]
+    pub fn is_valid(&self, slot: usize) -> bool {
+        bit(&self.valid, slot)
+    }
+
+    /// Slot `slot`'s vector.
+    #[inline]
+    pub fn row(&self, slot: usize, dims: usize) -> &[f32] {
+        &self.vectors[slot * dims..(slot + 1) * dims]
+    }
+
+    /// Computes the inverse norms and refuses non-finite rows (named by rowid).
+    fn finish(&mut self, dims: usize) -> Result<()> {
+        let mut norms = vec![0.0f32; self.capacity];
+        for (slot, norm) in norms.iter_mut().enumerate() {
+            if !self.is_valid(slot) {
+                continue;
+            }
+            let row = self.row(slot, dims);
+            if let Some(index) = row.iter().position(|x| !x.is_finite()) {
+                return Err(Error::InRow {
+                    id: self.rowids[slot],
+                    error: Box::new(Error::NonFinite { index }),
+                });
+            }
+            *norm = inv_norm(row) as f32;
+        }
+        self.inv_norms = norms;
+        Ok(())
+    }
+}
+
+/// Allowed slots per chunk id (a bitmap like the validity one): the rows a filter kept.
+pub type SlotFilter = HashMap<i64, Vec<u8>>;
+
+/// Every chunk of an index, ordered by id.
+#[derive(Debug, Default)]
+pub struct ChunkSet {
+    dims: usize,
+    chunks: Vec<Arc<Chunk>>,
+}
+
+impl ChunkSet {
+    pub fn new(dims: usize) -> ChunkSet {
+        ChunkSet {
+            dims,
+            chunks: Vec::new(),
+        }
+    }
+
+    pub fn dims(&self) -> usize {
+        self.dims
+    }
+
+    /// The chunks, ordered by id.
+    pub fn chunks(&self) -> &[Arc<Chunk>] {
+        &self.chunks
+    }
+
+    /// Bytes held by the copies.
+    pub fn heap_bytes(&self) -> usize {
+        self.chunks
+            .iter()
+            .map(|c| c.vectors.capacity() * 4 + c.rowids.capacity() * 8 + c.inv_norms.len() * 4)
+            .sum()
+    }
+
+    /// Brings the set up to date with the stored `(id, version)` list (ordered by id): chunks
+    /// whose version is unchanged are kept, others are loaded with `load(id, version)` (called
+    /// serially, on this thread: it reads the database), then checked and normalized in
+    /// parallel. Returns how many chunks were loaded.
+    pub fn refresh(
+        &mut self,
+        stored: &[(i64, i64)],
+        mut load: impl FnMut(i64, i64) -> Result<Chunk>,
+    ) -> Result<usize> {
+        let mut old: HashMap<i64, Arc<Chunk>> = self.chunks.drain(..).map(|c| (c.id, c)).collect();
+        let mut next: Vec<Option<Arc<Chunk>>> = Vec::with_capacity(stored.len());
+        let mut fresh: Vec<(usize, Chunk)> = Vec::new();
+        for (i, &(id, version)) in stored.iter().enumerate() {
+            match old.remove(&id) {
+                Some(c) if c.version == version => next.push(Some(c)),
+                stale => {
+                    // Free the stale copy before reading its replacement.
+                    drop(stale);
+                    fresh.push((i, load(id, version)?));
+                    next.push(None);
+                }
+            }
+        }
+        drop(old);
+        let loaded = fresh.len();
+        let dims = self.dims;
+        fresh.par_iter_mut().try_for_each(|(_, c)| c.finish(dims))?;
+        for (i, c) in fresh {
+            next[i] = Some(Arc::new(c));
+        }
+        self.chunks = next.into_iter().map(|c| c.expect("filled")).collect();
+        Ok(loaded)
+    }
+
+    /// The k nearest rows to `query`, nearest first (ties: smaller rowid), among the slots
+    /// `filter` allows (all rows when `None`). Returns (rowid, score, distance).
+    pub fn search(
+        &self,
+        query: &[f32],
+        k: usize,
+        metric: Metric,
+        filter: Option<&SlotFilter>,
+    ) -> Result<Vec<(i64, f64, f64)>> {
+        self.search_with(query, k, metric, filter, Mode::Exact, 1)
+    }
+
+    /// [`ChunkSet::search`] in a [`Mode`]: for int8 and binary, the `k * oversample` best rows
+    /// by the quantized distance are rescored with float32 and the k best of those returned.
+    pub fn search_with(
+        &self,
+        query: &[f32],
+        k: usize,
+        metric: Metric,
+        filter: Option<&SlotFilter>,
+        mode: Mode,
+        oversample: usize,
+    ) -> Result<Vec<(i64, f64, f64)>> {
+        let scorer = Scorer::new(query, metric)?;
+        if self.chunks.is_empty() || k == 0 {
+            return Ok(Vec::new());
+        }
+        if query.len() != self.dims {
+            return Err(Error::QueryDimensionMismatch {
+                query: query.len(),
+                rows: self.dims,
+            });
+        }
+        let dims = self.dims;
+        if mode != Mode::Exact {
+            return Ok(self.search_quantized(&scorer, query, k, metric, filter, mode, oversample));
+        }
+        let scan = |mut top: TopK, chunk: &Arc<Chunk>| -> TopK {
+            let allowed = match filter {
+                None => None,
+                Some(f) => match f.get(&chunk.id) {
+                    None => return top,
+                    Some(bits) => Some(bits),
+                },
+            };
+            for (byte_index, &byte) in chunk.valid.iter().enumerate() {
+                let mut bits = byte & allowed.map_or(0xFF, |a| a[byte_index]);
+                while bits != 0 {
+                    let slot = byte_index * 8 + bits.trailing_zeros() as usize;
+                    bits &= bits - 1;
+                    let inv = f64::from(chunk.inv_norms[slot]);
+                    if let Some(distance) = scorer.distance(chunk.row(slot, dims), inv) {
+                        if distance <= top.threshold() {
+                            top.push(Hit {
+                                distance,
+                                id: chunk.rowids[slot],
+                            });
+                        }
+                    }
+                }
+            }
+            top
+        };
+        let top = self
+            .chunks
+            .par_iter()
+            .with_min_len(4)
+            .fold(|| TopK::new(k), scan)
+            .reduce(
+                || TopK::new(k),
+                |mut a, b| {
+                    a.merge(b);
+                    a
+                },
+            );
+        Ok(scorer.results(top))
+    }
+}
+
+impl ChunkSet {
+    #[allow(clippy::too_many_arguments)]
+    fn search_quantized(
+        &self,
+        scorer: &Scorer<'_>,
+        query: &[f32],
+        k: usize,
+        metric: Metric,
+        filter: Option<&SlotFilter>,
+        mode: Mode,
+        oversample: usize,
+    ) -> Vec<(i64, f64, f64)> {
+        let dims = self.dims;
+        let candidates = k.saturating_mul(oversample.max(1)).min(1 << 22);
+        let mut q8 = Vec::with_capacity(dims);
+        let q_scale = f64::from(quantize_int8(query, &mut q8));
+        let mut q_bits = Vec::with_capacity(dims.div_ceil(8));
+        quantize_bits(query, &mut q_bits);
+        let q_sq = query.iter().map(|x| f64::from(*x).powi(2)).sum::<f64>();
+        let inv_q = if q_sq > 0.0 { 1.0 / q_sq.sqrt() } else { 0.0 };
+        let bytes = dims.div_ceil(8);
+        // Candidate ids: (chunk position << 24) | slot, so the rescoring finds the row again.
+        let scan = |mut top: TopK, (position, chunk): (usize, &Arc<Chunk>)| -> TopK {
+            let allowed = match filter {
+                None => None,
+                Some(f) => match f.get(&chunk.id) {
+                    None => return top,
+                    Some(bits) => Some(bits),
+                },
+            };
+            let qz = chunk.quantized(dims);
+            for (byte_index, &byte) in chunk.valid.iter().enumerate() {
+                let mut bits = byte & allowed.map_or(0xFF, |a| a[byte_index]);
+                while bits != 0 {
+                    let slot = byte_index * 8 + bits.trailing_zeros() as usize;
+                    bits &= bits - 1;
+                    let distance = match mode {
+                        Mode::Binary => {
+                            u8::hamming(&q_bits, &qz.bits[slot * bytes..(slot + 1) * bytes])
+                                .unwrap_or(f64::INFINITY)
+                        }
+                        _ => {
+                            let idot = i8::dot(&q8, &qz.int8[slot * dims..(slot + 1) * dims])
+                                .unwrap_or(0.0);
+                            let approx = idot * q_scale * f64::from(qz.scales[slot]);
+                            match metric {
+                                Metric::Cosine => {
+                                    let inv = f64::from(chunk.inv_norms[slot]);
+                                    if inv == 0.0 {
+                                        continue;
+                                    }
+                                    1.0 - approx * inv * inv_q
+                                }
+                                Metric::Dot => -approx,
+                                Metric::L2 => f64::from(qz.sq_norms[slot]) + q_sq - 2.0 * approx,
+                            }
+                        }
+                    };
+                    if distance <= top.threshold() {
+                        top.push(Hit {
+                            distance,
+                            id: ((position as i64) << 24) | slot as i64,
+                        });
+                    }
+                }
+            }
+            top
+        };
+        let picked = self
+            .chunks
+            .par_iter()
+            .enumerate()
+            .with_min_len(4)
+            .fold(|| TopK::new(candidates), scan)
+            .reduce(
+                || TopK::new(candidates),
+                |mut a, b| {
+                    a.merge(b);
+                    a
+                },
+            );
+        let mut top = TopK::new(k);
+        for hit in picked.into_sorted() {
+            let (position, slot) = ((hit.id >> 24) as usize, (hit.id & 0xFF_FFFF) as usize);
+            let chunk = &self.chunks[position];
+            let inv = f64::from(chunk.inv_norms[slot]);
+            if let Some(distance) = scorer.distance(chunk.row(slot, dims), inv) {
+                top.push(Hit {
+                    distance,
+                    id: chunk.rowids[slot],
+                });
+            }
+        }
+        scorer.results(top)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn chunk(id: i64, capacity: usize, dims: usize, rows: &[(usize, i64, Vec<f32>)]) -> Chunk {
+        let mut valid = vec![0u8; bitmap_bytes(capacity)];
+        let mut rowids = vec![0i64; capacity];
+        let mut vectors = vec![0f32; capacity * dims];
+        for (slot, rowid, v) in rows {
+            valid[slot / 8] |= 1 << (slot % 8);
+            rowids[*slot] = *rowid;
+            vectors[slot * dims..(slot + 1) * dims].copy_from_slice(v);
+        }
+        Chunk::new(id, 1, capacity, dims, valid, rowids, vectors).unwrap()
+    }
+
+    #[test]
+    fn first_free_skips_full_bytes_and_respects_capacity() {
+        assert_eq!(first_free(&[0xFF, 0b0000_0111], 16), Some(11));
+        assert_eq!(first_free(&[0xFF, 0b0000_0111], 10), None);
+        assert_eq!(first_free(&[0x00], 3), Some(0));
+    }
+
+    #[test]
+    fn search_skips_empty_and_filtered_slots() {
+        let mut set = ChunkSet::new(2);
+        let a = chunk(
+            1,
+            10,
+            2,
+            &[
+                (0, 5, vec![1.0, 0.0]),
+                (3, 6, vec![0.0, 1.0]),
+                (9, 7, vec![1.0, 1.0]),
+            ],
+        );
+        let b = chunk(2, 10, 2, &[(1, 8, vec![1.0, 0.1])]);
+        let mut stored = vec![(1, 1), (2, 1)];
+        let mut parts = vec![a, b].into_iter();
+        assert_eq!(
+            set.refresh(&stored, |_, _| Ok(parts.next().unwrap()))
+                .unwrap(),
+            2
+        );
+        let ids = |r: Vec<(i64, f64, f64)>| r.into_iter().map(|x| x.0).collect::<Vec<_>>();
+        assert_eq!(
+            ids(set.search(&[1.0, 0.0], 10, Metric::Cosine, None).unwrap()),
+            vec![5, 8, 7, 6]
+        );
+        let mut filter = SlotFilter::new();
+        filter.insert(1, vec![0b0000_1000, 0b10]);
+        assert_eq!(
+            ids(set
+                .search(&[1.0, 0.0], 10, Metric::Cosine, Some(&filter))
+                .unwrap()),
+            vec![7, 6]
+        );
+        // Unchanged versions are kept; a moved one is reloaded; a vanished one is dropped.
+        stored = vec![(2, 2)];
+        let reloaded = chunk(2, 10, 2, &[(1, 9, vec![0.0, 1.0])]);
+        let mut once = Some(reloaded);
+        assert_eq!(
+            set.refresh(&stored, |_, _| Ok(once.take().unwrap()))
+                .unwrap(),
+            1
+        );
+        assert_eq!(
+            ids(set.search(&[1.0, 0.0], 10, Metric::L2, None).unwrap()),
+            vec![9]
+        );
+    }
+
+    #[test]
+    fn quantized_search_rescores_exactly_and_finds_what_exact_finds() {
+        let dims = 32;
+        let mut state = 17u64;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            ((state >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        };
+        let mut parts = Vec::new();
+        let mut stored = Vec::new();
+        for c in 0..20 {
+            let rows: Vec<(usize, i64, Vec<f32>)> = (0..64)
+                .map(|s| (s, c * 64 + s as i64, (0..dims).map(|_| next()).collect()))
+                .collect();
+            parts.push(chunk(c + 1, 64, dims, &rows));
+            stored.push((c + 1, 1));
+        }
+        let mut set = ChunkSet::new(dims);
+        let mut parts = parts.into_iter();
+        set.refresh(&stored, |_, _| Ok(parts.next().unwrap()))
+            .unwrap();
+        for metric in [Metric::Cosine, Metric::Dot, Metric::L2] {
+            for _ in 0..5 {
+                let q: Vec<f32> = (0..dims).map(|_| next()).collect();
+                let exact = set.search(&q, 10, metric, None).unwrap();
+                // Oversampling to every row makes the candidates the whole set: exact again.
+                for mode in [Mode::Int8, Mode::Binary] {
+                    let all = set.search_with(&q, 10, metric, None, mode, 2000).unwrap();
+                    assert_eq!(all, exact, "{mode:?} {metric:?}");
+                }
+                // Scores are always the exact ones.
+                let few = set
+                    .search_with(&q, 10, metric, None, Mode::Int8, 4)
+                    .unwrap();
+                for (id, score, _) in &few {
+                    if let Some(e) = exact.iter().find(|e| e.0 == *id) {
+                        assert_eq!(e.1, *score);
+                    }
+                }
+                let hits = few
+                    .iter()
+                    .filter(|r| exact.iter().any(|e| e.0 == r.0))
+                    .count();
+                assert!(hits >= 8, "int8 x4 found {hits} of 10");
+            }
+        }
+    }
+
+    #[test]
+    fn a_non_finite_stored_row_is_named_by_its_rowid() {
+        let mut set = ChunkSet::new(2);
+        let bad = chunk(1, 8, 2, &[(2, 42, vec![f32::NAN, 0.0])]);
+        let mut once = Some(bad);
+        let err = set
+            .refresh(&[(1, 1)], |_, _| Ok(once.take().unwrap()))
+            .unwrap_err();
+        assert_eq!(
+            err,
+            Error::InRow {
+                id: 42,
+                error: Box::new(Error::NonFinite { index: 0 })
+            }
+        );
+    }
+}

@@ -1,0 +1,685 @@
+//! The shadow tables of one `clip_index` table, read and written through the connection that
+//! uses it, so every write is part of the user's transaction (and rolls back with it).
+//!
+//! For a table `t` in schema `s`:
+//!
+//! | table | columns | what |
+//! |---|---|---|
+//! | `t_config` | key, value (WITHOUT ROWID) | format, dims, capacity, metric, generation |
+//! | `t_chunks` | id, version, free | one small row per chunk; `free` slots left |
+//! | `t_slots` | id, validity, rowids | per chunk: slot bitmap, rowid of each slot (i64 LE) |
+//! | `t_vectors` | id, vectors | per chunk: `capacity x dims` float32 LE, slot-major |
+//! | `t_map` | rowid, chunk, slot, metadata... | where each row lives, and its metadata |
+//!
+//! Blobs are written in place with incremental blob I/O (`sqlite3_blob_write`), so an insert
+//! touches a few pages, not a whole chunk. Every write stores a fresh `version` on its chunk and
+//! a fresh `generation` in `t_config` (values never reused, even after a rollback), which is how
+//! readers learn what changed.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::mem::MaybeUninit;
+use std::ops::{Deref, DerefMut};
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::OnceLock;
+
+use rusqlite::blob::Blob;
+use rusqlite::types::{Value, ValueRef};
+use rusqlite::{params, params_from_iter, Connection, OptionalExtension, Statement};
+
+use crate::index::chunked::{bit, bitmap_bytes, first_free, Chunk};
+
+/// A value that no earlier write of any process has stored: a per-process random start plus a
+/// counter. Stored as a chunk's version and as the index's generation, it is never reused, so a
+/// rollback (which restores an older value) is noticed like any other change.
+pub fn fresh_version() -> i64 {
+    static NEXT: OnceLock<AtomicI64> = OnceLock::new();
+    NEXT.get_or_init(|| {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64);
+        let seed = nanos ^ (u64::from(std::process::id()) << 44) ^ 0x9E37_79B9_7F4A_7C15;
+        // Positive, with room for 2^40 increments before wrapping.
+        AtomicI64::new((seed >> 2) as i64 & 0x3FFF_FFFF_FF00_0000)
+    })
+    .fetch_add(1, Ordering::Relaxed)
+}
+
+/// A metadata column: stored in `t_map`, filterable before k.
+#[derive(Debug, Clone)]
+pub struct MetaColumn {
+    pub name: String,
+    /// The declared type (TEXT, INTEGER, REAL, BLOB or empty), used as the column affinity.
+    pub decl: String,
+}
+
+/// Prepared statements kept between calls (rusqlite's own cache needs a crate this project
+/// does not otherwise use). A statement is taken out while in use and put back when its guard
+/// drops, so two in use at once never share one.
+#[derive(Default)]
+pub struct StatementCache {
+    statements: RefCell<HashMap<String, Statement<'static>>>,
+}
+
+/// A statement on loan from the cache.
+pub struct Cached<'a> {
+    cache: &'a StatementCache,
+    sql: String,
+    statement: Option<Statement<'static>>,
+}
+
+impl<'a> Deref for Cached<'a> {
+    type Target = Statement<'a>;
+    fn deref(&self) -> &Statement<'a> {
+        self.statement.as_ref().expect("present until drop")
+    }
+}
+
+impl<'a> DerefMut for Cached<'a> {
+    fn deref_mut(&mut self) -> &mut Statement<'a> {
+        // Shortening the lifetime: the statement cannot outlive the loan.
+        let s: &mut Statement<'static> = self.statement.as_mut().expect("present until drop");
+        unsafe { &mut *(s as *mut Statement<'static>).cast::<Statement<'a>>() }
+    }
+}
+
+impl Drop for Cached<'_> {
+    fn drop(&mut self) {
+        if let Some(s) = self.statement.take() {
+            self.cache
+                .statements
+                .borrow_mut()
+                .insert(std::mem::take(&mut self.sql), s);
+        }
+    }
+}
+
+/// One table's shadow tables.
+pub struct Store {
+    /// Declared before `conn` so that the statements are finalized first.
+    statements: StatementCache,
+    /// Boxed so that its address, which the cached statements borrow, never moves.
+    pub conn: Box<Connection>,
+    pub schema: String,
+    pub table: String,
+    pub dims: usize,
+    pub capacity: usize,
+    pub metas: Vec<MetaColumn>,
+}
+
+pub fn quote(id: &str) -> String {
+    format!("\"{}\"", id.replace('"', "\"\""))
+}
+
+type Res<T> = rusqlite::Result<T>;
+
+fn corrupt(message: String) -> rusqlite::Error {
+    rusqlite::Error::SqliteFailure(
+        rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_CORRUPT_VTAB),
+        Some(message),
+    )
+}
+
+impl Store {
+    pub fn new(
+        conn: Connection,
+        schema: String,
+        table: String,
+        dims: usize,
+        capacity: usize,
+        metas: Vec<MetaColumn>,
+    ) -> Store {
+        Store {
+            statements: StatementCache::default(),
+            conn: Box::new(conn),
+            schema,
+            table,
+            dims,
+            capacity,
+            metas,
+        }
+    }
+
+    /// A prepared statement for `sql`, prepared once per table and connection.
+    pub fn cached(&self, sql: &str) -> Res<Cached<'_>> {
+        let taken = self.statements.statements.borrow_mut().remove(sql);
+        let statement = match taken {
+            Some(s) => s,
+            None => {
+                let s = self.conn.prepare(sql)?;
+                // SAFETY: the statement borrows `*self.conn`, a box that lives as long as the
+                // Store and never moves; the cache is dropped before it (field order).
+                unsafe { std::mem::transmute::<Statement<'_>, Statement<'static>>(s) }
+            }
+        };
+        Ok(Cached {
+            cache: &self.statements,
+            sql: sql.to_owned(),
+            statement: Some(statement),
+        })
+    }
+
+    /// `"schema"."table_suffix"`.
+    pub fn shadow(&self, suffix: &str) -> String {
+        format!(
+            "{}.{}",
+            quote(&self.schema),
+            quote(&format!("{}_{suffix}", self.table))
+        )
+    }
+
+    fn shadow_name(&self, suffix: &str) -> String {
+        format!("{}_{suffix}", self.table)
+    }
+
+    /// Creates the shadow tables (xCreate).
+    pub fn create(&self, metric: &str) -> Res<()> {
+        let metas: String = self
+            .metas
+            .iter()
+            .map(|m| format!(", {} {}", quote(&m.name), m.decl))
+            .collect();
+        let schema = quote(&self.schema);
+        let chunks_table = quote(&self.shadow_name("chunks"));
+        let free_index = quote(&self.shadow_name("chunks_free"));
+        self.conn.execute_batch(&format!(
+            "CREATE TABLE {config}(key TEXT PRIMARY KEY, value) WITHOUT ROWID;
+             CREATE TABLE {chunks}(id INTEGER PRIMARY KEY, version INTEGER NOT NULL,
+                                   free INTEGER NOT NULL);
+             CREATE INDEX {schema}.{free_index} ON {chunks_table}(id) WHERE free > 0;
+             CREATE TABLE {slots}(id INTEGER PRIMARY KEY, validity BLOB NOT NULL,
+                                  rowids BLOB NOT NULL);
+             CREATE TABLE {vectors}(id INTEGER PRIMARY KEY, vectors BLOB NOT NULL);
+             CREATE TABLE {map}(rowid INTEGER PRIMARY KEY, chunk INTEGER NOT NULL,
+                                slot INTEGER NOT NULL{metas});",
+            config = self.shadow("config"),
+            chunks = self.shadow("chunks"),
+            slots = self.shadow("slots"),
+            vectors = self.shadow("vectors"),
+            map = self.shadow("map"),
+        ))?;
+        let config = self.shadow("config");
+        for (key, value) in [
+            ("format", Value::Integer(1)),
+            ("dims", Value::Integer(self.dims as i64)),
+            ("capacity", Value::Integer(self.capacity as i64)),
+            ("metric", Value::Text(metric.to_owned())),
+            ("generation", Value::Integer(fresh_version())),
+        ] {
+            self.conn.execute(
+                &format!("INSERT INTO {config}(key, value) VALUES (?1, ?2)"),
+                params![key, value],
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Drops the shadow tables (xDestroy).
+    pub fn drop_all(&self) -> Res<()> {
+        self.conn.execute_batch(&format!(
+            "DROP TABLE IF EXISTS {}; DROP TABLE IF EXISTS {}; DROP TABLE IF EXISTS {};
+             DROP TABLE IF EXISTS {}; DROP TABLE IF EXISTS {};",
+            self.shadow("config"),
+            self.shadow("chunks"),
+            self.shadow("slots"),
+            self.shadow("vectors"),
+            self.shadow("map"),
+        ))
+    }
+
+    /// A stored configuration value.
+    pub fn config(&self, key: &str) -> Res<Option<Value>> {
+        self.cached(&format!(
+            "SELECT value FROM {} WHERE key = ?1",
+            self.shadow("config")
+        ))?
+        .query_row([key], |r| r.get(0))
+        .optional()
+    }
+
+    /// The index's generation: moves on every write, from any connection.
+    pub fn generation(&self) -> Res<i64> {
+        match self.config("generation")? {
+            Some(Value::Integer(g)) => Ok(g),
+            other => Err(corrupt(format!(
+                "{}: generation is {other:?} in {}",
+                self.table,
+                self.shadow("config")
+            ))),
+        }
+    }
+
+    fn bump_generation(&self) -> Res<()> {
+        self.cached(&format!(
+            "UPDATE {} SET value = ?1 WHERE key = 'generation'",
+            self.shadow("config")
+        ))?
+        .execute([fresh_version()])?;
+        Ok(())
+    }
+
+    /// Every chunk's (id, version), ordered by id.
+    pub fn chunk_versions(&self) -> Res<Vec<(i64, i64)>> {
+        self.cached(&format!(
+            "SELECT id, version FROM {} ORDER BY id",
+            self.shadow("chunks")
+        ))?
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+        .collect()
+    }
+
+    fn blob(&self, suffix: &str, column: &str, row: i64, read_only: bool) -> Res<Blob<'_>> {
+        self.conn.blob_open(
+            self.schema.as_str(),
+            self.shadow_name(suffix).as_str(),
+            column,
+            row,
+            read_only,
+        )
+    }
+
+    /// Reads one chunk whole: three blob reads, no row per vector.
+    pub fn load_chunk(&self, id: i64, version: i64) -> Res<Chunk> {
+        let validity = self.read_all(&self.blob("slots", "validity", id, true)?)?;
+        let rowid_bytes = self.read_all(&self.blob("slots", "rowids", id, true)?)?;
+        let rowids: Vec<i64> = rowid_bytes
+            .chunks_exact(8)
+            .map(|b| i64::from_le_bytes(b.try_into().expect("8 bytes")))
+            .collect();
+        let vectors = read_f32s(&self.blob("vectors", "vectors", id, true)?)?;
+        Chunk::new(
+            id,
+            version,
+            self.capacity,
+            self.dims,
+            validity,
+            rowids,
+            vectors,
+        )
+        .map_err(|e| corrupt(format!("{}: {e}", self.table)))
+    }
+
+    fn read_all(&self, blob: &Blob<'_>) -> Res<Vec<u8>> {
+        let mut buf = vec![0u8; blob.len()];
+        blob.read_at_exact(&mut buf, 0)?;
+        Ok(buf)
+    }
+
+    /// Where a row lives: (chunk, slot).
+    pub fn locate(&self, rowid: i64) -> Res<Option<(i64, usize)>> {
+        self.cached(&format!(
+            "SELECT chunk, slot FROM {} WHERE rowid = ?1",
+            self.shadow("map")
+        ))?
+        .query_row([rowid], |r| Ok((r.get(0)?, r.get::<_, i64>(1)? as usize)))
+        .optional()
+    }
+
+    /// The stored vector of a row, as a float32 blob.
+    pub fn read_vector(&self, chunk: i64, slot: usize) -> Res<Vec<u8>> {
+        let bytes = self.dims * 4;
+        let mut buf = vec![0u8; bytes];
+        self.blob("vectors", "vectors", chunk, true)?
+            .read_at_exact(&mut buf, slot * bytes)?;
+        Ok(buf)
+    }
+
+    /// The metadata values of a row.
+    pub fn read_metas(&self, rowid: i64) -> Res<Vec<Value>> {
+        if self.metas.is_empty() {
+            return Ok(Vec::new());
+        }
+        let cols: Vec<String> = self.metas.iter().map(|m| quote(&m.name)).collect();
+        self.cached(&format!(
+            "SELECT {} FROM {} WHERE rowid = ?1",
+            cols.join(", "),
+            self.shadow("map")
+        ))?
+        .query_row([rowid], |r| {
+            (0..self.metas.len())
+                .map(|i| r.get::<_, Value>(i))
+                .collect()
+        })
+    }
+
+    /// The next automatic rowid (largest + 1, as for an ordinary table).
+    pub fn next_rowid(&self) -> Res<i64> {
+        self.cached(&format!(
+            "SELECT coalesce(max(rowid), 0) + 1 FROM {}",
+            self.shadow("map")
+        ))?
+        .query_row([], |r| r.get(0))
+    }
+
+    /// The lowest chunk with a free slot, creating one when every chunk is full.
+    fn chunk_with_room(&self) -> Res<i64> {
+        let found: Option<i64> = self
+            .cached(&format!(
+                "SELECT id FROM {} WHERE free > 0 ORDER BY id LIMIT 1",
+                self.shadow("chunks")
+            ))?
+            .query_row([], |r| r.get(0))
+            .optional()?;
+        if let Some(id) = found {
+            return Ok(id);
+        }
+        let id: i64 = self
+            .cached(&format!(
+                "SELECT coalesce(max(id), 0) + 1 FROM {}",
+                self.shadow("chunks")
+            ))?
+            .query_row([], |r| r.get(0))?;
+        self.cached(&format!(
+            "INSERT INTO {}(id, version, free) VALUES (?1, ?2, ?3)",
+            self.shadow("chunks")
+        ))?
+        .execute(params![id, fresh_version(), self.capacity as i64])?;
+        self.cached(&format!(
+            "INSERT INTO {}(id, validity, rowids) VALUES (?1, zeroblob(?2), zeroblob(?3))",
+            self.shadow("slots")
+        ))?
+        .execute(params![
+            id,
+            bitmap_bytes(self.capacity) as i64,
+            (self.capacity * 8) as i64
+        ])?;
+        self.cached(&format!(
+            "INSERT INTO {}(id, vectors) VALUES (?1, zeroblob(?2))",
+            self.shadow("vectors")
+        ))?
+        .execute(params![id, (self.capacity * self.dims * 4) as i64])?;
+        Ok(id)
+    }
+
+    /// Stores a new row (the caller has checked the rowid is free and the vector valid).
+    pub fn insert(&self, rowid: i64, vector: &[f32], metas: &[Value]) -> Res<()> {
+        let chunk = self.chunk_with_room()?;
+        let validity_blob = self.blob("slots", "validity", chunk, false)?;
+        let mut validity = vec![0u8; validity_blob.len()];
+        validity_blob.read_at_exact(&mut validity, 0)?;
+        let slot = first_free(&validity, self.capacity).ok_or_else(|| {
+            corrupt(format!(
+                "{}: chunk {chunk} has free > 0 in {} but no free slot",
+                self.table,
+                self.shadow("chunks")
+            ))
+        })?;
+        self.write_slot(
+            chunk,
+            slot,
+            rowid,
+            vector,
+            validity_blob,
+            validity[slot / 8],
+        )?;
+        self.cached(&format!(
+            "UPDATE {} SET free = free - 1, version = ?2 WHERE id = ?1",
+            self.shadow("chunks")
+        ))?
+        .execute(params![chunk, fresh_version()])?;
+        let placeholders: String = (0..self.metas.len())
+            .map(|i| format!(", ?{}", i + 4))
+            .collect();
+        let cols: String = self
+            .metas
+            .iter()
+            .map(|m| format!(", {}", quote(&m.name)))
+            .collect();
+        let mut values: Vec<Value> = vec![
+            Value::Integer(rowid),
+            Value::Integer(chunk),
+            Value::Integer(slot as i64),
+        ];
+        values.extend(metas.iter().cloned());
+        self.cached(&format!(
+            "INSERT INTO {}(rowid, chunk, slot{cols}) VALUES (?1, ?2, ?3{placeholders})",
+            self.shadow("map")
+        ))?
+        .execute(params_from_iter(values))?;
+        self.bump_generation()
+    }
+
+    fn write_slot(
+        &self,
+        chunk: i64,
+        slot: usize,
+        rowid: i64,
+        vector: &[f32],
+        mut validity_blob: Blob<'_>,
+        validity_byte: u8,
+    ) -> Res<()> {
+        validity_blob.write_at(&[validity_byte | (1 << (slot % 8))], slot / 8)?;
+        drop(validity_blob);
+        self.blob("slots", "rowids", chunk, false)?
+            .write_at(&rowid.to_le_bytes(), slot * 8)?;
+        self.write_vector(chunk, slot, vector)
+    }
+
+    fn write_vector(&self, chunk: i64, slot: usize, vector: &[f32]) -> Res<()> {
+        let bytes: Vec<u8> = vector.iter().flat_map(|x| x.to_le_bytes()).collect();
+        self.blob("vectors", "vectors", chunk, false)?
+            .write_at(&bytes, slot * self.dims * 4)
+    }
+
+    /// Replaces a row's vector in place.
+    pub fn overwrite_vector(&self, chunk: i64, slot: usize, vector: &[f32]) -> Res<()> {
+        self.write_vector(chunk, slot, vector)?;
+        self.cached(&format!(
+            "UPDATE {} SET version = ?2 WHERE id = ?1",
+            self.shadow("chunks")
+        ))?
+        .execute(params![chunk, fresh_version()])?;
+        self.bump_generation()
+    }
+
+    /// Replaces a row's metadata.
+    pub fn update_metas(&self, rowid: i64, metas: &[Value]) -> Res<()> {
+        if self.metas.is_empty() {
+            return Ok(());
+        }
+        let sets: Vec<String> = self
+            .metas
+            .iter()
+            .enumerate()
+            .map(|(i, m)| format!("{} = ?{}", quote(&m.name), i + 2))
+            .collect();
+        let mut values = vec![Value::Integer(rowid)];
+        values.extend(metas.iter().cloned());
+        self.cached(&format!(
+            "UPDATE {} SET {} WHERE rowid = ?1",
+            self.shadow("map"),
+            sets.join(", ")
+        ))?
+        .execute(params_from_iter(values))?;
+        Ok(())
+    }
+
+    /// Deletes a row; a chunk left empty is deleted with it (its pages go back to the
+    /// database's free list). Returns whether the row existed.
+    pub fn delete(&self, rowid: i64) -> Res<bool> {
+        let Some((chunk, slot)) = self.locate(rowid)? else {
+            return Ok(false);
+        };
+        let mut validity_blob = self.blob("slots", "validity", chunk, false)?;
+        let mut byte = [0u8];
+        validity_blob.read_at_exact(&mut byte, slot / 8)?;
+        validity_blob.write_at(&[byte[0] & !(1 << (slot % 8))], slot / 8)?;
+        drop(validity_blob);
+        self.cached(&format!(
+            "DELETE FROM {} WHERE rowid = ?1",
+            self.shadow("map")
+        ))?
+        .execute([rowid])?;
+        let free: i64 = self
+            .cached(&format!(
+                "UPDATE {} SET free = free + 1, version = ?2 WHERE id = ?1",
+                self.shadow("chunks")
+            ))?
+            .execute(params![chunk, fresh_version()])
+            .and_then(|_| {
+                self.cached(&format!(
+                    "SELECT free FROM {} WHERE id = ?1",
+                    self.shadow("chunks")
+                ))?
+                .query_row([chunk], |r| r.get(0))
+            })?;
+        if free as usize >= self.capacity {
+            for suffix in ["chunks", "slots", "vectors"] {
+                self.cached(&format!(
+                    "DELETE FROM {} WHERE id = ?1",
+                    self.shadow(suffix)
+                ))?
+                .execute([chunk])?;
+            }
+        }
+        self.bump_generation()?;
+        Ok(true)
+    }
+
+    /// Deletes every row.
+    pub fn delete_all(&self) -> Res<()> {
+        for suffix in ["chunks", "slots", "vectors", "map"] {
+            self.conn
+                .execute(&format!("DELETE FROM {}", self.shadow(suffix)), [])?;
+        }
+        self.bump_generation()
+    }
+
+    /// Moves rows out of the highest chunks into free slots of lower ones until no lower chunk
+    /// has room, so deleted slots are filled and emptied chunks are deleted. Returns how many
+    /// rows moved.
+    pub fn compact(&self) -> Res<usize> {
+        let mut moved = 0;
+        loop {
+            let lowest_free: Option<i64> = self
+                .conn
+                .query_row(
+                    &format!(
+                        "SELECT id FROM {} WHERE free > 0 ORDER BY id LIMIT 1",
+                        self.shadow("chunks")
+                    ),
+                    [],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            let highest: Option<i64> = self.conn.query_row(
+                &format!("SELECT max(id) FROM {}", self.shadow("chunks")),
+                [],
+                |r| r.get(0),
+            )?;
+            let (Some(low), Some(high)) = (lowest_free, highest) else {
+                return Ok(moved);
+            };
+            if low >= high {
+                return Ok(moved);
+            }
+            // Move one row of the highest chunk; the insert lands in the lowest free slot.
+            let validity = self.read_all(&self.blob("slots", "validity", high, true)?)?;
+            let Some(slot) = (0..self.capacity).find(|&s| bit(&validity, s)) else {
+                return Err(corrupt(format!(
+                    "{}: chunk {high} is in {} but has no rows",
+                    self.table,
+                    self.shadow("chunks")
+                )));
+            };
+            let mut rowid = [0u8; 8];
+            self.blob("slots", "rowids", high, true)?
+                .read_at_exact(&mut rowid, slot * 8)?;
+            let rowid = i64::from_le_bytes(rowid);
+            let vector = bytes_to_f32(&self.read_vector(high, slot)?);
+            let metas = self.read_metas(rowid)?;
+            self.delete(rowid)?;
+            self.insert(rowid, &vector, &metas)?;
+            moved += 1;
+        }
+    }
+
+    /// Internal consistency: every chunk's bitmap agrees with its free count and with `t_map`,
+    /// and `t_map` has no row that no chunk holds. Returns the problems found (at most a few).
+    pub fn check(&self) -> Res<Vec<String>> {
+        let mut problems = Vec::new();
+        let mut held = 0usize;
+        let chunks: Vec<(i64, i64)> = self
+            .conn
+            .prepare(&format!(
+                "SELECT id, free FROM {} ORDER BY id",
+                self.shadow("chunks")
+            ))?
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+            .collect::<Res<_>>()?;
+        for (id, free) in chunks {
+            let chunk = self.load_chunk(id, 0)?;
+            let live = chunk.live();
+            held += live;
+            if live + free as usize != self.capacity {
+                problems.push(format!(
+                    "chunk {id}: {live} rows in its bitmap but free = {free} of {}",
+                    self.capacity
+                ));
+            }
+            for slot in (0..self.capacity).filter(|&s| chunk.is_valid(s)) {
+                let rowid = chunk.rowids[slot];
+                if self.locate(rowid)? != Some((id, slot)) {
+                    problems.push(format!(
+                        "rowid {rowid}: in chunk {id} slot {slot} but not mapped there"
+                    ));
+                }
+            }
+        }
+        let mapped: i64 = self.conn.query_row(
+            &format!("SELECT count(*) FROM {}", self.shadow("map")),
+            [],
+            |r| r.get(0),
+        )?;
+        if mapped as usize != held {
+            problems.push(format!(
+                "{mapped} rows in {} but {held} in the chunks",
+                self.shadow("map")
+            ));
+        }
+        problems.truncate(10);
+        Ok(problems)
+    }
+}
+
+/// Reads a whole float32 blob straight into a `Vec<f32>` (one copy, no zero-fill).
+fn read_f32s(blob: &Blob<'_>) -> Res<Vec<f32>> {
+    let len = blob.len();
+    let mut v: Vec<f32> = Vec::with_capacity(len / 4);
+    // SAFETY: the spare capacity is `len / 4` floats = at least `len - len % 4` bytes; viewed
+    // as uninitialized bytes it is only written by the read, and `set_len` covers exactly the
+    // floats the read filled.
+    let spare = unsafe {
+        std::slice::from_raw_parts_mut(
+            v.spare_capacity_mut()
+                .as_mut_ptr()
+                .cast::<MaybeUninit<u8>>(),
+            (len / 4) * 4,
+        )
+    };
+    blob.raw_read_at_exact(spare, 0)?;
+    unsafe { v.set_len(len / 4) };
+    if cfg!(target_endian = "big") {
+        for x in &mut v {
+            *x = f32::from_bits(u32::from_le(x.to_bits()));
+        }
+    }
+    Ok(v)
+}
+
+pub fn bytes_to_f32(b: &[u8]) -> Vec<f32> {
+    b.chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
+}
+
+/// A value as an owned [`Value`] (text that is not UTF-8 is kept as a blob).
+pub fn owned(v: ValueRef<'_>) -> Value {
+    match v {
+        ValueRef::Text(t) => match std::str::from_utf8(t) {
+            Ok(s) => Value::Text(s.to_owned()),
+            Err(_) => Value::Blob(t.to_vec()),
+        },
+        other => Value::try_from(other).unwrap_or(Value::Null),
+    }
+}

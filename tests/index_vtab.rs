@@ -1,0 +1,630 @@
+//! The `clip_index` virtual table on a bundled SQLite:
+//! `cargo test --release --no-default-features --features static --test index_vtab`.
+//! Results are compared with a plain scalar brute force over the same rows.
+#![cfg(feature = "static")]
+
+use rusqlite::{params, Connection};
+
+fn db() -> Connection {
+    let db = Connection::open_in_memory().unwrap();
+    archaeclip::register(&db).unwrap();
+    db
+}
+
+/// Seeded uniform [-1, 1) (splitmix64).
+fn rng(seed: u64) -> impl FnMut() -> f32 {
+    let mut state = seed;
+    move || {
+        state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^= z >> 31;
+        ((z >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+    }
+}
+
+fn blob(v: &[f32]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+/// The k nearest under a metric, computed in f64 one pair at a time.
+fn brute(rows: &[(i64, Vec<f32>)], q: &[f32], k: usize, metric: &str) -> Vec<i64> {
+    let dot = |a: &[f32], b: &[f32]| -> f64 {
+        a.iter()
+            .zip(b)
+            .map(|(x, y)| f64::from(*x) * f64::from(*y))
+            .sum()
+    };
+    let mut scored: Vec<(f64, i64)> = rows
+        .iter()
+        .map(|(id, v)| {
+            let d = match metric {
+                "cosine" => 1.0 - dot(q, v) / (dot(q, q).sqrt() * dot(v, v).sqrt()),
+                "dot" => -dot(q, v),
+                _ => q
+                    .iter()
+                    .zip(v)
+                    .map(|(x, y)| (f64::from(*x) - f64::from(*y)).powi(2))
+                    .sum::<f64>(),
+            };
+            (d, *id)
+        })
+        .collect();
+    scored.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+    scored.into_iter().take(k).map(|x| x.1).collect()
+}
+
+fn knn(db: &Connection, sql: &str, q: &[f32]) -> Vec<i64> {
+    db.prepare(sql)
+        .unwrap()
+        .query_map([blob(q)], |r| r.get(0))
+        .unwrap()
+        .collect::<rusqlite::Result<_>>()
+        .unwrap()
+}
+
+fn count(db: &Connection, sql: &str) -> i64 {
+    db.query_row(sql, [], |r| r.get(0))
+        .unwrap_or_else(|e| panic!("{sql}: {e}"))
+}
+
+fn err(db: &Connection, sql: &str) -> String {
+    match db.execute_batch(sql) {
+        Ok(()) => panic!("expected an error from {sql}"),
+        Err(e) => e.to_string(),
+    }
+}
+
+#[test]
+fn exact_search_matches_brute_force_for_every_metric_across_chunks() {
+    let db = db();
+    let dims = 16;
+    let mut r = rng(1);
+    for metric in ["cosine", "dot", "l2"] {
+        db.execute_batch(&format!(
+            "DROP TABLE IF EXISTS t;
+             CREATE VIRTUAL TABLE t USING clip_index(v float[{dims}], metric={metric}, chunk_size=8);"
+        ))
+        .unwrap();
+        let mut rows: Vec<(i64, Vec<f32>)> = Vec::new();
+        for i in 0..300 {
+            let v: Vec<f32> = (0..dims).map(|_| r()).collect();
+            db.execute(
+                "INSERT INTO t(rowid, v) VALUES (?1, ?2)",
+                params![i * 7 - 50, blob(&v)],
+            )
+            .unwrap();
+            rows.push((i * 7 - 50, v));
+        }
+        // Deletes leave holes; later inserts reuse them.
+        for (id, _) in rows.iter().filter(|(id, _)| id % 3 == 0) {
+            db.execute("DELETE FROM t WHERE rowid = ?1", [id]).unwrap();
+        }
+        rows.retain(|(id, _)| id % 3 != 0);
+        for i in 0..40 {
+            let v: Vec<f32> = (0..dims).map(|_| r()).collect();
+            db.execute(
+                "INSERT INTO t(rowid, v) VALUES (?1, ?2)",
+                params![10_000 + i, blob(&v)],
+            )
+            .unwrap();
+            rows.push((10_000 + i, v));
+        }
+        for _ in 0..5 {
+            let q: Vec<f32> = (0..dims).map(|_| r()).collect();
+            let got = knn(
+                &db,
+                "SELECT rowid FROM t WHERE v MATCH ?1 AND k = 10 ORDER BY distance",
+                &q,
+            );
+            assert_eq!(got, brute(&rows, &q, 10, metric), "{metric}");
+        }
+        assert_eq!(count(&db, "SELECT count(*) FROM t"), rows.len() as i64);
+    }
+}
+
+#[test]
+fn distances_and_scores_follow_the_metric_and_json_queries_work() {
+    let db = db();
+    db.execute_batch(
+        "CREATE VIRTUAL TABLE t USING clip_index(v float[2]);
+         INSERT INTO t(rowid, v) VALUES (1, '[1, 0]'), (2, '[1, 1]'), (3, '[0, 1]');",
+    )
+    .unwrap();
+    let rows: Vec<(i64, f64, f64)> = db
+        .prepare("SELECT rowid, distance, score FROM t WHERE v MATCH '[1, 0]' AND k = 2")
+        .unwrap()
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        .unwrap()
+        .collect::<rusqlite::Result<_>>()
+        .unwrap();
+    assert_eq!(rows[0].0, 1);
+    assert!(rows[0].1.abs() < 1e-7 && (rows[0].2 - 1.0).abs() < 1e-7);
+    assert_eq!(rows[1].0, 2);
+    assert!((rows[1].1 - (1.0 - 0.5f64.sqrt())).abs() < 1e-6);
+    // The stored vector comes back as a float32 blob.
+    let v: Vec<u8> = db
+        .query_row("SELECT v FROM t WHERE rowid = 2", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(v, blob(&[1.0, 1.0]));
+}
+
+#[test]
+fn metadata_filters_apply_before_k() {
+    let db = db();
+    let dims = 8;
+    db.execute_batch(&format!(
+        "CREATE VIRTUAL TABLE t USING clip_index(v float[{dims}], material text, year integer,
+                                                chunk_size=16)"
+    ))
+    .unwrap();
+    let mut r = rng(2);
+    let mut rows = Vec::new();
+    for i in 0..400i64 {
+        let v: Vec<f32> = (0..dims).map(|_| r()).collect();
+        let material = ["bronze", "glass", "bone"][(i % 3) as usize];
+        db.execute(
+            "INSERT INTO t(rowid, v, material, year) VALUES (?1, ?2, ?3, ?4)",
+            params![i, blob(&v), material, i % 50],
+        )
+        .unwrap();
+        rows.push((i, v, material, i % 50));
+    }
+    let q: Vec<f32> = (0..dims).map(|_| r()).collect();
+    let subset = |f: &dyn Fn(&str, i64) -> bool| -> Vec<(i64, Vec<f32>)> {
+        rows.iter()
+            .filter(|(_, _, m, y)| f(m, *y))
+            .map(|(i, v, _, _)| (*i, v.clone()))
+            .collect()
+    };
+    let got = knn(
+        &db,
+        "SELECT rowid FROM t WHERE v MATCH ?1 AND k = 7 AND material = 'glass'",
+        &q,
+    );
+    assert_eq!(got, brute(&subset(&|m, _| m == "glass"), &q, 7, "cosine"));
+    let got = knn(
+        &db,
+        "SELECT rowid FROM t WHERE v MATCH ?1 AND k = 5 AND material != 'glass' AND year >= 40",
+        &q,
+    );
+    assert_eq!(
+        got,
+        brute(&subset(&|m, y| m != "glass" && y >= 40), &q, 5, "cosine")
+    );
+    // Metadata reads back; a filter matching nothing returns nothing.
+    assert_eq!(count(&db, "SELECT year FROM t WHERE rowid = 123"), 123 % 50);
+    assert!(knn(
+        &db,
+        "SELECT rowid FROM t WHERE v MATCH ?1 AND k = 5 AND material = 'gold'",
+        &q
+    )
+    .is_empty());
+    // Updating metadata alone keeps the vector.
+    db.execute("UPDATE t SET material = 'gold' WHERE rowid = 4", [])
+        .unwrap();
+    let got = knn(
+        &db,
+        "SELECT rowid FROM t WHERE v MATCH ?1 AND k = 5 AND material = 'gold'",
+        &q,
+    );
+    assert_eq!(got, vec![4]);
+}
+
+#[test]
+fn writes_roll_back_with_the_users_transaction() {
+    let db = db();
+    db.execute_batch(
+        "CREATE VIRTUAL TABLE t USING clip_index(v float[2], chunk_size=8);
+         INSERT INTO t(rowid, v) VALUES (1, '[1, 0]'), (2, '[0, 1]');",
+    )
+    .unwrap();
+    let nearest = |db: &Connection| {
+        knn(
+            db,
+            "SELECT rowid FROM t WHERE v MATCH ?1 AND k = 1",
+            &[1.0, 0.1],
+        )
+    };
+    assert_eq!(nearest(&db), vec![1]);
+    db.execute_batch(
+        "BEGIN;
+         INSERT INTO t(rowid, v) VALUES (3, '[1, 0.1]');
+         DELETE FROM t WHERE rowid = 1;",
+    )
+    .unwrap();
+    assert_eq!(nearest(&db), vec![3], "the transaction sees its own writes");
+    db.execute_batch("ROLLBACK").unwrap();
+    assert_eq!(nearest(&db), vec![1], "the image follows the rollback");
+    assert_eq!(count(&db, "SELECT count(*) FROM t"), 2);
+    // A savepoint rolled back after the image saw it.
+    db.execute_batch(
+        "BEGIN; INSERT INTO t(rowid, v) VALUES (4, '[0, -1]');
+         SAVEPOINT s; INSERT INTO t(rowid, v) VALUES (5, '[1, 0.1]');",
+    )
+    .unwrap();
+    assert_eq!(nearest(&db), vec![5]);
+    db.execute_batch("ROLLBACK TO s; RELEASE s; COMMIT")
+        .unwrap();
+    assert_eq!(nearest(&db), vec![1]);
+    assert_eq!(count(&db, "SELECT count(*) FROM t"), 3);
+    db.execute_batch("INSERT INTO t(t) VALUES ('integrity-check')")
+        .unwrap();
+}
+
+#[test]
+fn a_failing_row_in_a_multi_row_statement_leaves_the_index_consistent() {
+    let db = db();
+    db.execute_batch(
+        "CREATE VIRTUAL TABLE t USING clip_index(v float[2], chunk_size=8);
+         CREATE TABLE src(id INTEGER PRIMARY KEY, v);
+         INSERT INTO src VALUES (1, '[1, 0]'), (2, '[0, 1]'), (3, '[1, 2, 3]'), (4, '[1, 1]');",
+    )
+    .unwrap();
+    let e = err(&db, "INSERT INTO t(rowid, v) SELECT id, v FROM src");
+    assert!(e.contains("dimension mismatch"), "{e}");
+    // Whatever the statement left, the shadow tables agree with each other.
+    db.execute_batch("INSERT INTO t(t) VALUES ('integrity-check')")
+        .unwrap();
+}
+
+#[test]
+fn replace_conflicts_and_deletes_reclaim_space() {
+    let db = db();
+    db.execute_batch(
+        "CREATE VIRTUAL TABLE t USING clip_index(v float[4], chunk_size=8);
+         INSERT INTO t(rowid, v) VALUES (1, '[1, 0, 0, 0]');",
+    )
+    .unwrap();
+    let e = err(&db, "INSERT INTO t(rowid, v) VALUES (1, '[0, 1, 0, 0]')");
+    assert!(e.contains("UNIQUE constraint failed: t.rowid"), "{e}");
+    db.execute(
+        "INSERT OR IGNORE INTO t(rowid, v) VALUES (1, '[0, 1, 0, 0]')",
+        [],
+    )
+    .unwrap();
+    db.execute(
+        "INSERT OR REPLACE INTO t(rowid, v) VALUES (1, '[0, 0, 1, 0]')",
+        [],
+    )
+    .unwrap();
+    let v: Vec<u8> = db
+        .query_row("SELECT v FROM t WHERE rowid = 1", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(v, blob(&[0.0, 0.0, 1.0, 0.0]));
+    assert_eq!(count(&db, "SELECT count(*) FROM t"), 1);
+    // UPDATE of the vector, then of the rowid.
+    db.execute("UPDATE t SET v = '[0, 0, 0, 1]' WHERE rowid = 1", [])
+        .unwrap();
+    db.execute("UPDATE t SET rowid = 9 WHERE rowid = 1", [])
+        .unwrap();
+    assert_eq!(
+        knn(
+            &db,
+            "SELECT rowid FROM t WHERE v MATCH ?1 AND k = 3",
+            &[0.0, 0.0, 0.0, 1.0]
+        ),
+        vec![9]
+    );
+    // Automatic rowids, as for an ordinary table.
+    db.execute("INSERT INTO t(v) VALUES ('[1, 1, 1, 1]')", [])
+        .unwrap();
+    assert_eq!(db.last_insert_rowid(), 10);
+    // Emptied chunks are deleted, and freed slots are reused before new chunks are made.
+    for i in 100..140 {
+        db.execute("INSERT INTO t(rowid, v) VALUES (?1, '[1, 2, 3, 4]')", [i])
+            .unwrap();
+    }
+    assert_eq!(count(&db, "SELECT count(*) FROM t_chunks"), 6);
+    db.execute("DELETE FROM t WHERE rowid >= 100", []).unwrap();
+    assert_eq!(count(&db, "SELECT count(*) FROM t_chunks"), 1);
+    assert_eq!(count(&db, "SELECT count(*) FROM t_vectors"), 1);
+    db.execute("DELETE FROM t", []).unwrap();
+    assert_eq!(count(&db, "SELECT count(*) FROM t_vectors"), 0);
+    assert_eq!(count(&db, "SELECT count(*) FROM t_map"), 0);
+    db.execute_batch("INSERT INTO t(t) VALUES ('integrity-check')")
+        .unwrap();
+}
+
+#[test]
+fn optimize_fills_holes_and_drops_emptied_chunks() {
+    let db = db();
+    db.execute_batch("CREATE VIRTUAL TABLE t USING clip_index(v float[3], tag text, chunk_size=8)")
+        .unwrap();
+    let mut r = rng(3);
+    let mut rows = Vec::new();
+    for i in 0..80i64 {
+        let v: Vec<f32> = (0..3).map(|_| r()).collect();
+        db.execute(
+            "INSERT INTO t(rowid, v, tag) VALUES (?1, ?2, ?3)",
+            params![i, blob(&v), format!("tag{i}")],
+        )
+        .unwrap();
+        rows.push((i, v));
+    }
+    db.execute("DELETE FROM t WHERE rowid % 2 = 0", []).unwrap();
+    rows.retain(|(i, _)| i % 2 == 1);
+    assert_eq!(count(&db, "SELECT count(*) FROM t_chunks"), 10);
+    db.execute_batch("INSERT INTO t(t) VALUES ('optimize')")
+        .unwrap();
+    assert_eq!(count(&db, "SELECT count(*) FROM t_chunks"), 5);
+    db.execute_batch("INSERT INTO t(t) VALUES ('integrity-check')")
+        .unwrap();
+    let q = [0.3, -0.2, 0.9];
+    assert_eq!(
+        knn(&db, "SELECT rowid FROM t WHERE v MATCH ?1 AND k = 10", &q),
+        brute(&rows, &q, 10, "cosine")
+    );
+    let tag: String = db
+        .query_row("SELECT tag FROM t WHERE rowid = 77", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(tag, "tag77");
+}
+
+#[test]
+fn external_content_rebuild_and_integrity_check_report_drift() {
+    let db = db();
+    db.execute_batch(
+        "CREATE TABLE embeddings(id TEXT, collection_id INTEGER, embedding BLOB);
+         CREATE VIRTUAL TABLE idx USING clip_index(embedding float[2], collection_id integer,
+                                                   content='embeddings', chunk_size=8);",
+    )
+    .unwrap();
+    for i in 0..30 {
+        let v = [i as f32, 1.0];
+        db.execute(
+            "INSERT INTO embeddings(id, collection_id, embedding) VALUES (?1, ?2, ?3)",
+            params![format!("doc{i}"), i % 2, blob(&v)],
+        )
+        .unwrap();
+    }
+    db.execute(
+        "INSERT INTO embeddings(id, embedding) VALUES ('no vector', NULL)",
+        [],
+    )
+    .unwrap();
+    db.execute_batch("INSERT INTO idx(idx) VALUES ('rebuild')")
+        .unwrap();
+    assert_eq!(count(&db, "SELECT count(*) FROM idx"), 30);
+    db.execute_batch("INSERT INTO idx(idx) VALUES ('integrity-check')")
+        .unwrap();
+    let got = knn(
+        &db,
+        "SELECT rowid FROM idx WHERE embedding MATCH ?1 AND k = 2 AND collection_id = 1",
+        &[29.0, 1.0],
+    );
+    assert_eq!(got, vec![30, 28]);
+    // Drift: a changed vector, a new row, a deleted row.
+    db.execute_batch(
+        "UPDATE embeddings SET embedding = vec_f32('[5, 5]') WHERE rowid = 3;
+         INSERT INTO embeddings(id, embedding) VALUES ('new', vec_f32('[1, 1]'));
+         DELETE FROM embeddings WHERE rowid = 4;",
+    )
+    .unwrap();
+    let e = err(&db, "INSERT INTO idx(idx) VALUES ('integrity-check')");
+    assert!(
+        e.contains("1 content rows are not in the index (rowids 32)"),
+        "{e}"
+    );
+    assert!(
+        e.contains("1 rows have a different vector in the index (rowids 3)"),
+        "{e}"
+    );
+    assert!(
+        e.contains("1 index rows are not in the content table"),
+        "{e}"
+    );
+    db.execute_batch(
+        "INSERT INTO idx(idx) VALUES ('rebuild');
+         INSERT INTO idx(idx) VALUES ('integrity-check');",
+    )
+    .unwrap();
+    // Triggers keep it in step, as with FTS5.
+    db.execute_batch(
+        "CREATE TRIGGER e_ai AFTER INSERT ON embeddings WHEN new.embedding IS NOT NULL BEGIN
+           INSERT INTO idx(rowid, embedding, collection_id)
+           VALUES (new.rowid, new.embedding, new.collection_id);
+         END;
+         CREATE TRIGGER e_ad AFTER DELETE ON embeddings BEGIN
+           DELETE FROM idx WHERE rowid = old.rowid;
+         END;
+         INSERT INTO embeddings(id, collection_id, embedding) VALUES ('t', 1, vec_f32('[100, 1]'));
+         DELETE FROM embeddings WHERE rowid = 5;
+         INSERT INTO idx(idx) VALUES ('integrity-check');",
+    )
+    .unwrap();
+    let e = err(
+        &db,
+        "CREATE VIRTUAL TABLE plain USING clip_index(v float[2]);
+                      INSERT INTO plain(plain) VALUES ('rebuild')",
+    );
+    assert!(e.contains("needs an external-content index"), "{e}");
+}
+
+#[test]
+fn errors_name_the_table_and_the_problem() {
+    let db = db();
+    db.execute_batch("CREATE VIRTUAL TABLE t USING clip_index(v float[3])")
+        .unwrap();
+    let e = err(&db, "INSERT INTO t(v) VALUES ('[1, 2]')");
+    assert!(
+        e.contains("clip_index t: v: dimension mismatch: the index has 3, this vector 2"),
+        "{e}"
+    );
+    let e = err(&db, "INSERT INTO t(v) VALUES (NULL)");
+    assert!(e.contains("v must not be NULL"), "{e}");
+    let e = err(&db, "SELECT rowid FROM t WHERE v MATCH '[1, 2, 3]'");
+    assert!(e.contains("needs 'AND k = N'"), "{e}");
+    let e = err(&db, "SELECT rowid FROM t WHERE v MATCH '[1, 2]' AND k = 3");
+    assert!(e.contains("MATCH"), "{e}");
+    let e = err(
+        &db,
+        "SELECT rowid FROM t WHERE v MATCH '[1, 2, 3]' AND k = -1",
+    );
+    assert!(e.contains("k must be an integer from 0"), "{e}");
+    let e = err(&db, "INSERT INTO t(t) VALUES ('vacuum')");
+    assert!(e.contains("unknown command 'vacuum'"), "{e}");
+    let e = err(
+        &db,
+        "CREATE VIRTUAL TABLE u USING clip_index(v float[3], bogus=1)",
+    );
+    assert!(e.contains("unknown option 'bogus'"), "{e}");
+}
+
+#[test]
+fn another_connections_commit_is_seen_and_reopening_reads_the_chunks() {
+    let dir = std::env::temp_dir().join(format!("archaeclip-index-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("two.db");
+    let _ = std::fs::remove_file(&path);
+    let a = Connection::open(&path).unwrap();
+    archaeclip::register(&a).unwrap();
+    let b = Connection::open(&path).unwrap();
+    archaeclip::register(&b).unwrap();
+    a.execute_batch(
+        "CREATE VIRTUAL TABLE t USING clip_index(v float[2], chunk_size=8);
+         INSERT INTO t(rowid, v) VALUES (1, '[1, 0]');",
+    )
+    .unwrap();
+    let q = [0.0f32, 1.0];
+    let sql = "SELECT rowid FROM t WHERE v MATCH ?1 AND k = 1";
+    assert_eq!(knn(&b, sql, &q), vec![1]);
+    a.execute("INSERT INTO t(rowid, v) VALUES (2, '[0, 1]')", [])
+        .unwrap();
+    assert_eq!(knn(&b, sql, &q), vec![2], "b's image follows a's commit");
+    drop((a, b));
+    let c = Connection::open(&path).unwrap();
+    archaeclip::register(&c).unwrap();
+    assert_eq!(knn(&c, sql, &q), vec![2]);
+    drop(c);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn the_float32_part_is_stored_within_ten_percent_of_the_raw_vectors() {
+    let db = db();
+    let (dims, n) = (256usize, 3_000usize);
+    db.execute_batch(&format!(
+        "CREATE VIRTUAL TABLE t USING clip_index(v float[{dims}])"
+    ))
+    .unwrap();
+    let mut r = rng(4);
+    db.execute_batch("BEGIN").unwrap();
+    {
+        let mut insert = db
+            .prepare("INSERT INTO t(rowid, v) VALUES (?1, ?2)")
+            .unwrap();
+        for i in 0..n {
+            let v: Vec<f32> = (0..dims).map(|_| r()).collect();
+            insert.execute(params![i as i64, blob(&v)]).unwrap();
+        }
+    }
+    db.execute_batch("COMMIT").unwrap();
+    let stored = count(
+        &db,
+        "SELECT sum(pgsize) FROM dbstat WHERE name IN ('t_vectors')",
+    ) as f64;
+    let raw = (n * dims * 4) as f64;
+    // Chunks are allocated whole: compare with the slots allocated, and the total with the rows.
+    let ratio = stored / raw;
+    assert!(ratio < 1.1, "t_vectors is {ratio:.3}x the raw vectors");
+    let everything = count(
+        &db,
+        "SELECT sum(pgsize) FROM dbstat WHERE name LIKE 't\\_%' ESCAPE '\\'",
+    ) as f64;
+    assert!(
+        everything / raw < 1.15,
+        "all shadow tables: {:.3}x",
+        everything / raw
+    );
+}
+
+#[test]
+fn quantized_modes_rescore_exactly_and_oversampling_buys_recall() {
+    let db = db();
+    let dims = 32;
+    db.execute_batch(&format!(
+        "CREATE VIRTUAL TABLE t USING clip_index(v float[{dims}], part integer, chunk_size=64)"
+    ))
+    .unwrap();
+    let mut r = rng(5);
+    let mut rows = Vec::new();
+    db.execute_batch("BEGIN").unwrap();
+    for i in 0..3000i64 {
+        let v: Vec<f32> = (0..dims).map(|_| r()).collect();
+        db.execute(
+            "INSERT INTO t(rowid, v, part) VALUES (?1, ?2, ?3)",
+            params![i, blob(&v), i % 4],
+        )
+        .unwrap();
+        rows.push((i, v));
+    }
+    db.execute_batch("COMMIT").unwrap();
+    let scored = |sql: &str, q: &[f32]| -> Vec<(i64, f64)> {
+        db.prepare(sql)
+            .unwrap()
+            .query_map([blob(q)], |r| Ok((r.get(0)?, r.get(1)?)))
+            .unwrap()
+            .collect::<rusqlite::Result<_>>()
+            .unwrap()
+    };
+    let (mut found, mut wanted) = (0, 0);
+    for _ in 0..10 {
+        let q: Vec<f32> = (0..dims).map(|_| r()).collect();
+        let exact = scored(
+            "SELECT rowid, distance FROM t WHERE v MATCH ?1 AND k = 10",
+            &q,
+        );
+        assert_eq!(
+            exact.iter().map(|x| x.0).collect::<Vec<_>>(),
+            brute(&rows, &q, 10, "cosine")
+        );
+        for mode in ["int8", "binary"] {
+            // With every row a candidate, the answer is the exact one, distances included.
+            let all = scored(
+                &format!(
+                    "SELECT rowid, distance FROM t WHERE v MATCH ?1 AND k = 10 \
+                     AND mode = '{mode}' AND oversample = 1000"
+                ),
+                &q,
+            );
+            assert_eq!(all, exact, "{mode}");
+        }
+        let quick = scored(
+            "SELECT rowid, distance FROM t WHERE v MATCH ?1 AND k = 10 AND mode = 'int8'",
+            &q,
+        );
+        found += quick.iter().filter(|x| exact.contains(x)).count();
+        wanted += 10;
+        // Filters still apply before k.
+        let part = scored(
+            "SELECT rowid, distance FROM t WHERE v MATCH ?1 AND k = 5 AND mode = 'binary' \
+             AND oversample = 1000 AND part = 2",
+            &q,
+        );
+        let subset: Vec<(i64, Vec<f32>)> =
+            rows.iter().filter(|(i, _)| i % 4 == 2).cloned().collect();
+        assert_eq!(
+            part.iter().map(|x| x.0).collect::<Vec<_>>(),
+            brute(&subset, &q, 5, "cosine")
+        );
+    }
+    assert!(
+        found as f64 / wanted as f64 >= 0.9,
+        "int8 with the default oversampling: recall {found}/{wanted}"
+    );
+    let e = err(
+        &db,
+        "SELECT * FROM t WHERE v MATCH '[1]' AND k = 1 AND mode = 'pq'",
+    );
+    assert!(e.contains("unknown mode 'pq'"), "{e}");
+    let e = err(
+        &db,
+        "SELECT * FROM t WHERE v MATCH '[1]' AND k = 1 AND mode = 'int8' AND oversample = 0",
+    );
+    assert!(
+        e.contains("oversample must be an integer from 1 to 1000, found 0"),
+        "{e}"
+    );
+}

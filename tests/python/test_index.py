@@ -1,0 +1,140 @@
+"""clip_index, the persistent vector index, from Python as users load it: parity with sqlite-vec
+0.1.9's vec0 on the same data (rowids and distances), filters before k, transactions, the
+external-content commands, and the size of its storage."""
+import random
+import sqlite3
+import struct
+
+import pytest
+
+from conftest import connect, connect_sqlite_vec
+
+DIMS = 24
+N = 1500
+
+
+def pack(v):
+    return struct.pack(f"<{len(v)}f", *v)
+
+
+def dataset(seed=7, n=N, dims=DIMS):
+    rnd = random.Random(seed)
+    rows = []
+    for i in range(1, n + 1):
+        v = [rnd.uniform(-1, 1) for _ in range(dims)]
+        rows.append((i, pack(v), ["bronze", "glass", "bone"][i % 3]))
+    queries = [pack([rnd.uniform(-1, 1) for _ in range(dims)]) for _ in range(8)]
+    return rows, queries
+
+
+@pytest.mark.parametrize("metric", ["cosine", "l2"])
+def test_top_k_matches_vec0_rowids_and_distances(metric):
+    rows, queries = dataset()
+    ours, theirs = connect(), connect_sqlite_vec()
+    ours.execute(f"CREATE VIRTUAL TABLE t USING clip_index(v float[{DIMS}], material text, metric={metric})")
+    theirs.execute(
+        f"CREATE VIRTUAL TABLE t USING vec0(v float[{DIMS}] distance_metric={metric}, material text)"
+    )
+    for db in (ours, theirs):
+        db.executemany("INSERT INTO t(rowid, v, material) VALUES (?, ?, ?)", rows)
+    for sql in (
+        "SELECT rowid, distance FROM t WHERE v MATCH ? AND k = 10 ORDER BY distance",
+        "SELECT rowid, distance FROM t WHERE v MATCH ? AND k = 10 AND material = 'glass' ORDER BY distance",
+    ):
+        for q in queries:
+            a = ours.execute(sql, (q,)).fetchall()
+            b = theirs.execute(sql, (q,)).fetchall()
+            assert [r[0] for r in a] == [r[0] for r in b]
+            for (_, da), (_, db_) in zip(a, b):
+                assert da == pytest.approx(db_, abs=2e-5)
+
+
+def test_rollback_delete_and_replace_from_python():
+    db = connect()
+    db.isolation_level = None
+    db.execute("CREATE VIRTUAL TABLE t USING clip_index(v float[2], chunk_size=8)")
+    db.execute("INSERT INTO t(rowid, v) VALUES (1, '[1, 0]'), (2, '[0, 1]')")
+    q = "SELECT rowid FROM t WHERE v MATCH '[1, 0.1]' AND k = 1"
+    db.execute("BEGIN")
+    db.execute("INSERT INTO t(rowid, v) VALUES (3, '[1, 0.1]')")
+    assert db.execute(q).fetchall() == [(3,)]
+    db.execute("ROLLBACK")
+    assert db.execute(q).fetchall() == [(1,)]
+    with pytest.raises(sqlite3.IntegrityError, match="UNIQUE constraint failed: t.rowid"):
+        db.execute("INSERT INTO t(rowid, v) VALUES (1, '[0, 1]')")
+    db.execute("INSERT OR REPLACE INTO t(rowid, v) VALUES (1, '[-1, 0]')")
+    assert db.execute(q).fetchall() == [(2,)]
+    db.execute("DELETE FROM t")
+    assert db.execute("SELECT count(*) FROM t_chunks").fetchone() == (0,)
+    db.execute("INSERT INTO t(t) VALUES ('integrity-check')")
+
+
+def test_external_content_over_an_llm_style_embeddings_table():
+    db = connect()
+    rows, queries = dataset(n=200)
+    db.execute("CREATE TABLE embeddings(id TEXT PRIMARY KEY, collection_id INTEGER, embedding BLOB)")
+    db.executemany(
+        "INSERT INTO embeddings VALUES (?, ?, ?)", [(f"doc{i}", i % 2, v) for i, v, _ in rows]
+    )
+    db.execute(
+        f"CREATE VIRTUAL TABLE idx USING clip_index(embedding float[{DIMS}], collection_id integer, "
+        "content='embeddings')"
+    )
+    db.execute("INSERT INTO idx(idx) VALUES ('rebuild')")
+    db.execute("INSERT INTO idx(idx) VALUES ('integrity-check')")
+    got = db.execute(
+        "SELECT e.id FROM idx JOIN embeddings e ON e.rowid = idx.rowid "
+        "WHERE idx.embedding MATCH ? AND k = 3 AND idx.collection_id = 1 ORDER BY idx.distance",
+        (queries[0],),
+    ).fetchall()
+    assert len(got) == 3 and all(int(r[0][3:]) % 2 == 1 for r in got)
+    db.execute("DELETE FROM embeddings WHERE id = 'doc5'")
+    with pytest.raises(sqlite3.DatabaseError, match="1 index rows are not in the content table"):
+        db.execute("INSERT INTO idx(idx) VALUES ('integrity-check')")
+
+
+def test_file_is_about_the_size_of_the_raw_vectors(tmp_path):
+    dims, n = 128, 4000
+    rnd = random.Random(3)
+    rows = [(i, pack([rnd.uniform(-1, 1) for _ in range(dims)])) for i in range(1, n + 1)]
+    path = tmp_path / "index.db"
+    db = connect(str(path))
+    db.execute(f"CREATE VIRTUAL TABLE t USING clip_index(v float[{dims}])")
+    db.executemany("INSERT INTO t(rowid, v) VALUES (?, ?)", rows)
+    db.commit()
+    db.execute("VACUUM")
+    db.close()
+    raw = n * dims * 4
+    # The whole file: vectors, the rowid map, the slot bitmaps and SQLite's own pages.
+    assert path.stat().st_size / raw < 1.15
+
+
+def test_quantized_modes_give_vec0s_answer_when_every_row_is_a_candidate():
+    rows, queries = dataset(seed=11)
+    ours, theirs = connect(), connect_sqlite_vec()
+    ours.execute(f"CREATE VIRTUAL TABLE t USING clip_index(v float[{DIMS}], material text)")
+    theirs.execute(f"CREATE VIRTUAL TABLE t USING vec0(v float[{DIMS}] distance_metric=cosine, material text)")
+    for db in (ours, theirs):
+        db.executemany("INSERT INTO t(rowid, v, material) VALUES (?, ?, ?)", rows)
+    want = "SELECT rowid FROM t WHERE v MATCH ? AND k = 10 ORDER BY distance"
+    for mode in ("int8", "binary"):
+        got = f"SELECT rowid FROM t WHERE v MATCH ? AND k = 10 AND mode = '{mode}' AND oversample = 1000"
+        for q in queries:
+            assert ours.execute(got, (q,)).fetchall() == theirs.execute(want, (q,)).fetchall()
+    row = ours.execute(
+        "SELECT mode, oversample, k FROM t WHERE v MATCH ? AND k = 1 AND mode = 'int8' AND oversample = 3",
+        (queries[0],),
+    ).fetchone()
+    assert row == ("int8", 3, 1)
+
+
+def test_drop_removes_the_shadow_tables_and_a_rename_is_reported():
+    db = connect()
+    db.execute("CREATE VIRTUAL TABLE t USING clip_index(v float[2], m text)")
+    db.execute("INSERT INTO t(rowid, v, m) VALUES (1, '[1, 0]', 'a')")
+    db.execute("DROP TABLE t")
+    assert db.execute("SELECT name FROM sqlite_master").fetchall() == []
+    db.execute("CREATE VIRTUAL TABLE t USING clip_index(v float[2])")
+    db.execute("ALTER TABLE t RENAME TO u")
+    with pytest.raises(sqlite3.OperationalError, match="was the table renamed"):
+        db.execute("SELECT count(*) FROM u")
