@@ -2,6 +2,8 @@
 //! `temp.clip_models` for how names resolve). They load models and read files, so they are
 //! registered DIRECTONLY: a view or trigger in someone else's database cannot call them.
 
+use std::sync::Arc;
+
 use rusqlite::functions::Context;
 use rusqlite::types::{Value, ValueRef};
 
@@ -53,7 +55,7 @@ fn model(
 }
 
 /// A copy of the connection's policy.
-pub fn policy(names: &SharedNames) -> Policy {
+pub fn policy(names: &SharedNames) -> Arc<Policy> {
     names
         .lock()
         .unwrap_or_else(|p| p.into_inner())

@@ -996,19 +996,7 @@ unsafe impl VTabCursor for IndexCursor<'_> {
             let find = |a: Arg| args.iter().position(|x| *x == a).map(|i| values[i]);
             let k = match find(Arg::K) {
                 None => None,
-                Some(ValueRef::Integer(k)) if (0..=MAX_K).contains(&k) => Some(k),
-                Some(other) => {
-                    return Err(err(
-                        tab.name(),
-                        format!(
-                            "k must be an integer from 0 to {MAX_K}, found {}",
-                            match other {
-                                ValueRef::Integer(k) => k.to_string(),
-                                other => super::type_name(other).to_owned(),
-                            }
-                        ),
-                    ))
-                }
+                Some(v) => Some(int_in(v, 0, MAX_K, "k").map_err(|e| err(tab.name(), e))?),
             };
             self.k = k;
             let mode = match find(Arg::Mode) {
@@ -1028,19 +1016,10 @@ unsafe impl VTabCursor for IndexCursor<'_> {
             };
             let oversample = match find(Arg::Oversample) {
                 None | Some(ValueRef::Null) => None,
-                Some(ValueRef::Integer(n)) if (1..=MAX_OVERSAMPLE).contains(&n) => Some(n as usize),
-                Some(other) => {
-                    return Err(err(
-                        tab.name(),
-                        format!(
-                            "oversample must be an integer from 1 to {MAX_OVERSAMPLE}, found {}",
-                            match other {
-                                ValueRef::Integer(n) => n.to_string(),
-                                other => super::type_name(other).to_owned(),
-                            }
-                        ),
-                    ))
-                }
+                Some(v) => Some(
+                    int_in(v, 1, MAX_OVERSAMPLE, "oversample").map_err(|e| err(tab.name(), e))?
+                        as usize,
+                ),
             };
             self.mode = mode;
             self.oversample = oversample;
@@ -1156,6 +1135,20 @@ fn strip_prefix(tab: &IndexTab, e: rusqlite::Error) -> String {
     let text = e.to_string();
     let prefix = format!("clip_index {}: ", tab.name());
     text.strip_prefix(&prefix).unwrap_or(&text).to_owned()
+}
+
+/// An integer argument within `lo..=hi`, or the message that says what was wrong.
+fn int_in(v: ValueRef<'_>, lo: i64, hi: i64, what: &str) -> Result<i64, String> {
+    match v {
+        ValueRef::Integer(n) if (lo..=hi).contains(&n) => Ok(n),
+        ValueRef::Integer(n) => Err(format!(
+            "{what} must be an integer from {lo} to {hi}, found {n}"
+        )),
+        other => Err(format!(
+            "{what} must be an integer from {lo} to {hi}, found {}",
+            super::type_name(other)
+        )),
+    }
 }
 
 #[cfg(test)]

@@ -35,7 +35,8 @@ pub struct ModelName {
 pub struct ModelNames {
     entries: Vec<ModelName>,
     next_rowid: i64,
-    pub policy: Policy,
+    /// Shared, so calls take a cheap copy; `archaeclip_restrict` replaces it.
+    pub policy: Arc<Policy>,
 }
 
 /// Shared between the tables and the functions of one connection.
@@ -47,7 +48,7 @@ pub const DEFAULT_MODEL_ENV: &str = "ARCHAECLIP_MODEL";
 impl ModelNames {
     pub fn new(policy: Policy) -> ModelNames {
         ModelNames {
-            policy,
+            policy: Arc::new(policy),
             ..ModelNames::default()
         }
     }

@@ -38,7 +38,7 @@ use crate::vector::codec::f32_to_blob;
 
 /// Largest batch accepted (a batch's pixels are held in memory: 256 x 3 x 336 x 336 floats is
 /// 350 MB at the largest CLIP resolution).
-pub const MAX_BATCH: usize = 256;
+pub const MAX_BATCH: usize = super::policy::Limits::TRUSTED.max_batch;
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Kind {
@@ -128,7 +128,7 @@ unsafe impl<'vtab> VTab<'vtab> for BatchTab {
             model: None,
             batch_size: 32,
             progress: false,
-            policy: Policy::default(),
+            policy: Arc::default(),
             buffer: VecDeque::new(),
             current: None,
             done: true,
@@ -168,7 +168,7 @@ pub struct BatchCursor<'vtab> {
     batch_size: usize,
     progress: bool,
     /// The connection's policy when the call started (file roots, limits).
-    policy: Policy,
+    policy: Arc<Policy>,
     buffer: VecDeque<Row>,
     current: Option<Row>,
     done: bool,
@@ -382,7 +382,7 @@ unsafe impl VTabCursor for BatchCursor<'_> {
                 }
             };
             self.policy = super::clip_fns::policy(&self.tab.names);
-            let max_batch = self.policy.limits.max_batch.min(MAX_BATCH);
+            let max_batch = self.policy.limits.max_batch;
             self.batch_size = max_batch.min(32);
             self.progress = false;
             match values[2] {

@@ -24,6 +24,7 @@ use std::cell::RefCell;
 use std::ffi::{c_int, CStr};
 use std::marker::PhantomData;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use md5::{Digest, Md5};
 use rusqlite::ffi;
@@ -98,7 +99,7 @@ unsafe impl<'vtab> VTab<'vtab> for FilesTab {
             walk: None,
             current: None,
             read: RefCell::new(None),
-            policy: Policy::default(),
+            policy: Arc::default(),
             args: Vec::new(),
             rowid: 0,
             phantom: PhantomData,
@@ -131,7 +132,7 @@ pub struct FilesCursor<'vtab> {
     current: Option<Entry>,
     /// The current entry's bytes, read on the first request for md5 or content.
     read: RefCell<Option<Result<Vec<u8>, String>>>,
-    policy: Policy,
+    policy: Arc<Policy>,
     args: Vec<Value>,
     rowid: i64,
     phantom: PhantomData<&'vtab FilesTab>,
@@ -158,7 +159,7 @@ impl FilesCursor<'_> {
                     self.current = Some(Entry {
                         path: join(&walk.shown, &rel),
                         name: rel,
-                        meta: Err(format!("cannot read: {}", io_message(&e))),
+                        meta: Err(format!("cannot read: {e}")),
                     });
                     break;
                 }
@@ -180,7 +181,7 @@ impl FilesCursor<'_> {
                     .check_readable(&path)
                     .and_then(|()| std::fs::metadata(entry.path()).map_err(|e| e.to_string()))
             } else {
-                entry.metadata().map_err(|e| io_message(&e))
+                entry.metadata().map_err(|e| e.to_string())
             }
             .and_then(|m| {
                 if !m.is_file() {
@@ -221,10 +222,6 @@ fn join(dir: &str, name: &str) -> String {
     } else {
         format!("{dir}/{name}")
     }
-}
-
-fn io_message(e: &dyn std::fmt::Display) -> String {
-    e.to_string()
 }
 
 unsafe impl VTabCursor for FilesCursor<'_> {

@@ -506,8 +506,7 @@ pub fn archaeclip_restrict(
         }
     };
     let mut names = names.lock().unwrap_or_else(|p| p.into_inner());
-    names
-        .policy
+    std::sync::Arc::make_mut(&mut names.policy)
         .restrict(&spec)
         .map_err(|e| arg_error(F, 0, e))?;
     let json = names.policy.to_json().to_string();

@@ -26,6 +26,7 @@ use rusqlite::vtab::{
 use rusqlite::Connection;
 
 use super::clip_models::SharedNames;
+use super::policy::Limits;
 use super::{arg_error, fn_error, guard, type_name};
 use crate::index::{DbStamp, Lookup, ScanCache, StreamScan, VectorSet, VectorSetBuilder};
 use crate::vector::codec;
@@ -45,7 +46,7 @@ pub fn copies_built_on_this_thread() -> u64 {
 }
 
 /// Largest k accepted: results are materialized, so k bounds the memory of one call.
-pub const MAX_K: i64 = 100_000;
+pub const MAX_K: i64 = Limits::TRUSTED.max_k as i64;
 
 const COL_ID: c_int = 0;
 const COL_SCORE: c_int = 1;
@@ -243,16 +244,13 @@ impl Request {
         .and_then(|v| codec::check_finite(&v).map(|()| v))
         .map_err(|e| arg_error(NAME, 0, e))?;
         let k = match values[1].unwrap() {
-            ValueRef::Integer(k) if (0..=max_k.min(MAX_K as usize) as i64).contains(&k) => {
-                k as usize
-            }
+            ValueRef::Integer(k) if (0..=max_k as i64).contains(&k) => k as usize,
             ValueRef::Integer(k) => {
                 return Err(arg_error(
                     NAME,
                     1,
                     format!(
-                        "k must be between 0 and {}, found {k}{}",
-                        max_k.min(MAX_K as usize),
+                        "k must be between 0 and {max_k}, found {k}{}",
                         if (max_k as i64) < MAX_K {
                             " (this connection's policy limits k; see archaeclip_policy())"
                         } else {

@@ -156,7 +156,7 @@ struct SqlSource {
     validation: Option<(String, Option<Select>, u64)>,
     probe: Option<Select>,
     /// The connection's policy (which directories image paths may name).
-    policy: Policy,
+    policy: Arc<Policy>,
 }
 
 impl SqlSource {
@@ -212,7 +212,7 @@ impl PairSource for SqlSource {
     }
 
     fn next(&mut self, stream: Stream) -> Result<Option<RawPair>> {
-        let policy = self.policy.clone();
+        let policy = Arc::clone(&self.policy);
         let slot = self.slot(stream)?;
         let Some(select) = slot.1.as_mut() else {
             return Ok(None);

@@ -2,6 +2,7 @@
 lists it, sql/embed_folder.sql embeds it into llm's schema (sql/llm_schema.sql), skipping unchanged
 files and naming unreadable ones, and the real `llm similar` (PyPI) reads the collection and agrees
 with clip_search."""
+import hashlib
 import json
 import os
 import shutil
@@ -62,7 +63,6 @@ def test_clip_files_lists_by_glob_with_llm_content_hash(folder):
     deep = [r[0] for r in db.execute("SELECT name FROM clip_files(?, '**/*.jpg')", (str(folder / "photos"),))]
     assert "trench-2/find-0412.jpg" in deep and "trench-2/rocket.png" not in deep
     # md5 and content are the file's, as llm computes content_hash (hashlib.md5(bytes).digest()).
-    import hashlib
     path = folder / "photos" / "photo_coffee_640x480_q80.jpg"
     md5, content, size = db.execute(
         "SELECT md5, content, size FROM clip_files(?, 'photo_coffee_*')", (str(folder / "photos"),)
@@ -100,7 +100,6 @@ def test_embed_a_folder_into_llms_schema_skipping_unchanged_files(folder):
     assert embed_folder(db)[-1] == "embedded 2 file(s)"
     conn = sqlite3.connect(db)
     rows = conn.execute("SELECT id, content_hash, length(embedding) FROM embeddings ORDER BY id").fetchall()
-    import hashlib
     assert [r[0] for r in rows] == sorted(
         ["cmyk_astronaut_96x96_q90.jpg", "new.jpg", "photo_astronaut_300x200_q90.jpg",
          "photo_chelsea_97x131_q90.jpg", "photo_coffee_640x480_q80.jpg", "trench-2/find-0412.jpg"]
