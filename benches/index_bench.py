@@ -1,7 +1,11 @@
 #!/usr/bin/env python3
 """The persistent index: archaeclip's clip_index against sqlite-vec 0.1.9's vec0, on the same
 vectors, in one run: insert throughput, file size, the first query after opening the database
-and the median of repeated queries, recall@k against an exact numpy answer.
+and the median of repeated queries, recall@k against an exact numpy answer; then clip_index
+with its HNSW graph (hnsw=on): build time, graph size on disk and in memory, and recall against
+latency as the oversampling grows. Queries run twice where the page reads matter: with
+SQLite's defaults, and with `PRAGMA mmap_size` (which lets SQLite read pages without a system
+call each).
 
     .venv/bin/python benches/index_bench.py --n 100000
     .venv/bin/python benches/index_bench.py --n 1000000 --data clustered
@@ -14,6 +18,7 @@ page cache), "median" the median of the next queries. Needs numpy and sqlite-vec
 venv has both).
 """
 import argparse
+import math
 import os
 import sqlite3
 import statistics
@@ -31,7 +36,7 @@ BATCH = 10_000
 def connect(path, engine):
     db = sqlite3.connect(path, isolation_level=None)
     db.enable_load_extension(True)
-    if engine == "clip_index":
+    if engine in ("clip_index", "hnsw"):
         db.load_extension(EXT)
     else:
         sqlite_vec.load(db)
@@ -72,6 +77,17 @@ def exact_topk(data, queries, k):
     return [[rid for _, rid in sorted(b, key=lambda x: (-x[0], x[1]))[:k]] for b in best]
 
 
+MMAP = 1 << 36
+
+
+def rss_mib():
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
 def build(engine, path, data):
     n, dims = data.shape
     db = connect(path, engine)
@@ -79,6 +95,8 @@ def build(engine, path, data):
     db.execute("PRAGMA synchronous=NORMAL")
     if engine == "clip_index":
         db.execute(f"CREATE VIRTUAL TABLE items USING clip_index(embedding float[{dims}], metric=cosine)")
+    elif engine == "hnsw":
+        db.execute(f"CREATE VIRTUAL TABLE items USING clip_index(embedding float[{dims}], metric=cosine, hnsw=on)")
     else:
         db.execute(f"CREATE VIRTUAL TABLE items USING vec0(embedding float[{dims}] distance_metric=cosine)")
     t = time.perf_counter()
@@ -88,6 +106,11 @@ def build(engine, path, data):
         db.executemany("INSERT INTO items(rowid, embedding) VALUES (?, ?)", rows)
         db.execute("COMMIT")
     seconds = time.perf_counter() - t
+    if engine == "hnsw":
+        # The graph is saved as the log grows; 'optimize' saves the rest.
+        t = time.perf_counter()
+        db.execute("INSERT INTO items(items) VALUES ('optimize')")
+        seconds += time.perf_counter() - t
     db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     db.close()
     return n / seconds, os.path.getsize(path)
@@ -102,13 +125,33 @@ def timed_queries(db, sql, queries, k):
     return times, results
 
 
-def query_run(engine, path, queries, k, truth):
+def hnsw_run(path, queries, k, truth, mmap):
+    """On a fresh connection: the first HNSW query (it loads the saved graph) with the memory it
+    took, then recall and median latency per oversampling factor."""
+    db = connect(path, "clip_index")
+    if mmap:
+        db.execute(f"PRAGMA mmap_size={MMAP}")
+    sql = "SELECT rowid FROM items WHERE embedding MATCH ? AND k = ? AND mode = 'hnsw' AND oversample = {}"
+    before = rss_mib()
+    first, _ = timed_queries(db, sql.format(10), queries[:1], k)
+    memory = rss_mib() - before
+    curves = []
+    for f in (1, 2, 4, 10, 20):
+        t, r = timed_queries(db, sql.format(f), queries, k)
+        curves.append(("hnsw", f, statistics.median(t), recall(r, truth, k)))
+    db.close()
+    return first[0], memory, curves
+
+
+def query_run(engine, path, queries, k, truth, mmap=False):
     """Exact queries on a fresh connection; for clip_index, then the quantized curves."""
     db = connect(path, engine)
+    if mmap:
+        db.execute(f"PRAGMA mmap_size={MMAP}")
     sql = "SELECT rowid FROM items WHERE embedding MATCH ? AND k = ? ORDER BY distance"
     times, results = timed_queries(db, sql, queries, k)
     curves = []
-    if engine == "clip_index":
+    if engine == "clip_index" and not mmap:
         for mode, factors in (("int8", (1, 2, 4, 8)), ("binary", (4, 8, 16, 32, 64))):
             for f in factors:
                 q_sql = sql.replace("k = ?", f"k = ? AND mode = '{mode}' AND oversample = {f}")
@@ -129,22 +172,23 @@ def plot(curves, exact_ms, kind, args):
     """recall@k against median latency, one line per mode, as a dependency-free SVG."""
     w, h, m = 520, 340, 50
     pts = [(med, rec) for _, _, med, rec in curves] + [(exact_ms, 1.0)]
-    x_max = max(p[0] for p in pts) * 1.1
+    # Latencies span three decades (HNSW ~1 ms, exact ~60 ms): a log axis.
+    lo, hi = math.log10(min(p[0] for p in pts) / 1.3), math.log10(max(p[0] for p in pts) * 1.3)
     y_min = min(0.5, min(p[1] for p in pts))
-    sx = lambda v: m + (w - 2 * m) * v / x_max
+    sx = lambda v: m + (w - 2 * m) * (math.log10(v) - lo) / (hi - lo)
     sy = lambda v: h - m - (h - 2 * m) * (v - y_min) / (1 - y_min)
     out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="11">',
            f'<rect width="{w}" height="{h}" fill="white"/>',
            f'<line x1="{m}" y1="{h - m}" x2="{w - m}" y2="{h - m}" stroke="black"/>',
            f'<line x1="{m}" y1="{m}" x2="{m}" y2="{h - m}" stroke="black"/>',
-           f'<text x="{w / 2}" y="{h - 12}" text-anchor="middle">median query (ms)</text>',
+           f'<text x="{w / 2}" y="{h - 12}" text-anchor="middle">median query (ms, log scale)</text>',
            f'<text x="14" y="{h / 2}" transform="rotate(-90 14 {h / 2})" text-anchor="middle">recall@{args.k}</text>',
            f'<text x="{w / 2}" y="20" text-anchor="middle">clip_index, {kind}, {args.n:,} x {args.dims}</text>']
     for i in range(5):
-        xv, yv = x_max * i / 4, y_min + (1 - y_min) * i / 4
-        out.append(f'<text x="{sx(xv)}" y="{h - m + 14}" text-anchor="middle">{xv:.0f}</text>')
+        xv, yv = 10 ** (lo + (hi - lo) * i / 4), y_min + (1 - y_min) * i / 4
+        out.append(f'<text x="{sx(xv)}" y="{h - m + 14}" text-anchor="middle">{xv:.3g}</text>')
         out.append(f'<text x="{m - 4}" y="{sy(yv) + 4}" text-anchor="end">{yv:.2f}</text>')
-    for mode, colour in (("int8", "#1f77b4"), ("binary", "#d62728")):
+    for mode, colour in (("int8", "#1f77b4"), ("binary", "#d62728"), ("hnsw", "#2ca02c")):
         line = [(med, rec, f) for mm, f, med, rec in curves if mm == mode]
         path = " ".join(f"{sx(a):.1f},{sy(b):.1f}" for a, b, _ in line)
         out.append(f'<polyline points="{path}" fill="none" stroke="{colour}"/>')
@@ -195,8 +239,27 @@ def main():
                 recall=recall(results, truth, args.k),
                 curves=curves,
             )
+            if engine == "clip_index":
+                times, _, _ = query_run(engine, path, queries, args.k, truth, mmap=True)
+                rows[engine]["first_mmap"] = times[0]
+                rows[engine]["median_mmap"] = statistics.median(times[1:])
             print(f"  {kind} {engine}: {rows[engine]}", flush=True)
             os.remove(path)
+        # The HNSW graph on its own file.
+        path = os.path.join(workdir, f"hnsw-{kind}-{args.n}.db")
+        for suffix in ("", "-wal", "-shm"):
+            if os.path.exists(path + suffix):
+                os.remove(path + suffix)
+        t = time.perf_counter()
+        rate, size = build("hnsw", path, data)
+        built = time.perf_counter() - t
+        graph_bytes = sqlite3.connect(path).execute("SELECT sum(length(data)) FROM items_hnsw").fetchone()[0]
+        h = {}
+        for mmap in (False, True):
+            first, memory, curves = hnsw_run(path, queries, args.k, truth, mmap)
+            h[mmap] = dict(first=first, memory=memory, curves=curves)
+            print(f"  {kind} hnsw mmap={mmap}: {h[mmap]}", flush=True)
+        os.remove(path)
         del data
         a, b = rows["clip_index"], rows["vec0"]
         print(f"\n{kind}, {args.n:,} x {args.dims}, exact top-{args.k} cosine:\n")
@@ -206,15 +269,31 @@ def main():
         print(f"| file size / raw float32 | {a['size']:.3f} | {b['size']:.3f} | {b['size'] / a['size']:.2f}x |")
         print(f"| first query after open (ms) | {a['first']:,.1f} | {b['first']:,.1f} | {b['first'] / a['first']:.1f}x |")
         print(f"| median query (ms) | {a['median']:,.2f} | {b['median']:,.2f} | {b['median'] / a['median']:.1f}x |")
+        print(f"| first query, PRAGMA mmap_size (ms) | {a['first_mmap']:,.1f} | | |")
+        print(f"| median query, PRAGMA mmap_size (ms) | {a['median_mmap']:,.2f} | | |")
         print(f"| recall@{args.k} | {a['recall']:.3f} | {b['recall']:.3f} | |")
         print(f"\nclip_index quantized candidates + exact float32 rescoring ({kind}):\n")
         print(f"| mode | oversample | median (ms) | recall@{args.k} | vec0 exact / this |")
         print("|---|---:|---:|---:|---:|")
         for mode, f, med, rec in a["curves"]:
             print(f"| {mode} | {f} | {med:,.2f} | {rec:.3f} | {b['median'] / med:.0f}x |")
+        print(f"\nclip_index HNSW (hnsw=on, M = 16, ef_construction = 128; int8 graph, exact rescoring; {kind}):\n")
+        print("| | |")
+        print("|---|---:|")
+        print(f"| build: inserts + final save (s) | {built:,.1f} ({rate:,.0f} rows/s) |")
+        print(f"| graph on disk (MiB) | {graph_bytes / 2**20:,.0f} ({graph_bytes / raw:.2f}x the raw vectors) |")
+        print(f"| file size / raw float32 | {size / raw:.3f} |")
+        for mmap in (False, True):
+            label = "PRAGMA mmap_size" if mmap else "default pragmas"
+            print(f"| first HNSW query after open, {label} (ms) | {h[mmap]['first']:,.1f} |")
+            print(f"| memory taken by loading the graph, {label} (MiB) | {h[mmap]['memory']:,.0f} |")
+        print(f"\n| oversample (ef = k x oversample) | median (ms) | median, mmap (ms) | recall@{args.k} | vec0 exact / this |")
+        print("|---:|---:|---:|---:|---:|")
+        for (_, f, med, rec), (_, _, med_m, _) in zip(h[False]["curves"], h[True]["curves"]):
+            print(f"| {f} | {med:,.2f} | {med_m:,.2f} | {rec:.3f} | {b['median'] / med:.0f}x |")
         print(flush=True)
         if args.plot:
-            plot(a["curves"], a["median"], kind, args)
+            plot(a["curves"] + h[False]["curves"], a["median"], kind, args)
 
 
 if __name__ == "__main__":

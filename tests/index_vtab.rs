@@ -628,3 +628,327 @@ fn quantized_modes_rescore_exactly_and_oversampling_buys_recall() {
         "{e}"
     );
 }
+
+/// `n` unit-ish rows around `centres` cluster centres (shaped like real embeddings).
+fn clustered(n: usize, dims: usize, centres: usize, seed: u64) -> Vec<Vec<f32>> {
+    let mut r = rng(seed);
+    let c: Vec<Vec<f32>> = (0..centres)
+        .map(|_| (0..dims).map(|_| r()).collect())
+        .collect();
+    (0..n)
+        .map(|i| {
+            let centre = &c[(i * 7919) % centres];
+            centre.iter().map(|x| x + 0.3 * r()).collect()
+        })
+        .collect()
+}
+
+fn scored(db: &Connection, sql: &str, q: &[f32]) -> Vec<(i64, f64)> {
+    db.prepare(sql)
+        .unwrap()
+        .query_map([blob(q)], |r| Ok((r.get(0)?, r.get(1)?)))
+        .unwrap_or_else(|e| panic!("{sql}: {e}"))
+        .collect::<rusqlite::Result<_>>()
+        .unwrap()
+}
+
+#[test]
+fn hnsw_follows_every_write_and_its_distances_are_the_exact_ones() {
+    let db = db();
+    let dims = 24;
+    for metric in ["cosine", "l2", "dot"] {
+        db.execute_batch(&format!(
+            "DROP TABLE IF EXISTS t;
+             CREATE VIRTUAL TABLE t USING clip_index(v float[{dims}], metric={metric},
+                                                    chunk_size=64, hnsw=on)"
+        ))
+        .unwrap();
+        let data = clustered(2500, dims, 40, 11);
+        let mut rows: Vec<(i64, Vec<f32>)> = Vec::new();
+        db.execute_batch("BEGIN").unwrap();
+        for (i, v) in data.iter().enumerate() {
+            let id = i as i64 * 3 - 100;
+            db.execute(
+                "INSERT INTO t(rowid, v) VALUES (?1, ?2)",
+                params![id, blob(v)],
+            )
+            .unwrap();
+            rows.push((id, v.clone()));
+        }
+        db.execute_batch("COMMIT").unwrap();
+        // Deletes, in-place updates, rowid changes and INSERT OR REPLACE all reach the graph.
+        let mut r = rng(12);
+        for (id, _) in rows.iter().filter(|(id, _)| id % 5 == 0) {
+            db.execute("DELETE FROM t WHERE rowid = ?1", [id]).unwrap();
+        }
+        rows.retain(|(id, _)| id % 5 != 0);
+        for row in rows.iter_mut().filter(|(id, _)| id % 7 == 1) {
+            row.1 = (0..dims).map(|_| r()).collect();
+            db.execute(
+                "UPDATE t SET v = ?2 WHERE rowid = ?1",
+                params![row.0, blob(&row.1)],
+            )
+            .unwrap();
+        }
+        for row in rows.iter_mut().filter(|(id, _)| id % 11 == 2) {
+            row.1 = (0..dims).map(|_| r()).collect();
+            db.execute(
+                "INSERT OR REPLACE INTO t(rowid, v) VALUES (?1, ?2)",
+                params![row.0, blob(&row.1)],
+            )
+            .unwrap();
+        }
+        for row in rows.iter_mut().filter(|(id, _)| id % 13 == 4) {
+            db.execute(
+                "UPDATE t SET rowid = ?2 WHERE rowid = ?1",
+                params![row.0, row.0 + 1_000_000],
+            )
+            .unwrap();
+            row.0 += 1_000_000;
+        }
+        let (mut found, mut wanted) = (0usize, 0usize);
+        for i in 0..30 {
+            // Queries near stored rows, including updated and moved ones.
+            let q: Vec<f32> = rows[(i * 37) % rows.len()]
+                .1
+                .iter()
+                .map(|x| x + 0.05 * r())
+                .collect();
+            let exact = scored(
+                &db,
+                "SELECT rowid, distance FROM t WHERE v MATCH ?1 AND k = 10",
+                &q,
+            );
+            assert_eq!(
+                exact.iter().map(|x| x.0).collect::<Vec<_>>(),
+                brute(&rows, &q, 10, metric),
+                "{metric}"
+            );
+            let graph = scored(
+                &db,
+                "SELECT rowid, distance FROM t WHERE v MATCH ?1 AND k = 10 AND mode = 'hnsw'",
+                &q,
+            );
+            assert_eq!(graph.len(), 10);
+            for (id, distance) in &graph {
+                // Every returned row exists now, with its exact distance.
+                let exact_all = scored(
+                    &db,
+                    &format!(
+                        "SELECT rowid, distance FROM t WHERE v MATCH ?1 AND k = {} AND rowid = {id}",
+                        rows.len()
+                    ),
+                    &q,
+                );
+                assert_eq!(
+                    exact_all.len(),
+                    1,
+                    "{metric}: rowid {id} is not in the table"
+                );
+                assert_eq!(exact_all[0].1, *distance, "{metric}: rowid {id}");
+            }
+            found += graph.iter().filter(|x| exact.contains(x)).count();
+            wanted += 10;
+        }
+        let recall = found as f64 / wanted as f64;
+        assert!(recall >= 0.95, "{metric}: hnsw recall@10 {recall}");
+        db.execute("INSERT INTO t(t) VALUES ('integrity-check')", [])
+            .unwrap();
+    }
+}
+
+#[test]
+fn hnsw_graph_is_saved_replayed_by_other_connections_and_rolled_back() {
+    let dir = std::env::temp_dir().join(format!("archaeclip-hnsw-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("graph.db");
+    let _ = std::fs::remove_file(&path);
+    let open = || {
+        let c = Connection::open(&path).unwrap();
+        archaeclip::register(&c).unwrap();
+        c
+    };
+    let a = open();
+    let dims = 16;
+    a.execute_batch(&format!(
+        "CREATE VIRTUAL TABLE t USING clip_index(v float[{dims}], hnsw=on, hnsw_m=8,
+                                                 hnsw_ef_construction=64)"
+    ))
+    .unwrap();
+    let data = clustered(1500, dims, 20, 21);
+    a.execute_batch("BEGIN").unwrap();
+    for (i, v) in data.iter().enumerate() {
+        a.execute(
+            "INSERT INTO t(rowid, v) VALUES (?1, ?2)",
+            params![i as i64 + 1, blob(v)],
+        )
+        .unwrap();
+    }
+    a.execute_batch("COMMIT").unwrap();
+    // The 1,000th write saved the graph; the other 500 wait in the log.
+    assert!(count(&a, "SELECT count(*) FROM t_hnsw") >= 1);
+    assert_eq!(count(&a, "SELECT count(*) FROM t_hnsw_log"), 500);
+    assert_eq!(
+        count(&a, "SELECT value FROM t_config WHERE key = 'hnsw_rows'"),
+        1000
+    );
+    let sql = "SELECT rowid, distance FROM t WHERE v MATCH ?1 AND k = 5 AND mode = 'hnsw'";
+    let mut r = rng(22);
+    let q: Vec<f32> = data[1234].iter().map(|x| x + 0.01 * r()).collect();
+    let before = scored(&a, sql, &q);
+    assert_eq!(
+        before[0].0, 1235,
+        "a row replayed from the log finds itself"
+    );
+    // Another connection loads the saved graph and replays the log: the same answer.
+    let b = open();
+    assert_eq!(scored(&b, sql, &q), before);
+    // A row written in a transaction is seen inside it, and gone after a rollback, also when a
+    // later write reuses its log position.
+    let twin: Vec<f32> = q.iter().map(|x| x * 1.01).collect();
+    a.execute_batch("BEGIN").unwrap();
+    a.execute("INSERT INTO t(rowid, v) VALUES (99999, ?1)", [blob(&twin)])
+        .unwrap();
+    assert_eq!(scored(&a, sql, &q)[0].0, 99999);
+    a.execute_batch("ROLLBACK").unwrap();
+    assert_eq!(scored(&a, sql, &q), before);
+    let far: Vec<f32> = q.iter().map(|x| -x).collect();
+    a.execute("INSERT INTO t(rowid, v) VALUES (99999, ?1)", [blob(&far)])
+        .unwrap();
+    assert_eq!(
+        scored(&a, sql, &q),
+        before,
+        "the rolled-back vector is not in the graph"
+    );
+    assert_eq!(scored(&a, sql, &far)[0].0, 99999);
+    // b follows a's commits.
+    assert_eq!(scored(&b, sql, &far)[0].0, 99999);
+    a.execute("DELETE FROM t WHERE rowid = 1235", []).unwrap();
+    assert!(scored(&b, sql, &q).iter().all(|x| x.0 != 1235));
+    // 'optimize' saves the graph and empties the log; a fresh connection agrees.
+    a.execute("INSERT INTO t(t) VALUES ('optimize')", [])
+        .unwrap();
+    assert_eq!(count(&a, "SELECT count(*) FROM t_hnsw_log"), 0);
+    a.execute("INSERT INTO t(t) VALUES ('integrity-check')", [])
+        .unwrap();
+    let after = scored(&a, sql, &q);
+    assert_eq!(scored(&open(), sql, &q), after);
+    assert_eq!(scored(&b, sql, &q), after);
+    // The one rowid the graph cannot key is still found (scored beside the graph).
+    a.execute(
+        "INSERT INTO t(rowid, v) VALUES (9223372036854775807, ?1)",
+        [blob(&twin)],
+    )
+    .unwrap();
+    assert_eq!(scored(&a, sql, &q)[0].0, i64::MAX);
+    a.execute("INSERT INTO t(t) VALUES ('integrity-check')", [])
+        .unwrap();
+    // A missing saved graph is built again from the stored vectors, not from the log alone.
+    a.execute_batch("DELETE FROM t_hnsw; INSERT INTO t(t) VALUES ('optimize');")
+        .unwrap();
+    let c = open();
+    c.execute("INSERT INTO t(t) VALUES ('integrity-check')", [])
+        .unwrap();
+    // 1,501 rows, less the one the graph cannot key.
+    assert_eq!(count(&c, "SELECT count(*) FROM t"), 1501);
+    assert_eq!(
+        count(&c, "SELECT value FROM t_config WHERE key = 'hnsw_rows'"),
+        1500
+    );
+    assert_eq!(scored(&c, sql, &q)[0].0, i64::MAX);
+    assert_eq!(scored(&c, sql, &far)[0].0, 99999);
+    drop(c);
+    // delete-all empties the graph too.
+    a.execute("INSERT INTO t(t) VALUES ('delete-all')", [])
+        .unwrap();
+    assert!(scored(&b, sql, &q).is_empty());
+    drop((a, b));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn hnsw_filters_apply_before_k_and_misuse_is_named() {
+    let db = db();
+    let dims = 16;
+    db.execute_batch(&format!(
+        "CREATE VIRTUAL TABLE t USING clip_index(v float[{dims}], part integer, hnsw=on);
+         CREATE VIRTUAL TABLE plain USING clip_index(v float[{dims}]);"
+    ))
+    .unwrap();
+    let data = clustered(3000, dims, 30, 31);
+    let mut rows = Vec::new();
+    db.execute_batch("BEGIN").unwrap();
+    for (i, v) in data.iter().enumerate() {
+        let i = i as i64;
+        db.execute(
+            "INSERT INTO t(rowid, v, part) VALUES (?1, ?2, ?3)",
+            params![i, blob(v), i % 50],
+        )
+        .unwrap();
+        rows.push((i, v.clone(), i % 50));
+    }
+    db.execute_batch("COMMIT").unwrap();
+    let mut r = rng(32);
+    let (mut found, mut wanted) = (0, 0);
+    for i in 0..10 {
+        let q: Vec<f32> = data[i * 97].iter().map(|x| x + 0.05 * r()).collect();
+        // A selective filter (60 rows) is scored exactly: the exact answer.
+        let few: Vec<(i64, Vec<f32>)> = rows
+            .iter()
+            .filter(|x| x.2 == 7)
+            .map(|x| (x.0, x.1.clone()))
+            .collect();
+        let got = knn(
+            &db,
+            "SELECT rowid FROM t WHERE v MATCH ?1 AND k = 5 AND mode = 'hnsw' AND part = 7",
+            &q,
+        );
+        assert_eq!(got, brute(&few, &q, 5, "cosine"));
+        // A broad one walks the graph with the filter: every row passes it.
+        let many: Vec<(i64, Vec<f32>)> = rows
+            .iter()
+            .filter(|x| x.2 < 40)
+            .map(|x| (x.0, x.1.clone()))
+            .collect();
+        let got = knn(
+            &db,
+            "SELECT rowid FROM t WHERE v MATCH ?1 AND k = 10 AND mode = 'hnsw' AND part < 40 \
+             AND oversample = 1",
+            &q,
+        );
+        assert_eq!(got.len(), 10);
+        assert!(got.iter().all(|id| id % 50 < 40));
+        let truth = brute(&many, &q, 10, "cosine");
+        found += got.iter().filter(|id| truth.contains(id)).count();
+        wanted += 10;
+    }
+    assert!(
+        found * 10 >= wanted * 9,
+        "filtered hnsw recall {found}/{wanted}"
+    );
+    let e = err(
+        &db,
+        &format!(
+            "SELECT * FROM plain WHERE v MATCH '[{}]' AND k = 1 AND mode = 'hnsw'",
+            vec!["1"; dims].join(",")
+        ),
+    );
+    assert!(e.contains("declare the table with hnsw=on"), "{e}");
+    for (decl, wanted) in [
+        ("hnsw=maybe", "hnsw must be 'on' or 'off', found 'maybe'"),
+        (
+            "hnsw_m=1",
+            "hnsw_m must be an integer from 2 to 128, found '1'",
+        ),
+        (
+            "hnsw_ef_construction=x",
+            "hnsw_ef_construction must be an integer from 8 to 4096",
+        ),
+    ] {
+        let e = err(
+            &db,
+            &format!("CREATE VIRTUAL TABLE bad USING clip_index(v float[4], {decl})"),
+        );
+        assert!(e.contains(wanted), "{decl}: {e}");
+    }
+}

@@ -10,9 +10,18 @@
 //!
 //! The search is split across the rayon pool chunk by chunk; each worker keeps its own bounded
 //! heap and the heaps are merged, as in [`crate::index::VectorSet::search`].
+//!
+//! Chunks are shared across the connections of a process: a set given a *scope* (the database
+//! file and table) publishes the chunks it loads in a process-wide pool, keyed by scope, chunk
+//! id and version, and takes a chunk from there instead of reading it again. A version is never
+//! reused, so an (id, version) pair names one content; each connection still decides from its
+//! own transaction's view which versions it needs. The pool holds weak references: a chunk
+//! lives while some connection's set holds it. So a Datasette process with four connections
+//! keeps one copy of the vectors, not four, and a connection opened while another holds the
+//! image answers its first query without reading the chunks.
 
 use std::collections::HashMap;
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 
 use rayon::prelude::*;
 use simsimd::{BinarySimilarity, SpatialSimilarity};
@@ -78,6 +87,9 @@ pub enum Mode {
     Int8,
     /// Candidates by Hamming distance of sign bits, rescored with float32.
     Binary,
+    /// Candidates from the HNSW graph (`hnsw=on`), rescored with float32: served by the SQL
+    /// layer, which holds the graph.
+    Hnsw,
 }
 
 impl Mode {
@@ -86,8 +98,11 @@ impl Mode {
             "exact" => Ok(Mode::Exact),
             "int8" => Ok(Mode::Int8),
             "binary" => Ok(Mode::Binary),
+            "hnsw" => Ok(Mode::Hnsw),
             _ => Err(Error::InvalidArgument {
-                what: format!("unknown mode '{name}', expected 'exact', 'int8' or 'binary'"),
+                what: format!(
+                    "unknown mode '{name}', expected 'exact', 'int8', 'binary' or 'hnsw'"
+                ),
             }),
         }
     }
@@ -99,6 +114,7 @@ impl Mode {
             Mode::Exact => 1,
             Mode::Int8 => 4,
             Mode::Binary => 32,
+            Mode::Hnsw => 10,
         }
     }
 }
@@ -230,6 +246,18 @@ pub type SlotFilter = HashMap<i64, Vec<u8>>;
 pub struct ChunkSet {
     dims: usize,
     chunks: Vec<Arc<Chunk>>,
+    /// Where its chunks come from, for sharing them (see the module documentation).
+    scope: Option<Arc<str>>,
+}
+
+type PoolKey = (Arc<str>, i64, i64);
+
+/// The process-wide pool of loaded chunks, and how many entries it had after its last pruning.
+type Pool = Mutex<(HashMap<PoolKey, Weak<Chunk>>, usize)>;
+
+fn pool() -> &'static Pool {
+    static POOL: OnceLock<Pool> = OnceLock::new();
+    POOL.get_or_init(|| Mutex::new((HashMap::new(), 0)))
 }
 
 impl ChunkSet {
@@ -237,6 +265,26 @@ impl ChunkSet {
         ChunkSet {
             dims,
             chunks: Vec::new(),
+            scope: None,
+        }
+    }
+
+    /// A set that shares its chunks with every other set of the same `scope` in this process.
+    /// The scope must name one table of one database file (never an in-memory database).
+    pub fn shared(dims: usize, scope: &str) -> ChunkSet {
+        ChunkSet {
+            dims,
+            chunks: Vec::new(),
+            scope: Some(Arc::from(scope)),
+        }
+    }
+
+    /// An empty set with the same dimensions and scope.
+    pub fn emptied(&self) -> ChunkSet {
+        ChunkSet {
+            dims: self.dims,
+            chunks: Vec::new(),
+            scope: self.scope.clone(),
         }
     }
 
@@ -275,6 +323,10 @@ impl ChunkSet {
                 stale => {
                     // Free the stale copy before reading its replacement.
                     drop(stale);
+                    if let Some(c) = self.pooled(id, version) {
+                        next.push(Some(c));
+                        continue;
+                    }
                     fresh.push((i, load(id, version)?));
                     next.push(None);
                 }
@@ -284,11 +336,37 @@ impl ChunkSet {
         let loaded = fresh.len();
         let dims = self.dims;
         fresh.par_iter_mut().try_for_each(|(_, c)| c.finish(dims))?;
+        let fresh: Vec<(usize, Arc<Chunk>)> =
+            fresh.into_iter().map(|(i, c)| (i, Arc::new(c))).collect();
+        self.publish(fresh.iter().map(|(_, c)| c));
         for (i, c) in fresh {
-            next[i] = Some(Arc::new(c));
+            next[i] = Some(c);
         }
         self.chunks = next.into_iter().map(|c| c.expect("filled")).collect();
         Ok(loaded)
+    }
+
+    fn pooled(&self, id: i64, version: i64) -> Option<Arc<Chunk>> {
+        let scope = self.scope.as_ref()?;
+        let pool = pool().lock().unwrap_or_else(|p| p.into_inner());
+        pool.0
+            .get(&(scope.clone(), id, version))
+            .and_then(Weak::upgrade)
+            .filter(|c| c.vectors.len() == c.capacity * self.dims)
+    }
+
+    fn publish<'a>(&self, chunks: impl Iterator<Item = &'a Arc<Chunk>>) {
+        let Some(scope) = &self.scope else { return };
+        let mut pool = pool().lock().unwrap_or_else(|p| p.into_inner());
+        let (map, pruned_at) = &mut *pool;
+        for c in chunks {
+            map.insert((scope.clone(), c.id, c.version), Arc::downgrade(c));
+        }
+        // Forget dead entries once the map has doubled since the last time.
+        if map.len() > 64 && map.len() > 2 * *pruned_at {
+            map.retain(|_, w| w.strong_count() > 0);
+            *pruned_at = map.len();
+        }
     }
 
     /// The k nearest rows to `query`, nearest first (ties: smaller rowid), among the slots
@@ -325,6 +403,11 @@ impl ChunkSet {
             });
         }
         let dims = self.dims;
+        if mode == Mode::Hnsw {
+            return Err(Error::InvalidArgument {
+                what: "mode 'hnsw' is answered by the graph, not the chunks".into(),
+            });
+        }
         if mode != Mode::Exact {
             return Ok(self.search_quantized(&scorer, query, k, metric, filter, mode, oversample));
         }
@@ -536,6 +619,60 @@ mod tests {
         assert_eq!(
             ids(set.search(&[1.0, 0.0], 10, Metric::L2, None).unwrap()),
             vec![9]
+        );
+    }
+
+    #[test]
+    fn sets_of_one_scope_share_their_chunks_and_others_do_not() {
+        let versioned = |id: i64, version: i64, rowid: i64, v: Vec<f32>| {
+            let mut c = chunk(id, 8, 2, &[(0, rowid, v)]);
+            c.version = version;
+            c
+        };
+        let scope = format!("/test/{}\0t", std::process::id());
+        let mut a = ChunkSet::shared(2, &scope);
+        let loaded = a
+            .refresh(&[(1, 41), (2, 42)], |id, version| {
+                Ok(versioned(id, version, id * 10, vec![1.0, 0.0]))
+            })
+            .unwrap();
+        assert_eq!(loaded, 2);
+        // Same scope, same versions: nothing is read, the very same chunks are used.
+        let mut b = ChunkSet::shared(2, &scope);
+        let loaded = b
+            .refresh(&[(1, 41), (2, 42)], |_, _| {
+                panic!("must come from the pool")
+            })
+            .unwrap();
+        assert_eq!(loaded, 0);
+        assert!(Arc::ptr_eq(&a.chunks()[0], &b.chunks()[0]));
+        // A new version is read; another scope or an unscoped set shares nothing.
+        let loaded = b
+            .refresh(&[(1, 41), (2, 43)], |id, version| {
+                Ok(versioned(id, version, 99, vec![0.0, 1.0]))
+            })
+            .unwrap();
+        assert_eq!(loaded, 1);
+        for mut other in [ChunkSet::shared(2, "/elsewhere\0t"), ChunkSet::new(2)] {
+            let loaded = other
+                .refresh(&[(1, 41)], |id, version| {
+                    Ok(versioned(id, version, 7, vec![1.0, 0.0]))
+                })
+                .unwrap();
+            assert_eq!(loaded, 1);
+        }
+        // A chunk lives while a set holds it: once both drop it, it is read again.
+        drop((a, b));
+        let mut c = ChunkSet::shared(2, &scope);
+        assert_eq!(
+            c.refresh(&[(1, 41)], |id, version| Ok(versioned(
+                id,
+                version,
+                1,
+                vec![1.0, 0.0]
+            )))
+            .unwrap(),
+            1
         );
     }
 

@@ -17,6 +17,14 @@
 //! date before each query by comparing the stored generation and chunk versions (so only chunks
 //! written since, by any connection, are read again; the first query reads every chunk as a few
 //! large blobs).
+//!
+//! With `hnsw=on` the table also keeps an HNSW graph ([`Graph`]) for `mode = 'hnsw'`. Every
+//! write appends its rowid to a log shadow table, inside the writer's transaction; a
+//! connection's graph catches up by replaying the log from the saved graph, and the graph is
+//! saved again (and the log emptied) once the log reaches half the saved rows (at least
+//! [`GRAPH_SAVE_MIN`]), and on `'optimize'` and `'rebuild'`. A rollback is noticed by the log
+//! entry the graph last applied: its token (never reused) no longer matches, and the graph is
+//! loaded again.
 
 mod store;
 
@@ -35,6 +43,7 @@ use rusqlite::vtab::{
 use rusqlite::{params_from_iter, Connection};
 
 use crate::index::chunked::{ChunkSet, Mode, SlotFilter};
+use crate::index::hnsw::{self, Graph, GraphOptions};
 use crate::vector::codec;
 use crate::vector::distance::Metric;
 use store::{owned, quote, MetaColumn, Store};
@@ -46,6 +55,21 @@ pub const MAX_K: i64 = 100_000;
 
 /// Largest oversampling factor of a quantized search.
 pub const MAX_OVERSAMPLE: i64 = 1_000;
+
+/// Fewest logged writes that make a write save the graph (see the module documentation).
+pub const GRAPH_SAVE_MIN: i64 = 1_000;
+
+/// An HNSW query scores exactly this many candidates per result (the graph's best by its
+/// own distance).
+const RESCORE_FACTOR: usize = 2;
+
+/// Most candidates an HNSW query takes from the graph.
+const MAX_GRAPH_CANDIDATES: usize = 100_000;
+
+/// A filtered HNSW query with at most this many allowed rows (or at most 4 per candidate)
+/// scores them all exactly instead: cheaper than a graph walk that rejects most of what it
+/// visits, and exact.
+const FILTER_EXACT_MAX: usize = 20_000;
 
 /// Default bytes of one chunk's vectors: large enough that a chunk costs 1% over the raw
 /// vectors in pages, small enough that writing one slot walks few overflow pages.
@@ -71,6 +95,8 @@ struct Declaration {
     metas: Vec<MetaColumn>,
     content: Option<String>,
     content_rowid: String,
+    /// `hnsw=on`: keep an HNSW graph, with these parameters.
+    hnsw: Option<GraphOptions>,
 }
 
 fn parse_declaration(table: &str, args: &[&[u8]]) -> rusqlite::Result<Declaration> {
@@ -80,9 +106,23 @@ fn parse_declaration(table: &str, args: &[&[u8]]) -> rusqlite::Result<Declaratio
     let mut metas: Vec<MetaColumn> = Vec::new();
     let mut content = None;
     let mut content_rowid = "rowid".to_owned();
+    let mut hnsw = false;
+    let mut graph = GraphOptions::default();
     let usage = "declare it as clip_index(embedding float[512] [, metadata_column type ...] \
                  [, metric=cosine|dot|l2] [, content='table'] [, content_rowid='id'] \
-                 [, chunk_size=N])";
+                 [, chunk_size=N] [, hnsw=on [, hnsw_m=16] [, hnsw_ef_construction=128]])";
+    let integer = |key: &str, value: &str, lo: usize, hi: usize| {
+        value
+            .parse::<usize>()
+            .ok()
+            .filter(|n| (lo..=hi).contains(n))
+            .ok_or_else(|| {
+                err(
+                    table,
+                    format!("{key} must be an integer from {lo} to {hi}, found '{value}'"),
+                )
+            })
+    };
     for raw in args {
         let arg = String::from_utf8_lossy(raw);
         let arg = arg.trim();
@@ -112,6 +152,22 @@ fn parse_declaration(table: &str, args: &[&[u8]]) -> rusqlite::Result<Declaratio
                     )
                 }
                 "content" => content = Some(value.into_owned()).filter(|c| !c.is_empty()),
+                "hnsw" => {
+                    hnsw = match value.to_ascii_lowercase().as_str() {
+                        "on" | "true" | "1" | "yes" => true,
+                        "off" | "false" | "0" | "no" => false,
+                        _ => {
+                            return Err(err(
+                                table,
+                                format!("hnsw must be 'on' or 'off', found '{value}'"),
+                            ))
+                        }
+                    }
+                }
+                "hnsw_m" => graph.connectivity = integer("hnsw_m", &value, 2, 128)?,
+                "hnsw_ef_construction" => {
+                    graph.expansion_add = integer("hnsw_ef_construction", &value, 8, 4096)?
+                }
                 "content_rowid" => content_rowid = value.into_owned(),
                 other => {
                     return Err(err(table, format!("unknown option '{other}'; {usage}")));
@@ -215,6 +271,7 @@ fn parse_declaration(table: &str, args: &[&[u8]]) -> rusqlite::Result<Declaratio
         metas,
         content,
         content_rowid,
+        hnsw: hnsw.then_some(graph),
     })
 }
 
@@ -225,6 +282,18 @@ struct Image {
     generation: Option<i64>,
 }
 
+/// The per-connection HNSW graph and what it reflects.
+#[derive(Default)]
+struct GraphState {
+    graph: Option<Graph>,
+    /// The token of the saved graph it was loaded from.
+    snapshot: i64,
+    /// The last log entry applied: (seq, token).
+    applied: Option<(i64, i64)>,
+    /// The index generation it is up to date with.
+    generation: Option<i64>,
+}
+
 #[repr(C)]
 pub struct IndexTab {
     base: ffi::sqlite3_vtab,
@@ -232,6 +301,7 @@ pub struct IndexTab {
     store: Store,
     decl: Declaration,
     image: Mutex<Image>,
+    graph: Mutex<GraphState>,
 }
 
 impl IndexTab {
@@ -270,6 +340,7 @@ impl IndexTab {
         let schema = String::from_utf8_lossy(database_name).into_owned();
         let table = String::from_utf8_lossy(table_name).into_owned();
         let decl = parse_declaration(&table, args)?;
+        let scope = image_scope(handle, &schema, &table);
         // A non-owning handle on the connection: shadow-table writes join its transaction.
         let conn = unsafe { Connection::from_handle(handle) }?;
         let capacity = decl
@@ -283,6 +354,7 @@ impl IndexTab {
             capacity,
             decl.metas.clone(),
         );
+        store.hnsw = decl.hnsw.is_some();
         if creating {
             store.create(decl.metric.name())?;
         } else {
@@ -336,9 +408,13 @@ impl IndexTab {
                 base: ffi::sqlite3_vtab::default(),
                 db: handle,
                 image: Mutex::new(Image {
-                    set: ChunkSet::new(decl.dims),
+                    set: match scope {
+                        Some(scope) => ChunkSet::shared(decl.dims, &scope),
+                        None => ChunkSet::new(decl.dims),
+                    },
                     generation: None,
                 }),
+                graph: Mutex::new(GraphState::default()),
                 store,
                 decl,
             },
@@ -347,6 +423,184 @@ impl IndexTab {
 
     fn image(&self) -> MutexGuard<'_, Image> {
         self.image.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn graph_state(&self) -> MutexGuard<'_, GraphState> {
+        self.graph.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn graph_options(&self) -> rusqlite::Result<GraphOptions> {
+        self.decl.hnsw.ok_or_else(|| {
+            err(
+                self.name(),
+                "mode 'hnsw' needs a graph: declare the table with hnsw=on",
+            )
+        })
+    }
+
+    /// Brings this connection's graph up to date: loads the saved graph when it has none or
+    /// its own is stale (another save, or a rollback of a log entry it applied), then replays
+    /// the log entries it has not applied.
+    fn sync_graph(&self, state: &mut GraphState) -> rusqlite::Result<()> {
+        let options = self.graph_options()?;
+        let generation = self.store.generation()?;
+        if state.graph.is_some() && state.generation == Some(generation) {
+            return Ok(());
+        }
+        state.generation = None;
+        let (snapshot, _) = self.store.graph_saved()?;
+        let stale = match (&state.graph, state.applied) {
+            (None, _) => true,
+            (Some(_), _) if state.snapshot != snapshot => true,
+            (Some(_), Some((seq, token))) => self.store.log_token(seq)? != Some(token),
+            (Some(_), None) => false,
+        };
+        let (dims, metric) = (self.decl.dims, self.decl.metric);
+        if stale {
+            state.graph = None;
+            let bytes = self.store.read_graph()?;
+            if bytes.is_empty() {
+                // No saved graph (a new or emptied table, or t_hnsw deleted by hand): build one
+                // from every stored row; the log so far is then already applied.
+                let graph = Graph::new(dims, metric, options).map_err(|e| err(self.name(), e))?;
+                for (id, version) in self.store.chunk_versions()? {
+                    let chunk = self.store.load_chunk(id, version)?;
+                    let rows: Vec<(i64, Vec<f32>)> = (0..chunk.capacity)
+                        .filter(|&slot| chunk.is_valid(slot))
+                        .map(|slot| (chunk.rowids[slot], chunk.row(slot, dims).to_vec()))
+                        .collect();
+                    graph.upsert(&rows).map_err(|e| err(self.name(), e))?;
+                }
+                state.applied = self.store.log_last()?;
+                state.graph = Some(graph);
+            } else {
+                let graph = Graph::from_bytes(&bytes, dims, metric, options)
+                    .map_err(|e| err(self.name(), e))?;
+                state.graph = Some(graph);
+                state.applied = None;
+            }
+            state.snapshot = snapshot;
+        }
+        let entries = self.store.log_after(state.applied.map_or(0, |a| a.0))?;
+        if let Some(&(seq, _, token)) = entries.last() {
+            let graph = state.graph.as_ref().expect("loaded above");
+            let mut rowids: Vec<i64> = entries.iter().map(|e| e.1).collect();
+            rowids.sort_unstable();
+            rowids.dedup();
+            // The current vector of each written rowid (none: deleted since); in batches so
+            // that replaying a long log holds a bounded number of vectors.
+            for batch in rowids.chunks(1 << 16) {
+                let mut present = Vec::with_capacity(batch.len());
+                for (rowid, vector) in self.store.vectors_of(batch)? {
+                    match vector {
+                        Some(v) => present.push((rowid, v)),
+                        None => graph.remove(rowid).map_err(|e| err(self.name(), e))?,
+                    }
+                }
+                graph.upsert(&present).map_err(|e| err(self.name(), e))?;
+            }
+            state.applied = Some((seq, token));
+        }
+        state.generation = Some(generation);
+        Ok(())
+    }
+
+    /// Saves this connection's (up-to-date) graph and empties the log.
+    fn save_graph(&self) -> rusqlite::Result<()> {
+        let mut state = self.graph_state();
+        self.sync_graph(&mut state)?;
+        let graph = state.graph.as_ref().expect("synced");
+        let bytes = graph.to_bytes().map_err(|e| err(self.name(), e))?;
+        let rows = graph.len();
+        state.snapshot = self.store.write_graph(&bytes, rows)?;
+        state.applied = None;
+        state.generation = Some(self.store.generation()?);
+        Ok(())
+    }
+
+    /// After a write: saves the graph when the log has grown to half the saved graph.
+    fn maybe_save_graph(&self) -> rusqlite::Result<()> {
+        if self.decl.hnsw.is_none() {
+            return Ok(());
+        }
+        let (_, saved_rows) = self.store.graph_saved()?;
+        if self.store.log_len()? >= GRAPH_SAVE_MIN.max(saved_rows / 2) {
+            self.save_graph()?;
+        }
+        Ok(())
+    }
+
+    /// The k nearest rows by the HNSW graph, rescored exactly: (rowid, score, distance).
+    fn search_graph(
+        &self,
+        query: &[f32],
+        k: usize,
+        oversample: usize,
+        args: &[Arg],
+        values: &[ValueRef<'_>],
+    ) -> rusqlite::Result<Vec<(i64, f64, f64)>> {
+        // The graph explores `ef` nodes; the best `rescored` of them by its int8 (or f16)
+        // distance are read from the chunks and scored exactly. Reading a stored vector costs
+        // a walk along its chunk's overflow pages, so fewer are read than explored.
+        let ef = k
+            .saturating_mul(oversample)
+            .clamp(k, MAX_GRAPH_CANDIDATES.max(k));
+        let rescored = ef.min(k.saturating_mul(RESCORE_FACTOR));
+        let allowed = self.allowed_rowids(args, values)?;
+        let mut state = self.graph_state();
+        self.sync_graph(&mut state)?;
+        let graph = state.graph.as_ref().expect("synced");
+        let mut rowids = match &allowed {
+            Some(set) if set.len() <= FILTER_EXACT_MAX.max(ef * 4) => {
+                Ok(set.iter().copied().collect())
+            }
+            Some(set) => {
+                let accept = |rowid: i64| set.contains(&rowid);
+                graph.search(query, rescored, ef, Some(&accept))
+            }
+            None => graph.search(query, rescored, ef, None),
+        }
+        .map_err(|e| err(self.name(), format!("MATCH: {e}")))?;
+        drop(state);
+        // The one rowid the graph cannot hold is scored beside its candidates.
+        let sentinel = Graph::SENTINEL_ROWID;
+        if !rowids.contains(&sentinel)
+            && allowed.as_ref().is_none_or(|s| s.contains(&sentinel))
+            && self.store.locate(sentinel)?.is_some()
+        {
+            rowids.push(sentinel);
+        }
+        let rows: Vec<(i64, Vec<f32>)> = self
+            .store
+            .vectors_of(&rowids)?
+            .into_iter()
+            .filter_map(|(rowid, v)| v.map(|v| (rowid, v)))
+            .collect();
+        hnsw::rescore(query, k, self.decl.metric, &rows)
+            .map_err(|e| err(self.name(), format!("MATCH: {e}")))
+    }
+
+    /// The rowids that the rowid and metadata constraints allow, or `None` when there are
+    /// none.
+    fn allowed_rowids(
+        &self,
+        args: &[Arg],
+        values: &[ValueRef<'_>],
+    ) -> rusqlite::Result<Option<std::collections::HashSet<i64>>> {
+        let (conditions, params) = self.conditions(args, values);
+        if conditions.is_empty() {
+            return Ok(None);
+        }
+        let sql = format!(
+            "SELECT rowid FROM {} WHERE {}",
+            self.store.shadow("map"),
+            conditions.join(" AND ")
+        );
+        let mut stmt = self.store.cached(&sql)?;
+        let set = stmt
+            .query_map(params_from_iter(params), |r| r.get::<_, i64>(0))?
+            .collect::<rusqlite::Result<_>>()?;
+        Ok(Some(set))
     }
 
     /// Brings the image up to date with the shadow tables.
@@ -366,11 +620,11 @@ impl IndexTab {
             })
         });
         if let Some(e) = failure {
-            image.set = ChunkSet::new(self.decl.dims);
+            image.set = image.set.emptied();
             return Err(e);
         }
         if let Err(e) = result {
-            image.set = ChunkSet::new(self.decl.dims);
+            image.set = image.set.emptied();
             return Err(err(self.name(), e));
         }
         image.generation = Some(generation);
@@ -442,9 +696,15 @@ impl IndexTab {
             }
         };
         match name.as_str() {
-            "rebuild" => self.rebuild(),
+            "rebuild" => {
+                self.rebuild()?;
+                self.save_graph_if_any()
+            }
             "delete-all" => self.store.delete_all(),
-            "optimize" => self.store.compact().map(|_| ()),
+            "optimize" => {
+                self.store.compact()?;
+                self.save_graph_if_any()
+            }
             "integrity-check" => self.integrity_check(),
             other => Err(err(
                 self.name(),
@@ -454,6 +714,13 @@ impl IndexTab {
                 ),
             )),
         }
+    }
+
+    fn save_graph_if_any(&self) -> rusqlite::Result<()> {
+        if self.decl.hnsw.is_some() {
+            self.save_graph()?;
+        }
+        Ok(())
     }
 
     fn content(&self) -> rusqlite::Result<&str> {
@@ -507,6 +774,28 @@ impl IndexTab {
     /// the same rowids, the same vectors. Fails with SQLITE_CORRUPT_VTAB naming the drift.
     fn integrity_check(&self) -> rusqlite::Result<()> {
         let mut problems = self.store.check()?;
+        if self.decl.hnsw.is_some() {
+            let mut state = self.graph_state();
+            match self.sync_graph(&mut state) {
+                Err(e) => problems.push(format!("the HNSW graph cannot be loaded: {e}")),
+                Ok(()) => {
+                    let graph = state.graph.as_ref().expect("synced");
+                    let sentinel = self.store.locate(Graph::SENTINEL_ROWID)?.is_some();
+                    let rows: i64 = self.store.conn.query_row(
+                        &format!("SELECT count(*) FROM {}", self.store.shadow("map")),
+                        [],
+                        |r| r.get(0),
+                    )?;
+                    let expected = rows as usize - usize::from(sentinel);
+                    if graph.len() != expected {
+                        problems.push(format!(
+                            "the HNSW graph holds {} rows, the index {expected}",
+                            graph.len()
+                        ));
+                    }
+                }
+            }
+        }
         if let Some(content) = &self.decl.content {
             let (mut missing, mut differ, mut matched) = (Vec::new(), Vec::new(), 0usize);
             let (mut missing_n, mut differ_n) = (0usize, 0usize);
@@ -644,7 +933,8 @@ impl UpdateVTab<'_> for IndexTab {
     fn delete(&mut self, arg: ValueRef<'_>) -> rusqlite::Result<()> {
         super::guard("clip_index", || {
             let rowid = arg.as_i64()?;
-            self.store.delete(rowid).map(|_| ())
+            self.store.delete(rowid)?;
+            self.maybe_save_graph()
         })
     }
 
@@ -674,6 +964,7 @@ impl UpdateVTab<'_> for IndexTab {
                 }
             };
             self.insert_row(rowid, &vector, &metas)?;
+            self.maybe_save_graph()?;
             Ok(rowid)
         })
     }
@@ -724,12 +1015,12 @@ impl UpdateVTab<'_> for IndexTab {
             };
             if new == old {
                 if let Some(v) = &vector {
-                    self.store.overwrite_vector(chunk, slot, v)?;
+                    self.store.overwrite_vector(old, chunk, slot, v)?;
                 }
                 if metas_changed {
                     self.store.update_metas(old, &metas)?;
                 }
-                return Ok(());
+                return self.maybe_save_graph();
             }
             let vector = match vector {
                 Some(v) => v,
@@ -747,7 +1038,8 @@ impl UpdateVTab<'_> for IndexTab {
                 }
             }
             self.store.delete(old)?;
-            self.insert_row(new, &vector, &metas)
+            self.insert_row(new, &vector, &metas)?;
+            self.maybe_save_graph()
         })
     }
 }
@@ -1008,7 +1300,7 @@ unsafe impl VTabCursor for IndexCursor<'_> {
                     return Err(err(
                         tab.name(),
                         format!(
-                            "mode must be 'exact', 'int8' or 'binary', found {}",
+                            "mode must be 'exact', 'int8', 'binary' or 'hnsw', found {}",
                             super::type_name(other)
                         ),
                     ))
@@ -1036,10 +1328,19 @@ unsafe impl VTabCursor for IndexCursor<'_> {
                         .vector_value(v)
                         .map_err(|e| err(tab.name(), format!("MATCH: {}", strip_prefix(tab, e))))?,
                 };
+                let mode = mode.unwrap_or(Mode::Exact);
+                if mode == Mode::Hnsw {
+                    let oversample = oversample.unwrap_or_else(|| mode.default_oversample());
+                    let hits = tab.search_graph(&query, k as usize, oversample, &args, &values)?;
+                    self.rows = hits
+                        .into_iter()
+                        .map(|(id, score, distance)| (id, Some((score, distance))))
+                        .collect();
+                    return Ok(());
+                }
                 let filter = tab.slot_filter(&args, &values)?;
                 let mut image = tab.image();
                 tab.refresh(&mut image)?;
-                let mode = mode.unwrap_or(Mode::Exact);
                 let hits = image
                     .set
                     .search_with(
@@ -1128,6 +1429,22 @@ unsafe impl VTabCursor for IndexCursor<'_> {
     fn rowid(&self) -> rusqlite::Result<i64> {
         Ok(self.rows[self.pos].0)
     }
+}
+
+/// What names a table's chunks across the connections of this process: the database file's
+/// path and the table; `None` for an in-memory or temporary database (nothing to share).
+fn image_scope(db: *mut ffi::sqlite3, schema: &str, table: &str) -> Option<String> {
+    let schema_c = CString::new(schema).ok()?;
+    // SAFETY: a live connection handle and a NUL-terminated schema name; the returned string
+    // belongs to SQLite and is copied at once.
+    let file = unsafe {
+        let p = ffi::sqlite3_db_filename(db, schema_c.as_ptr());
+        if p.is_null() {
+            return None;
+        }
+        CStr::from_ptr(p).to_string_lossy().into_owned()
+    };
+    (!file.is_empty()).then(|| format!("{file}\0{table}"))
 }
 
 /// The message of an error made by [`err`], without its `clip_index table: ` prefix.

@@ -138,3 +138,49 @@ def test_drop_removes_the_shadow_tables_and_a_rename_is_reported():
     db.execute("ALTER TABLE t RENAME TO u")
     with pytest.raises(sqlite3.OperationalError, match="was the table renamed"):
         db.execute("SELECT count(*) FROM u")
+
+
+def test_hnsw_index_in_a_file_from_python_and_the_sqlite3_shell(tmp_path):
+    """hnsw=on through the loadable library (usearch is C++: this is where a missing runtime
+    symbol would show), a second connection that replays the log, and Debian's sqlite3 shell
+    reading the saved graph; every answer's distances are the exact ones."""
+    import subprocess
+
+    from conftest import EXTENSION
+
+    path = tmp_path / "graph.db"
+    rows, queries = dataset(n=2500)
+    a = connect(str(path))
+    a.isolation_level = None
+    a.execute(f"CREATE VIRTUAL TABLE t USING clip_index(v float[{DIMS}], material text, hnsw=on)")
+    a.execute("BEGIN")
+    a.executemany("INSERT INTO t(rowid, v, material) VALUES (?, ?, ?)", rows)
+    a.execute("COMMIT")
+    exact_sql = "SELECT rowid, distance FROM t WHERE v MATCH ? AND k = 10"
+    graph_sql = exact_sql + " AND mode = 'hnsw' AND oversample = 20"
+    found = 0
+    b = connect(str(path))
+    for q in queries:
+        exact = a.execute(exact_sql, (q,)).fetchall()
+        everything = dict(a.execute(f"SELECT rowid, distance FROM t WHERE v MATCH ? AND k = {len(rows)}", (q,)))
+        for db in (a, b):
+            graph = db.execute(graph_sql, (q,)).fetchall()
+            for rowid, distance in graph:
+                assert distance == everything[rowid]
+            found += len(set(exact) & set(graph))
+    assert found >= 0.95 * 2 * 10 * len(queries)
+    a.execute("INSERT INTO t(t) VALUES ('optimize')")
+    assert a.execute("SELECT count(*) FROM t_hnsw_log").fetchone() == (0,)
+    a.close()
+    b.close()
+    q_json = "[" + ", ".join(str(x) for x in struct.unpack(f"<{DIMS}f", queries[0])) + "]"
+    out = subprocess.run(
+        ["sqlite3", str(path), "-cmd", f".load {EXTENSION}",
+         f"SELECT rowid FROM t WHERE v MATCH vec_f32('{q_json}') AND k = 3 AND mode = 'hnsw' "
+         f"AND oversample = 50;"],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    db = connect(str(path))
+    want = [r[0] for r in db.execute(exact_sql.replace("k = 10", "k = 3"), (pack(struct.unpack(f"<{DIMS}f", queries[0])),))]
+    assert [int(x) for x in out.stdout.split()] == want

@@ -10,6 +10,8 @@
 //! | `t_slots` | id, validity, rowids | per chunk: slot bitmap, rowid of each slot (i64 LE) |
 //! | `t_vectors` | id, vectors | per chunk: `capacity x dims` float32 LE, slot-major |
 //! | `t_map` | rowid, chunk, slot, metadata... | where each row lives, and its metadata |
+//! | `t_hnsw` | id, data | (`hnsw=on`) the HNSW graph as saved, in parts of at most 64 MiB |
+//! | `t_hnsw_log` | seq, rowid, token | (`hnsw=on`) rows written since the graph was saved |
 //!
 //! Blobs are written in place with incremental blob I/O (`sqlite3_blob_write`), so an insert
 //! touches a few pages, not a whole chunk. Every write stores a fresh `version` on its chunk and
@@ -105,7 +107,12 @@ pub struct Store {
     pub dims: usize,
     pub capacity: usize,
     pub metas: Vec<MetaColumn>,
+    /// Whether the table keeps an HNSW graph (and so logs every written rowid).
+    pub hnsw: bool,
 }
+
+/// Largest part of a saved graph (SQLite's default limit on a value is 1 GB).
+const GRAPH_PART_BYTES: usize = 64 << 20;
 
 pub fn quote(id: &str) -> String {
     format!("\"{}\"", id.replace('"', "\"\""))
@@ -137,6 +144,7 @@ impl Store {
             dims,
             capacity,
             metas,
+            hnsw: false,
         }
     }
 
@@ -198,6 +206,9 @@ impl Store {
             vectors = self.shadow("vectors"),
             map = self.shadow("map"),
         ))?;
+        if self.hnsw {
+            self.create_graph_tables()?;
+        }
         let config = self.shadow("config");
         for (key, value) in [
             ("format", Value::Integer(1)),
@@ -205,6 +216,8 @@ impl Store {
             ("capacity", Value::Integer(self.capacity as i64)),
             ("metric", Value::Text(metric.to_owned())),
             ("generation", Value::Integer(fresh_version())),
+            ("hnsw_snapshot", Value::Integer(fresh_version())),
+            ("hnsw_rows", Value::Integer(0)),
         ] {
             self.conn.execute(
                 &format!("INSERT INTO {config}(key, value) VALUES (?1, ?2)"),
@@ -214,17 +227,172 @@ impl Store {
         Ok(())
     }
 
+    /// Creates the graph's two shadow tables (`hnsw=on`).
+    pub fn create_graph_tables(&self) -> Res<()> {
+        self.conn.execute_batch(&format!(
+            "CREATE TABLE IF NOT EXISTS {graph}(id INTEGER PRIMARY KEY, data BLOB NOT NULL);
+             CREATE TABLE IF NOT EXISTS {log}(seq INTEGER PRIMARY KEY, rowid INTEGER NOT NULL,
+                                              token INTEGER NOT NULL);",
+            graph = self.shadow("hnsw"),
+            log = self.shadow("hnsw_log"),
+        ))
+    }
+
     /// Drops the shadow tables (xDestroy).
     pub fn drop_all(&self) -> Res<()> {
-        self.conn.execute_batch(&format!(
-            "DROP TABLE IF EXISTS {}; DROP TABLE IF EXISTS {}; DROP TABLE IF EXISTS {};
-             DROP TABLE IF EXISTS {}; DROP TABLE IF EXISTS {};",
-            self.shadow("config"),
-            self.shadow("chunks"),
-            self.shadow("slots"),
-            self.shadow("vectors"),
-            self.shadow("map"),
-        ))
+        for suffix in [
+            "config", "chunks", "slots", "vectors", "map", "hnsw", "hnsw_log",
+        ] {
+            self.conn
+                .execute_batch(&format!("DROP TABLE IF EXISTS {};", self.shadow(suffix)))?;
+        }
+        Ok(())
+    }
+
+    /// Records that `rowid` was written, for the graph to catch up (with `hnsw=on`).
+    fn log_change(&self, rowid: i64) -> Res<()> {
+        if !self.hnsw {
+            return Ok(());
+        }
+        self.cached(&format!(
+            "INSERT INTO {}(rowid, token) VALUES (?1, ?2)",
+            self.shadow("hnsw_log")
+        ))?
+        .execute(params![rowid, fresh_version()])?;
+        Ok(())
+    }
+
+    /// The saved graph's token (a fresh value per save) and how many rows it held.
+    pub fn graph_saved(&self) -> Res<(i64, i64)> {
+        let int = |key: &str| -> Res<i64> {
+            match self.config(key)? {
+                Some(Value::Integer(n)) => Ok(n),
+                other => Err(corrupt(format!(
+                    "{}: {key} is {other:?} in {}",
+                    self.table,
+                    self.shadow("config")
+                ))),
+            }
+        };
+        Ok((int("hnsw_snapshot")?, int("hnsw_rows")?))
+    }
+
+    /// Log entries after `seq`: (seq, rowid, token), in order.
+    pub fn log_after(&self, seq: i64) -> Res<Vec<(i64, i64, i64)>> {
+        self.cached(&format!(
+            "SELECT seq, rowid, token FROM {} WHERE seq > ?1 ORDER BY seq",
+            self.shadow("hnsw_log")
+        ))?
+        .query_map([seq], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+        .collect()
+    }
+
+    /// The token of log entry `seq`, if it exists.
+    pub fn log_token(&self, seq: i64) -> Res<Option<i64>> {
+        self.cached(&format!(
+            "SELECT token FROM {} WHERE seq = ?1",
+            self.shadow("hnsw_log")
+        ))?
+        .query_row([seq], |r| r.get(0))
+        .optional()
+    }
+
+    /// The last log entry: (seq, token).
+    pub fn log_last(&self) -> Res<Option<(i64, i64)>> {
+        self.cached(&format!(
+            "SELECT seq, token FROM {} ORDER BY seq DESC LIMIT 1",
+            self.shadow("hnsw_log")
+        ))?
+        .query_row([], |r| Ok((r.get(0)?, r.get(1)?)))
+        .optional()
+    }
+
+    /// How many rows were written since the graph was saved (the log's last seq: the log
+    /// only ever empties whole).
+    pub fn log_len(&self) -> Res<i64> {
+        self.cached(&format!(
+            "SELECT coalesce(max(seq), 0) FROM {}",
+            self.shadow("hnsw_log")
+        ))?
+        .query_row([], |r| r.get(0))
+    }
+
+    /// The saved graph's bytes (empty when none was saved).
+    pub fn read_graph(&self) -> Res<Vec<u8>> {
+        let parts: Vec<(i64, i64)> = self
+            .cached(&format!(
+                "SELECT id, length(data) FROM {} ORDER BY id",
+                self.shadow("hnsw")
+            ))?
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+            .collect::<Res<_>>()?;
+        let total: i64 = parts.iter().map(|p| p.1).sum();
+        let mut bytes = vec![0u8; total as usize];
+        let mut at = 0usize;
+        for (id, len) in parts {
+            self.blob("hnsw", "data", id, true)?
+                .read_at_exact(&mut bytes[at..at + len as usize], 0)?;
+            at += len as usize;
+        }
+        Ok(bytes)
+    }
+
+    /// Replaces the saved graph, empties the log and records a fresh token; returns it.
+    pub fn write_graph(&self, bytes: &[u8], rows: usize) -> Res<i64> {
+        self.conn
+            .execute(&format!("DELETE FROM {}", self.shadow("hnsw")), [])?;
+        for (i, part) in bytes.chunks(GRAPH_PART_BYTES).enumerate() {
+            self.conn.execute(
+                &format!(
+                    "INSERT INTO {}(id, data) VALUES (?1, ?2)",
+                    self.shadow("hnsw")
+                ),
+                params![i as i64 + 1, part],
+            )?;
+        }
+        self.conn
+            .execute(&format!("DELETE FROM {}", self.shadow("hnsw_log")), [])?;
+        let token = fresh_version();
+        let config = self.shadow("config");
+        for (key, value) in [("hnsw_snapshot", token), ("hnsw_rows", rows as i64)] {
+            self.cached(&format!(
+                "INSERT OR REPLACE INTO {config}(key, value) VALUES (?1, ?2)"
+            ))?
+            .execute(params![key, value])?;
+        }
+        self.bump_generation()?;
+        Ok(token)
+    }
+
+    /// The stored vectors of `rowids` (None for a rowid not in the index), read chunk by
+    /// chunk through one blob handle.
+    pub fn vectors_of(&self, rowids: &[i64]) -> Res<Vec<(i64, Option<Vec<f32>>)>> {
+        let mut located = Vec::with_capacity(rowids.len());
+        let mut out = Vec::with_capacity(rowids.len());
+        for &rowid in rowids {
+            match self.locate(rowid)? {
+                Some((chunk, slot)) => located.push((chunk, slot, rowid)),
+                None => out.push((rowid, None)),
+            }
+        }
+        located.sort_unstable();
+        let bytes = self.dims * 4;
+        let mut blob: Option<(i64, Blob<'_>)> = None;
+        let mut buf = vec![0u8; bytes];
+        for (chunk, slot, rowid) in located {
+            match &mut blob {
+                Some((open, b)) if *open != chunk => {
+                    b.reopen(chunk)?;
+                    *open = chunk;
+                }
+                Some(_) => {}
+                None => blob = Some((chunk, self.blob("vectors", "vectors", chunk, true)?)),
+            }
+            let (_, b) = blob.as_ref().expect("opened");
+            b.read_at_exact(&mut buf, slot * bytes)?;
+            out.push((rowid, Some(bytes_to_f32(&buf))));
+        }
+        Ok(out)
     }
 
     /// A stored configuration value.
@@ -436,6 +604,7 @@ impl Store {
             self.shadow("map")
         ))?
         .execute(params_from_iter(values))?;
+        self.log_change(rowid)?;
         self.bump_generation()
     }
 
@@ -462,8 +631,9 @@ impl Store {
     }
 
     /// Replaces a row's vector in place.
-    pub fn overwrite_vector(&self, chunk: i64, slot: usize, vector: &[f32]) -> Res<()> {
+    pub fn overwrite_vector(&self, rowid: i64, chunk: i64, slot: usize, vector: &[f32]) -> Res<()> {
         self.write_vector(chunk, slot, vector)?;
+        self.log_change(rowid)?;
         self.cached(&format!(
             "UPDATE {} SET version = ?2 WHERE id = ?1",
             self.shadow("chunks")
@@ -523,6 +693,7 @@ impl Store {
                 ))?
                 .query_row([chunk], |r| r.get(0))
             })?;
+        self.log_change(rowid)?;
         if free as usize >= self.capacity {
             for suffix in ["chunks", "slots", "vectors"] {
                 self.cached(&format!(
@@ -536,11 +707,14 @@ impl Store {
         Ok(true)
     }
 
-    /// Deletes every row.
+    /// Deletes every row (and, with `hnsw=on`, the saved graph: an empty one is saved).
     pub fn delete_all(&self) -> Res<()> {
         for suffix in ["chunks", "slots", "vectors", "map"] {
             self.conn
                 .execute(&format!("DELETE FROM {}", self.shadow(suffix)), [])?;
+        }
+        if self.hnsw {
+            self.write_graph(&[], 0)?;
         }
         self.bump_generation()
     }
