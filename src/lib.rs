@@ -116,7 +116,7 @@ pub fn register(db: &Connection) -> rusqlite::Result<()> {
     sql::embed_batch::load_modules(db, names.clone())?;
     sql::files::load_module(db, names.clone())?;
     sql::train::load_modules(db, names.clone())?;
-    sql::clip_index::load_module(db)?;
+    sql::clip_index::load_module(db, names.clone())?;
     for s in CLIP_SCALARS {
         for &n_arg in s.arities {
             let (name, func, names) = (s.name, s.func, names.clone());

@@ -952,3 +952,35 @@ fn hnsw_filters_apply_before_k_and_misuse_is_named() {
         assert!(e.contains(wanted), "{decl}: {e}");
     }
 }
+
+#[test]
+fn an_untrusted_connection_gets_the_policys_cap_on_k() {
+    let db = db();
+    db.execute_batch(
+        "CREATE VIRTUAL TABLE t USING clip_index(v float[2], hnsw=on);
+         INSERT INTO t(rowid, v) VALUES (1, '[1, 0]'), (2, '[0, 1]');",
+    )
+    .unwrap();
+    let sql = "SELECT count(*) FROM t WHERE v MATCH '[1, 0]' AND k = 5000";
+    assert_eq!(count(&db, sql), 2);
+    db.query_row(
+        "SELECT archaeclip_restrict('{\"level\": \"untrusted\"}')",
+        [],
+        |_| Ok(()),
+    )
+    .unwrap();
+    for mode in ["exact", "hnsw"] {
+        let e = err(&db, &format!("{sql} AND mode = '{mode}'"));
+        assert!(
+            e.contains("k must be an integer from 0 to 1000, found 5000"),
+            "{mode}: {e}"
+        );
+    }
+    assert_eq!(
+        count(
+            &db,
+            "SELECT count(*) FROM t WHERE v MATCH '[1, 0]' AND k = 1000"
+        ),
+        2
+    );
+}

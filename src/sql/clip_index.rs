@@ -42,6 +42,8 @@ use rusqlite::vtab::{
 };
 use rusqlite::{params_from_iter, Connection};
 
+use super::clip_fns;
+use super::clip_models::SharedNames;
 use crate::index::chunked::{ChunkSet, Mode, SlotFilter};
 use crate::index::hnsw::{self, Graph, GraphOptions};
 use crate::vector::codec;
@@ -50,7 +52,8 @@ use store::{owned, quote, MetaColumn, Store};
 
 const MODULE_NAME: &CStr = c"clip_index";
 
-/// Largest k accepted (results are materialized).
+/// Largest k accepted (results are materialized); an untrusted connection's policy allows
+/// fewer (`Limits::max_k`).
 pub const MAX_K: i64 = 100_000;
 
 /// Largest oversampling factor of a quantized search.
@@ -76,9 +79,9 @@ const FILTER_EXACT_MAX: usize = 20_000;
 const DEFAULT_CHUNK_BYTES: usize = 256 << 10;
 
 /// Registers the module on a connection.
-pub fn load_module(conn: &Connection) -> rusqlite::Result<()> {
+pub fn load_module(conn: &Connection, names: SharedNames) -> rusqlite::Result<()> {
     const MODULE: Module<IndexTab> = Module::update_module();
-    conn.create_module(MODULE_NAME, &MODULE, None)
+    conn.create_module(MODULE_NAME, &MODULE, Some(names))
 }
 
 fn err(table: &str, message: impl std::fmt::Display) -> rusqlite::Error {
@@ -302,6 +305,8 @@ pub struct IndexTab {
     decl: Declaration,
     image: Mutex<Image>,
     graph: Mutex<GraphState>,
+    /// The connection's names and policy (for the cap on k).
+    names: Option<SharedNames>,
 }
 
 impl IndexTab {
@@ -330,6 +335,7 @@ impl IndexTab {
 
     fn setup(
         db: &mut VTabConnection,
+        names: Option<&SharedNames>,
         database_name: &[u8],
         table_name: &[u8],
         args: &[&[u8]],
@@ -415,6 +421,7 @@ impl IndexTab {
                     generation: None,
                 }),
                 graph: Mutex::new(GraphState::default()),
+                names: names.cloned(),
                 store,
                 decl,
             },
@@ -873,19 +880,19 @@ impl IndexTab {
 }
 
 unsafe impl<'vtab> VTab<'vtab> for IndexTab {
-    type Aux = ();
+    type Aux = SharedNames;
     type Cursor = IndexCursor<'vtab>;
 
     fn connect(
         db: &mut VTabConnection,
-        _aux: Option<&()>,
+        aux: Option<&SharedNames>,
         _module_name: &[u8],
         database_name: &[u8],
         table_name: &[u8],
         args: &[&[u8]],
     ) -> rusqlite::Result<(Cow<'static, CStr>, Self)> {
         super::guard("clip_index", || {
-            IndexTab::setup(db, database_name, table_name, args, false)
+            IndexTab::setup(db, aux, database_name, table_name, args, false)
         })
     }
 
@@ -913,14 +920,14 @@ impl CreateVTab<'_> for IndexTab {
 
     fn create(
         db: &mut VTabConnection,
-        _aux: Option<&()>,
+        aux: Option<&SharedNames>,
         _module_name: &[u8],
         database_name: &[u8],
         table_name: &[u8],
         args: &[&[u8]],
     ) -> rusqlite::Result<(Cow<'static, CStr>, Self)> {
         super::guard("clip_index", || {
-            IndexTab::setup(db, database_name, table_name, args, true)
+            IndexTab::setup(db, aux, database_name, table_name, args, true)
         })
     }
 
@@ -1288,7 +1295,12 @@ unsafe impl VTabCursor for IndexCursor<'_> {
             let find = |a: Arg| args.iter().position(|x| *x == a).map(|i| values[i]);
             let k = match find(Arg::K) {
                 None => None,
-                Some(v) => Some(int_in(v, 0, MAX_K, "k").map_err(|e| err(tab.name(), e))?),
+                Some(v) => {
+                    let max_k = tab.names.as_ref().map_or(MAX_K, |n| {
+                        (clip_fns::policy(n).limits.max_k as i64).min(MAX_K)
+                    });
+                    Some(int_in(v, 0, max_k, "k").map_err(|e| err(tab.name(), e))?)
+                }
             };
             self.k = k;
             let mode = match find(Arg::Mode) {
