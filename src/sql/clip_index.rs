@@ -69,10 +69,11 @@ const RESCORE_FACTOR: usize = 2;
 /// Most candidates an HNSW query takes from the graph.
 const MAX_GRAPH_CANDIDATES: usize = 100_000;
 
-/// A filtered HNSW query with at most this many allowed rows (or at most 4 per candidate)
-/// scores them all exactly instead: cheaper than a graph walk that rejects most of what it
-/// visits, and exact.
-const FILTER_EXACT_MAX: usize = 20_000;
+/// A filtered HNSW query with at most this many allowed rows (or no more than it would
+/// rescore anyway) scores them all exactly instead: cheaper than a graph walk that rejects
+/// most of what it visits, and exact. Each costs one read of a stored vector (~40 us with
+/// SQLite's default pragmas), so the bound stays small.
+const FILTER_EXACT_MAX: usize = 2_000;
 
 /// Default bytes of one chunk's vectors: large enough that a chunk costs 1% over the raw
 /// vectors in pages, small enough that writing one slot walks few overflow pages.
@@ -558,7 +559,7 @@ impl IndexTab {
         self.sync_graph(&mut state)?;
         let graph = state.graph.as_ref().expect("synced");
         let mut rowids = match &allowed {
-            Some(set) if set.len() <= FILTER_EXACT_MAX.max(ef * 4) => {
+            Some(set) if set.len() <= FILTER_EXACT_MAX.max(rescored) => {
                 Ok(set.iter().copied().collect())
             }
             Some(set) => {
