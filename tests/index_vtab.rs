@@ -643,6 +643,35 @@ fn clustered(n: usize, dims: usize, centres: usize, seed: u64) -> Vec<Vec<f32>> 
         .collect()
 }
 
+/// Inserts `rows` into `t` as rowids 1, 2, ... in one transaction.
+fn insert_numbered(db: &Connection, rows: &[Vec<f32>]) {
+    db.execute_batch("BEGIN").unwrap();
+    for (i, v) in rows.iter().enumerate() {
+        db.execute(
+            "INSERT INTO t(rowid, v) VALUES (?1, ?2)",
+            params![i as i64 + 1, blob(v)],
+        )
+        .unwrap();
+    }
+    db.execute_batch("COMMIT").unwrap();
+}
+
+/// A scratch directory of this test process and a database path in it (no file yet).
+fn fresh_file(name: &str) -> (std::path::PathBuf, std::path::PathBuf) {
+    let dir = std::env::temp_dir().join(format!("archaeclip-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("index.db");
+    let _ = std::fs::remove_file(&path);
+    (dir, path)
+}
+
+/// A connection to a database file with the functions registered.
+fn file_db(path: &std::path::Path) -> Connection {
+    let c = Connection::open(path).unwrap();
+    archaeclip::register(&c).unwrap();
+    c
+}
+
 fn scored(db: &Connection, sql: &str, q: &[f32]) -> Vec<(i64, f64)> {
     db.prepare(sql)
         .unwrap()
@@ -759,15 +788,8 @@ fn hnsw_follows_every_write_and_its_distances_are_the_exact_ones() {
 
 #[test]
 fn hnsw_graph_is_saved_replayed_by_other_connections_and_rolled_back() {
-    let dir = std::env::temp_dir().join(format!("archaeclip-hnsw-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join("graph.db");
-    let _ = std::fs::remove_file(&path);
-    let open = || {
-        let c = Connection::open(&path).unwrap();
-        archaeclip::register(&c).unwrap();
-        c
-    };
+    let (dir, path) = fresh_file("hnsw");
+    let open = || file_db(&path);
     let a = open();
     let dims = 16;
     a.execute_batch(&format!(
@@ -776,15 +798,7 @@ fn hnsw_graph_is_saved_replayed_by_other_connections_and_rolled_back() {
     ))
     .unwrap();
     let data = clustered(1500, dims, 20, 21);
-    a.execute_batch("BEGIN").unwrap();
-    for (i, v) in data.iter().enumerate() {
-        a.execute(
-            "INSERT INTO t(rowid, v) VALUES (?1, ?2)",
-            params![i as i64 + 1, blob(v)],
-        )
-        .unwrap();
-    }
-    a.execute_batch("COMMIT").unwrap();
+    insert_numbered(&a, &data);
     // The 1,000th write saved the graph; the other 500 wait in the log.
     assert!(count(&a, "SELECT count(*) FROM t_hnsw") >= 1);
     assert_eq!(count(&a, "SELECT count(*) FROM t_hnsw_log"), 500);
@@ -983,4 +997,65 @@ fn an_untrusted_connection_gets_the_policys_cap_on_k() {
         ),
         2
     );
+}
+
+#[test]
+fn hnsw_shared_graph_shows_each_connection_only_what_its_transaction_sees() {
+    let (dir, path) = fresh_file("hnsw-shared");
+    let open = || file_db(&path);
+    let (a, b, c) = (open(), open(), open());
+    a.execute_batch(
+        "PRAGMA journal_mode = WAL;
+         CREATE VIRTUAL TABLE t USING clip_index(v float[8], hnsw=on);",
+    )
+    .unwrap();
+    let data = clustered(1200, 8, 12, 41);
+    insert_numbered(&a, &data);
+    let sql = "SELECT rowid, distance FROM t WHERE v MATCH ?1 AND k = 3 AND mode = 'hnsw' \
+               AND oversample = 50";
+    let mut r = rng(42);
+    let q: Vec<f32> = data[700].iter().map(|x| x + 0.02 * r()).collect();
+    let before = scored(&b, sql, &q);
+    assert_eq!(scored(&c, sql, &q), before);
+    // An uncommitted row: its writer finds it (its own graph), the others do not.
+    a.execute_batch("BEGIN").unwrap();
+    a.execute("INSERT INTO t(rowid, v) VALUES (5000, ?1)", [blob(&q)])
+        .unwrap();
+    assert_eq!(scored(&a, sql, &q)[0].0, 5000);
+    assert_eq!(scored(&b, sql, &q), before);
+    assert_eq!(scored(&c, sql, &q), before);
+    a.execute_batch("COMMIT").unwrap();
+    assert_eq!(scored(&b, sql, &q)[0].0, 5000);
+    // A reader whose snapshot predates a commit never sees the newer row, even though the
+    // shared graph (advanced by another reader) holds it.
+    b.execute_batch("BEGIN").unwrap();
+    let held = scored(&b, sql, &q);
+    let q2: Vec<f32> = q.iter().map(|x| x * 0.5 + 0.01).collect();
+    a.execute("INSERT INTO t(rowid, v) VALUES (6000, ?1)", [blob(&q2)])
+        .unwrap();
+    assert_eq!(scored(&c, sql, &q2)[0].0, 6000, "c sees the commit");
+    assert!(
+        scored(&b, sql, &q2).iter().all(|x| x.0 != 6000),
+        "b's snapshot has no row 6000"
+    );
+    assert_eq!(scored(&b, sql, &q), held);
+    b.execute_batch("COMMIT").unwrap();
+    assert_eq!(scored(&b, sql, &q2)[0].0, 6000);
+    // A writer's uncommitted delete, rolled back, never reaches the shared graph.
+    let nearest = scored(&c, sql, &q)[0].0;
+    a.execute_batch("BEGIN").unwrap();
+    a.execute("DELETE FROM t WHERE rowid = ?1", [nearest])
+        .unwrap();
+    assert!(scored(&a, sql, &q).iter().all(|x| x.0 != nearest));
+    a.execute_batch("ROLLBACK").unwrap();
+    assert_eq!(scored(&c, sql, &q)[0].0, nearest);
+    assert_eq!(scored(&a, sql, &q)[0].0, nearest);
+    // A save by the writer moves every reader to the new graph.
+    a.execute("INSERT INTO t(t) VALUES ('optimize')", [])
+        .unwrap();
+    a.execute("DELETE FROM t WHERE rowid = 6000", []).unwrap();
+    assert!(scored(&c, sql, &q2).iter().all(|x| x.0 != 6000));
+    assert!(scored(&b, sql, &q2).iter().all(|x| x.0 != 6000));
+    drop((a, b, c));
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -30,9 +30,10 @@ mod store;
 
 use std::borrow::Cow;
 use std::cell::RefCell;
+use std::collections::HashMap;
 use std::ffi::{c_int, CStr, CString};
 use std::marker::PhantomData;
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
 
 use rusqlite::ffi;
 use rusqlite::types::{Value, ValueRef};
@@ -286,12 +287,15 @@ struct Image {
     generation: Option<i64>,
 }
 
-/// The per-connection HNSW graph and what it reflects.
+/// An HNSW graph and what it reflects: a connection's own, or one shared by the connections of
+/// a process that read the same table (see [`IndexTab::sync_graph`]).
 #[derive(Default)]
 struct GraphState {
     graph: Option<Graph>,
     /// The token of the saved graph it was loaded from.
     snapshot: i64,
+    /// That saved graph's epoch.
+    epoch: i64,
     /// The last log entry applied: (seq, token).
     applied: Option<(i64, i64)>,
     /// The index generation it is up to date with.
@@ -308,6 +312,28 @@ pub struct IndexTab {
     graph: Mutex<GraphState>,
     /// The connection's names and policy (for the cap on k).
     names: Option<SharedNames>,
+    /// The graph shared with the process's other connections to this table (file databases).
+    shared_graph: Option<Arc<Mutex<GraphState>>>,
+}
+
+/// The process's shared graphs, by database file, table and table identity.
+type GraphPool = Mutex<HashMap<String, Weak<Mutex<GraphState>>>>;
+
+fn graph_pool() -> &'static GraphPool {
+    static POOL: OnceLock<GraphPool> = OnceLock::new();
+    POOL.get_or_init(|| Mutex::new(HashMap::new()))
+}
+
+/// The shared graph for `key`, created when no connection holds one.
+fn shared_graph(key: String) -> Arc<Mutex<GraphState>> {
+    let mut pool = graph_pool().lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(graph) = pool.get(&key).and_then(Weak::upgrade) {
+        return graph;
+    }
+    pool.retain(|_, w| w.strong_count() > 0);
+    let graph = Arc::new(Mutex::new(GraphState::default()));
+    pool.insert(key, Arc::downgrade(&graph));
+    graph
 }
 
 impl IndexTab {
@@ -398,6 +424,17 @@ impl IndexTab {
                 store.capacity = c as usize;
             }
         }
+        // Tables made before `identity` existed share nothing (the key would be ambiguous).
+        let identity = match store.config("identity")? {
+            Some(Value::Integer(n)) => Some(n),
+            _ => None,
+        };
+        let shared = match (&scope, identity, decl.hnsw) {
+            (Some(scope), Some(identity), Some(_)) => {
+                Some(shared_graph(format!("{scope}\0{identity}")))
+            }
+            _ => None,
+        };
         let mut columns = format!("CREATE TABLE x({} BLOB", quote(&decl.vector_column));
         for m in &decl.metas {
             columns.push_str(&format!(", {} {}", quote(&m.name), m.decl));
@@ -423,6 +460,7 @@ impl IndexTab {
                 }),
                 graph: Mutex::new(GraphState::default()),
                 names: names.cloned(),
+                shared_graph: shared,
                 store,
                 decl,
             },
@@ -446,21 +484,35 @@ impl IndexTab {
         })
     }
 
-    /// Brings this connection's graph up to date: loads the saved graph when it has none or
-    /// its own is stale (another save, or a rollback of a log entry it applied), then replays
-    /// the log entries it has not applied.
-    fn sync_graph(&self, state: &mut GraphState) -> rusqlite::Result<()> {
+    /// Brings a graph up to date with what this connection sees: loads the saved graph when
+    /// the state has none or is stale (another save, or a rollback of a log entry it applied),
+    /// then replays the log entries it has not applied.
+    ///
+    /// A `shared` state is only ever synced by connections without a write transaction, so it
+    /// holds committed writes only, and a connection whose view is older than the state (a
+    /// reader whose snapshot began before the last commit it reflects) uses it as it is: its
+    /// rescoring reads each candidate through its own view, so the newer rows cost it at most
+    /// some recall, never a wrong row or distance.
+    fn sync_graph(&self, state: &mut GraphState, shared: bool) -> rusqlite::Result<()> {
         let options = self.graph_options()?;
         let generation = self.store.generation()?;
         if state.graph.is_some() && state.generation == Some(generation) {
             return Ok(());
         }
+        let (snapshot, _, epoch) = self.store.graph_saved()?;
+        if shared && state.graph.is_some() && epoch < state.epoch {
+            return Ok(());
+        }
         state.generation = None;
-        let (snapshot, _) = self.store.graph_saved()?;
         let stale = match (&state.graph, state.applied) {
             (None, _) => true,
             (Some(_), _) if state.snapshot != snapshot => true,
-            (Some(_), Some((seq, token))) => self.store.log_token(seq)? != Some(token),
+            (Some(_), Some((seq, token))) => match self.store.log_token(seq)? {
+                Some(t) => t != token,
+                // Committed after this connection's snapshot began.
+                None if shared => return Ok(()),
+                None => true,
+            },
             (Some(_), None) => false,
         };
         let (dims, metric) = (self.decl.dims, self.decl.metric);
@@ -488,6 +540,7 @@ impl IndexTab {
                 state.applied = None;
             }
             state.snapshot = snapshot;
+            state.epoch = epoch;
         }
         let entries = self.store.log_after(state.applied.map_or(0, |a| a.0))?;
         if let Some(&(seq, _, token)) = entries.last() {
@@ -516,11 +569,12 @@ impl IndexTab {
     /// Saves this connection's (up-to-date) graph and empties the log.
     fn save_graph(&self) -> rusqlite::Result<()> {
         let mut state = self.graph_state();
-        self.sync_graph(&mut state)?;
+        self.sync_graph(&mut state, false)?;
         let graph = state.graph.as_ref().expect("synced");
         let bytes = graph.to_bytes().map_err(|e| err(self.name(), e))?;
         let rows = graph.len();
         state.snapshot = self.store.write_graph(&bytes, rows)?;
+        state.epoch = self.store.graph_saved()?.2;
         state.applied = None;
         state.generation = Some(self.store.generation()?);
         Ok(())
@@ -531,7 +585,7 @@ impl IndexTab {
         if self.decl.hnsw.is_none() {
             return Ok(());
         }
-        let (_, saved_rows) = self.store.graph_saved()?;
+        let (_, saved_rows, _) = self.store.graph_saved()?;
         if self.store.log_len()? >= GRAPH_SAVE_MIN.max(saved_rows / 2) {
             self.save_graph()?;
         }
@@ -555,8 +609,18 @@ impl IndexTab {
             .clamp(k, MAX_GRAPH_CANDIDATES.max(k));
         let rescored = ef.min(k.saturating_mul(RESCORE_FACTOR));
         let allowed = self.allowed_rowids(args, values)?;
-        let mut state = self.graph_state();
-        self.sync_graph(&mut state)?;
+        // Without a write transaction this connection sees only committed rows: it may use
+        // (and advance) the process's shared graph. With one, its own.
+        let writing = unsafe {
+            let schema = CString::new(self.store.schema.as_str()).unwrap_or_default();
+            ffi::sqlite3_txn_state(self.db, schema.as_ptr()) == ffi::SQLITE_TXN_WRITE
+        };
+        let shared = self.shared_graph.as_ref().filter(|_| !writing);
+        let mut state = match shared {
+            Some(graph) => graph.lock().unwrap_or_else(|p| p.into_inner()),
+            None => self.graph_state(),
+        };
+        self.sync_graph(&mut state, shared.is_some())?;
         let graph = state.graph.as_ref().expect("synced");
         let mut rowids = match &allowed {
             Some(set) if set.len() <= FILTER_EXACT_MAX.max(rescored) => {
@@ -784,7 +848,7 @@ impl IndexTab {
         let mut problems = self.store.check()?;
         if self.decl.hnsw.is_some() {
             let mut state = self.graph_state();
-            match self.sync_graph(&mut state) {
+            match self.sync_graph(&mut state, false) {
                 Err(e) => problems.push(format!("the HNSW graph cannot be loaded: {e}")),
                 Ok(()) => {
                     let graph = state.graph.as_ref().expect("synced");

@@ -140,6 +140,18 @@ def test_drop_removes_the_shadow_tables_and_a_rename_is_reported():
         db.execute("SELECT count(*) FROM u")
 
 
+def hnsw_file(path, columns, insert, rows):
+    """A file database with table t = clip_index(columns..., hnsw=on) holding rows, inserted in one
+    transaction; returns its connection (autocommit)."""
+    db = connect(str(path))
+    db.isolation_level = None
+    db.execute(f"CREATE VIRTUAL TABLE t USING clip_index({columns}, hnsw=on)")
+    db.execute("BEGIN")
+    db.executemany(insert, rows)
+    db.execute("COMMIT")
+    return db
+
+
 def test_hnsw_index_in_a_file_from_python_and_the_sqlite3_shell(tmp_path):
     """hnsw=on through the loadable library (usearch is C++: this is where a missing runtime
     symbol would show), a second connection that replays the log, and Debian's sqlite3 shell
@@ -150,12 +162,7 @@ def test_hnsw_index_in_a_file_from_python_and_the_sqlite3_shell(tmp_path):
 
     path = tmp_path / "graph.db"
     rows, queries = dataset(n=2500)
-    a = connect(str(path))
-    a.isolation_level = None
-    a.execute(f"CREATE VIRTUAL TABLE t USING clip_index(v float[{DIMS}], material text, hnsw=on)")
-    a.execute("BEGIN")
-    a.executemany("INSERT INTO t(rowid, v, material) VALUES (?, ?, ?)", rows)
-    a.execute("COMMIT")
+    a = hnsw_file(path, f"v float[{DIMS}], material text", "INSERT INTO t(rowid, v, material) VALUES (?, ?, ?)", rows)
     exact_sql = "SELECT rowid, distance FROM t WHERE v MATCH ? AND k = 10"
     graph_sql = exact_sql + " AND mode = 'hnsw' AND oversample = 20"
     found = 0
@@ -184,3 +191,38 @@ def test_hnsw_index_in_a_file_from_python_and_the_sqlite3_shell(tmp_path):
     db = connect(str(path))
     want = [r[0] for r in db.execute(exact_sql.replace("k = 10", "k = 3"), (pack(struct.unpack(f"<{DIMS}f", queries[0])),))]
     assert [int(x) for x in out.stdout.split()] == want
+
+
+def test_connections_of_one_process_share_the_hnsw_graph_and_the_chunks(tmp_path):
+    """Datasette opens several connections to one file: the graph (and the float32 chunks) are
+    loaded once per process, not once per connection. Measured as resident memory."""
+    import random as _random
+
+    def rss_mib():
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmRSS"))
+
+    path = tmp_path / "shared.db"
+    dims, n = 256, 30_000
+    rnd = _random.Random(3)
+    centres = [[rnd.gauss(0, 1) for _ in range(dims)] for _ in range(50)]
+    rows = [(i + 1, pack([x + 0.3 * rnd.gauss(0, 1) for x in centres[i % 50]])) for i in range(n)]
+    db = hnsw_file(path, f"v float[{dims}]", "INSERT INTO t(rowid, v) VALUES (?, ?)", rows)
+    db.execute("INSERT INTO t(t) VALUES ('optimize')")
+    db.close()
+    del rows
+    q = pack(centres[7])
+    growth, answers, keep = [], [], []
+    for _ in range(4):
+        c = connect(str(path))
+        keep.append(c)
+        before = rss_mib()
+        answers.append(c.execute("SELECT rowid FROM t WHERE v MATCH ? AND k = 5 AND mode = 'hnsw'", (q,)).fetchall())
+        answers.append(c.execute("SELECT rowid FROM t WHERE v MATCH ? AND k = 5", (q,)).fetchall())
+        growth.append(rss_mib() - before)
+    # The first connection loads the graph (~10 MiB) and the chunks (~30 MiB; part of it may
+    # reuse memory the building connection freed); the others reuse them. Without sharing, each
+    # later connection grew by ~46 MiB.
+    assert growth[0] > 5, growth
+    assert max(growth[1:]) < 5, growth
+    assert all(a == answers[0] for a in answers[0::2]) and all(a == answers[1] for a in answers[1::2])

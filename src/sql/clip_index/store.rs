@@ -218,6 +218,8 @@ impl Store {
             ("generation", Value::Integer(fresh_version())),
             ("hnsw_snapshot", Value::Integer(fresh_version())),
             ("hnsw_rows", Value::Integer(0)),
+            ("hnsw_epoch", Value::Integer(0)),
+            ("identity", Value::Integer(fresh_version())),
         ] {
             self.conn.execute(
                 &format!("INSERT INTO {config}(key, value) VALUES (?1, ?2)"),
@@ -262,8 +264,9 @@ impl Store {
         Ok(())
     }
 
-    /// The saved graph's token (a fresh value per save) and how many rows it held.
-    pub fn graph_saved(&self) -> Res<(i64, i64)> {
+    /// The saved graph: its token (a fresh value per save), how many rows it held, and its
+    /// epoch (how many saves came before it: it orders committed saves).
+    pub fn graph_saved(&self) -> Res<(i64, i64, i64)> {
         let int = |key: &str| -> Res<i64> {
             match self.config(key)? {
                 Some(Value::Integer(n)) => Ok(n),
@@ -274,7 +277,12 @@ impl Store {
                 ))),
             }
         };
-        Ok((int("hnsw_snapshot")?, int("hnsw_rows")?))
+        // Tables made before epochs were recorded start at 0.
+        let epoch = match self.config("hnsw_epoch")? {
+            Some(Value::Integer(n)) => n,
+            _ => 0,
+        };
+        Ok((int("hnsw_snapshot")?, int("hnsw_rows")?, epoch))
     }
 
     /// Log entries after `seq`: (seq, rowid, token), in order.
@@ -353,8 +361,13 @@ impl Store {
         self.conn
             .execute(&format!("DELETE FROM {}", self.shadow("hnsw_log")), [])?;
         let token = fresh_version();
+        let (_, _, epoch) = self.graph_saved()?;
         let config = self.shadow("config");
-        for (key, value) in [("hnsw_snapshot", token), ("hnsw_rows", rows as i64)] {
+        for (key, value) in [
+            ("hnsw_snapshot", token),
+            ("hnsw_rows", rows as i64),
+            ("hnsw_epoch", epoch + 1),
+        ] {
             self.cached(&format!(
                 "INSERT OR REPLACE INTO {config}(key, value) VALUES (?1, ?2)"
             ))?
