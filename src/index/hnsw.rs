@@ -1,7 +1,7 @@
 //! The ANN graph of a persistent index (`clip_index ... hnsw=on`): an HNSW graph from Unum's
 //! usearch, keyed by rowid, that proposes candidates which the SQL layer rescores exactly with
-//! the stored float32 vectors (so a returned distance is always the exact one; the graph only
-//! decides which rows are looked at).
+//! the stored float32 vectors, as an exact search scores them (so a returned distance is
+//! always the exact one; the graph only decides which rows are looked at).
 //!
 //! The graph keeps its own compact copy of each vector: for cosine, int8 codes scaled per row
 //! by max |x| / 127 (cosine is blind to a row's scale, so every row uses the full int8 range;
@@ -18,9 +18,7 @@ use usearch::Index;
 
 use crate::error::{Error, Result};
 use crate::index::chunked::quantize_int8;
-use crate::index::scan::{inv_norm, Scorer};
 use crate::vector::distance::Metric;
-use crate::vector::topk::{Hit, TopK};
 
 /// Graph parameters: neighbours per node (M) and the candidate list while adding.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -150,11 +148,6 @@ impl Graph {
         self.len() == 0
     }
 
-    /// Bytes of memory the graph uses.
-    pub fn memory(&self) -> usize {
-        self.index.memory_usage()
-    }
-
     pub fn contains(&self, rowid: i64) -> bool {
         rowid != Self::SENTINEL_ROWID && self.index.contains(Self::key(rowid))
     }
@@ -246,35 +239,6 @@ impl Graph {
         .map_err(|e| failed("search failed", e))?;
         Ok(matches.keys.into_iter().map(Self::rowid).collect())
     }
-}
-
-/// The k nearest of `rows` to `query`, scored exactly as an exact search scores them:
-/// (rowid, score, distance), nearest first.
-pub fn rescore(
-    query: &[f32],
-    k: usize,
-    metric: Metric,
-    rows: &[(i64, Vec<f32>)],
-) -> Result<Vec<(i64, f64, f64)>> {
-    let scorer = Scorer::new(query, metric)?;
-    let mut top = TopK::new(k);
-    for (rowid, row) in rows {
-        if row.len() != query.len() {
-            return Err(Error::QueryDimensionMismatch {
-                query: query.len(),
-                rows: row.len(),
-            });
-        }
-        if let Some(distance) = scorer.distance(row, inv_norm(row)) {
-            if distance <= top.threshold() {
-                top.push(Hit {
-                    distance,
-                    id: *rowid,
-                });
-            }
-        }
-    }
-    Ok(scorer.results(top))
 }
 
 #[cfg(test)]

@@ -46,7 +46,8 @@ use rusqlite::{params_from_iter, Connection};
 use super::clip_fns;
 use super::clip_models::SharedNames;
 use crate::index::chunked::{ChunkSet, Mode, SlotFilter};
-use crate::index::hnsw::{self, Graph, GraphOptions};
+use crate::index::hnsw::{Graph, GraphOptions};
+use crate::index::StreamScan;
 use crate::vector::codec;
 use crate::vector::distance::Metric;
 use store::{owned, quote, MetaColumn, Store};
@@ -573,8 +574,7 @@ impl IndexTab {
         let graph = state.graph.as_ref().expect("synced");
         let bytes = graph.to_bytes().map_err(|e| err(self.name(), e))?;
         let rows = graph.len();
-        state.snapshot = self.store.write_graph(&bytes, rows)?;
-        state.epoch = self.store.graph_saved()?.2;
+        (state.snapshot, state.epoch) = self.store.write_graph(&bytes, rows)?;
         state.applied = None;
         state.generation = Some(self.store.generation()?);
         Ok(())
@@ -585,7 +585,7 @@ impl IndexTab {
         if self.decl.hnsw.is_none() {
             return Ok(());
         }
-        let (_, saved_rows, _) = self.store.graph_saved()?;
+        let saved_rows = self.store.saved_graph_rows()?;
         if self.store.log_len()? >= GRAPH_SAVE_MIN.max(saved_rows / 2) {
             self.save_graph()?;
         }
@@ -642,14 +642,16 @@ impl IndexTab {
         {
             rowids.push(sentinel);
         }
-        let rows: Vec<(i64, Vec<f32>)> = self
-            .store
-            .vectors_of(&rowids)?
-            .into_iter()
-            .filter_map(|(rowid, v)| v.map(|v| (rowid, v)))
-            .collect();
-        hnsw::rescore(query, k, self.decl.metric, &rows)
-            .map_err(|e| err(self.name(), format!("MATCH: {e}")))
+        // Scored exactly, as an exact search scores them; a rowid this connection cannot see
+        // (gone, or newer than its snapshot) has no vector and is skipped.
+        let matched = |e: crate::error::Error| err(self.name(), format!("MATCH: {e}"));
+        let mut scan = StreamScan::new(query, k, self.decl.metric).map_err(matched)?;
+        for (rowid, vector) in self.store.vectors_of(&rowids)? {
+            if let Some(v) = vector {
+                scan.push_f32(rowid, &v).map_err(matched)?;
+            }
+        }
+        Ok(scan.finish())
     }
 
     /// The rowids that the rowid and metadata constraints allow, or `None` when there are
@@ -663,12 +665,7 @@ impl IndexTab {
         if conditions.is_empty() {
             return Ok(None);
         }
-        let sql = format!(
-            "SELECT rowid FROM {} WHERE {}",
-            self.store.shadow("map"),
-            conditions.join(" AND ")
-        );
-        let mut stmt = self.store.cached(&sql)?;
+        let mut stmt = self.store.cached(&self.map_select("rowid", &conditions))?;
         let set = stmt
             .query_map(params_from_iter(params), |r| r.get::<_, i64>(0))?
             .collect::<rusqlite::Result<_>>()?;
@@ -853,12 +850,7 @@ impl IndexTab {
                 Ok(()) => {
                     let graph = state.graph.as_ref().expect("synced");
                     let sentinel = self.store.locate(Graph::SENTINEL_ROWID)?.is_some();
-                    let rows: i64 = self.store.conn.query_row(
-                        &format!("SELECT count(*) FROM {}", self.store.shadow("map")),
-                        [],
-                        |r| r.get(0),
-                    )?;
-                    let expected = rows as usize - usize::from(sentinel);
+                    let expected = self.store.row_count()? as usize - usize::from(sentinel);
                     if graph.len() != expected {
                         problems.push(format!(
                             "the HNSW graph holds {} rows, the index {expected}",
@@ -899,11 +891,7 @@ impl IndexTab {
                     }
                 }
             }
-            let indexed: i64 = conn.query_row(
-                &format!("SELECT count(*) FROM {}", self.store.shadow("map")),
-                [],
-                |r| r.get(0),
-            )?;
+            let indexed = self.store.row_count()?;
             let extra = indexed as usize - matched.min(indexed as usize);
             let examples = |v: &[i64]| {
                 v.iter()
@@ -1277,14 +1265,11 @@ impl IndexTab {
         if conditions.is_empty() {
             return Ok(None);
         }
-        let sql = format!(
-            "SELECT chunk, slot FROM {} WHERE {}",
-            self.store.shadow("map"),
-            conditions.join(" AND ")
-        );
         let capacity = self.store.capacity;
         let mut filter = SlotFilter::new();
-        let mut stmt = self.store.cached(&sql)?;
+        let mut stmt = self
+            .store
+            .cached(&self.map_select("chunk, slot", &conditions))?;
         let mut rows = stmt.query(params_from_iter(params))?;
         while let Some(row) = rows.next()? {
             let (chunk, slot): (i64, i64) = (row.get(0)?, row.get(1)?);
@@ -1297,6 +1282,16 @@ impl IndexTab {
             }
         }
         Ok(Some(filter))
+    }
+
+    /// `SELECT columns FROM t_map [WHERE conditions]`.
+    fn map_select(&self, columns: &str, conditions: &[String]) -> String {
+        let mut sql = format!("SELECT {columns} FROM {}", self.store.shadow("map"));
+        if !conditions.is_empty() {
+            sql.push_str(" WHERE ");
+            sql.push_str(&conditions.join(" AND "));
+        }
+        sql
     }
 
     /// SQL conditions on `t_map` for the rowid and metadata constraints, and their values.
@@ -1445,12 +1440,7 @@ unsafe impl VTabCursor for IndexCursor<'_> {
                 ));
             }
             let (conditions, params) = tab.conditions(&args, &values);
-            let sql = format!(
-                "SELECT rowid FROM {}{}{} ORDER BY rowid",
-                tab.store.shadow("map"),
-                if conditions.is_empty() { "" } else { " WHERE " },
-                conditions.join(" AND ")
-            );
+            let sql = tab.map_select("rowid", &conditions) + " ORDER BY rowid";
             let mut stmt = tab.store.cached(&sql)?;
             self.rows = stmt
                 .query_map(params_from_iter(params), |r| Ok((r.get(0)?, None)))?

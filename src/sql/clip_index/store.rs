@@ -230,11 +230,11 @@ impl Store {
     }
 
     /// Creates the graph's two shadow tables (`hnsw=on`).
-    pub fn create_graph_tables(&self) -> Res<()> {
+    fn create_graph_tables(&self) -> Res<()> {
         self.conn.execute_batch(&format!(
-            "CREATE TABLE IF NOT EXISTS {graph}(id INTEGER PRIMARY KEY, data BLOB NOT NULL);
-             CREATE TABLE IF NOT EXISTS {log}(seq INTEGER PRIMARY KEY, rowid INTEGER NOT NULL,
-                                              token INTEGER NOT NULL);",
+            "CREATE TABLE {graph}(id INTEGER PRIMARY KEY, data BLOB NOT NULL);
+             CREATE TABLE {log}(seq INTEGER PRIMARY KEY, rowid INTEGER NOT NULL,
+                                token INTEGER NOT NULL);",
             graph = self.shadow("hnsw"),
             log = self.shadow("hnsw_log"),
         ))
@@ -267,22 +267,21 @@ impl Store {
     /// The saved graph: its token (a fresh value per save), how many rows it held, and its
     /// epoch (how many saves came before it: it orders committed saves).
     pub fn graph_saved(&self) -> Res<(i64, i64, i64)> {
-        let int = |key: &str| -> Res<i64> {
-            match self.config(key)? {
-                Some(Value::Integer(n)) => Ok(n),
-                other => Err(corrupt(format!(
-                    "{}: {key} is {other:?} in {}",
-                    self.table,
-                    self.shadow("config")
-                ))),
-            }
-        };
         // Tables made before epochs were recorded start at 0.
         let epoch = match self.config("hnsw_epoch")? {
             Some(Value::Integer(n)) => n,
             _ => 0,
         };
-        Ok((int("hnsw_snapshot")?, int("hnsw_rows")?, epoch))
+        Ok((
+            self.int_config("hnsw_snapshot")?,
+            self.saved_graph_rows()?,
+            epoch,
+        ))
+    }
+
+    /// How many rows the saved graph held (read after every write of an `hnsw=on` table).
+    pub fn saved_graph_rows(&self) -> Res<i64> {
+        self.int_config("hnsw_rows")
     }
 
     /// Log entries after `seq`: (seq, rowid, token), in order.
@@ -345,8 +344,9 @@ impl Store {
         Ok(bytes)
     }
 
-    /// Replaces the saved graph, empties the log and records a fresh token; returns it.
-    pub fn write_graph(&self, bytes: &[u8], rows: usize) -> Res<i64> {
+    /// Replaces the saved graph, empties the log and records a fresh token and the next
+    /// epoch; returns both.
+    pub fn write_graph(&self, bytes: &[u8], rows: usize) -> Res<(i64, i64)> {
         self.conn
             .execute(&format!("DELETE FROM {}", self.shadow("hnsw")), [])?;
         for (i, part) in bytes.chunks(GRAPH_PART_BYTES).enumerate() {
@@ -374,7 +374,7 @@ impl Store {
             .execute(params![key, value])?;
         }
         self.bump_generation()?;
-        Ok(token)
+        Ok((token, epoch + 1))
     }
 
     /// The stored vectors of `rowids` (None for a rowid not in the index), read chunk by
@@ -418,16 +418,27 @@ impl Store {
         .optional()
     }
 
-    /// The index's generation: moves on every write, from any connection.
-    pub fn generation(&self) -> Res<i64> {
-        match self.config("generation")? {
-            Some(Value::Integer(g)) => Ok(g),
+    /// A stored configuration value that must be an integer.
+    fn int_config(&self, key: &str) -> Res<i64> {
+        match self.config(key)? {
+            Some(Value::Integer(n)) => Ok(n),
             other => Err(corrupt(format!(
-                "{}: generation is {other:?} in {}",
+                "{}: {key} is {other:?} in {}",
                 self.table,
                 self.shadow("config")
             ))),
         }
+    }
+
+    /// The index's generation: moves on every write, from any connection.
+    pub fn generation(&self) -> Res<i64> {
+        self.int_config("generation")
+    }
+
+    /// Rows in the index.
+    pub fn row_count(&self) -> Res<i64> {
+        self.cached(&format!("SELECT count(*) FROM {}", self.shadow("map")))?
+            .query_row([], |r| r.get(0))
     }
 
     fn bump_generation(&self) -> Res<()> {
