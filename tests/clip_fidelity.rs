@@ -219,3 +219,80 @@ fn dct_scaled_jpeg_decoding_stays_close_to_a_full_decode() {
     eprintln!("4.9 MP JPEG -> 224: full decode {full_ms:.1} ms, DCT-scaled {scaled_ms:.1} ms; differ by {max:.1} levels at most, {mean:.2} on average");
     assert!(max <= 6.0 && mean <= 0.5, "{max} {mean}");
 }
+
+/// The fused inference towers (`clip::fast`) against the differentiable candle modules that
+/// training uses, on batches: texts of different lengths padded together, several images at
+/// once, and every activation (the tanh GELU has no transformers fixture, so tiny-gelu's
+/// weights are reloaded with `gelu_new`). Each batched row must also equal the same input run
+/// alone.
+#[test]
+fn fused_towers_agree_with_the_candle_modules_on_batches_and_every_activation() {
+    use archaeclip::clip::load::open;
+    let (refs, tensors) = references();
+    let tanh_dir = std::env::temp_dir().join(format!("archaeclip-gelu-new-{}", std::process::id()));
+    std::fs::create_dir_all(&tanh_dir).unwrap();
+    let src = fixtures().join("models/tiny-gelu");
+    for entry in std::fs::read_dir(&src).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), tanh_dir.join(entry.file_name())).unwrap();
+    }
+    let config = std::fs::read_to_string(tanh_dir.join("config.json")).unwrap();
+    assert!(config.contains("\"gelu\""));
+    std::fs::write(
+        tanh_dir.join("config.json"),
+        config.replace("\"gelu\"", "\"gelu_new\""),
+    )
+    .unwrap();
+    let mut dirs: Vec<(String, PathBuf)> = MODELS
+        .iter()
+        .map(|n| (n.to_string(), fixtures().join("models").join(n)))
+        .collect();
+    dirs.push(("tiny-gelu as gelu_new".into(), tanh_dir.clone()));
+    for (name, dir) in &dirs {
+        let fixture = name.split(' ').next().unwrap();
+        let (fused, opened) = open(dir).unwrap().build(false).unwrap();
+        let (modules, _) = opened.build(true).unwrap();
+        let ids: Vec<Vec<u32>> = refs["models"][fixture]["texts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| serde_json::from_value(t["ids"].clone()).unwrap())
+            .collect();
+        let lengths: std::collections::HashSet<usize> = ids.iter().map(Vec::len).collect();
+        assert!(lengths.len() > 2, "{name}: texts of several lengths");
+        let a = flat(&fused.text_embeds(&ids).unwrap());
+        let b = flat(&modules.text_embeds(&ids).unwrap());
+        let d = max_abs_diff(&a, &b);
+        assert!(d < 1e-5, "{name}: batched texts differ by {d}");
+        let dims = a.len() / ids.len();
+        for (i, one) in ids.iter().enumerate() {
+            let alone = fused.text_features(one).unwrap();
+            let d = max_abs_diff(&alone, &a[i * dims..(i + 1) * dims]);
+            assert!(
+                d < 1e-5,
+                "{name}: text {i} alone and in a batch differ by {d}"
+            );
+        }
+        let pixels: Vec<Tensor> = refs["images"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|img| tensors[&format!("{fixture}/pixels/{}", img.as_str().unwrap())].clone())
+            .collect();
+        assert!(pixels.len() > 1);
+        let batch = Tensor::stack(&pixels, 0).unwrap();
+        let a = flat(&fused.image_embeds(&batch).unwrap());
+        let b = flat(&modules.image_embeds(&batch).unwrap());
+        let d = max_abs_diff(&a, &b);
+        assert!(d < 1e-5, "{name}: batched images differ by {d}");
+        for (i, p) in pixels.iter().enumerate() {
+            let alone = flat(&fused.image_embeds(&p.unsqueeze(0).unwrap()).unwrap());
+            let d = max_abs_diff(&alone, &a[i * dims..(i + 1) * dims]);
+            assert!(
+                d < 1e-5,
+                "{name}: image {i} alone and in a batch differ by {d}"
+            );
+        }
+    }
+    std::fs::remove_dir_all(&tanh_dir).unwrap();
+}

@@ -3,7 +3,9 @@
 
 pub mod config;
 pub mod embed;
+pub mod fast;
 pub mod load;
+mod matmul;
 pub mod model;
 pub mod preprocess;
 pub mod registry;

@@ -1,15 +1,17 @@
-//! The CLIP model (candle), mirroring transformers' `CLIPModel` module by module and weight name
-//! by weight name (`text_model.encoder.layers.0.self_attn.q_proj`, `vision_model.pre_layrnorm`
-//! with its misspelling, ...), so any HuggingFace CLIP checkpoint loads as it is.
+//! The CLIP model, mirroring transformers' `CLIPModel` module by module and weight name by weight
+//! name (`text_model.encoder.layers.0.self_attn.q_proj`, `vision_model.pre_layrnorm` with its
+//! misspelling, ...), so any HuggingFace CLIP checkpoint loads as it is.
 //!
-//! Built for inference, layer norm and softmax use candle's fused kernels. Built for training
-//! (`differentiable`), they are composed of elementary ops instead: candle's fused layer norm and
-//! softmax have no backward pass, so gradients would silently stop at every layer norm.
+//! Built for inference, the towers are [`super::fast::FastClip`]: fused passes over plain
+//! buffers. Built for training (`differentiable`), they are candle modules whose layer norm and
+//! softmax are composed of elementary ops: candle's fused layer norm and softmax have no
+//! backward pass, so gradients would silently stop at every layer norm.
 
 use candle_core::{DType, Device, IndexOp, Module, Result, Tensor, D};
 use candle_nn::{linear, linear_no_bias, Linear, VarBuilder};
 
 use super::config::{Activation, ClipConfig, TowerConfig};
+use super::fast::{pool_index, FastClip};
 
 fn activate(act: Activation, xs: &Tensor) -> Result<Tensor> {
     match act {
@@ -19,28 +21,23 @@ fn activate(act: Activation, xs: &Tensor) -> Result<Tensor> {
     }
 }
 
-/// transformers' `nn.LayerNorm` (weight and bias).
+/// transformers' `nn.LayerNorm` (weight and bias), composed of differentiable ops.
 struct Norm {
     weight: Tensor,
     bias: Tensor,
     eps: f64,
-    differentiable: bool,
 }
 
 impl Norm {
-    fn new(size: usize, eps: f64, vb: VarBuilder, differentiable: bool) -> Result<Norm> {
+    fn new(size: usize, eps: f64, vb: VarBuilder) -> Result<Norm> {
         Ok(Norm {
             weight: vb.get(size, "weight")?,
             bias: vb.get(size, "bias")?,
             eps,
-            differentiable,
         })
     }
 
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        if !self.differentiable && xs.is_contiguous() {
-            return candle_nn::ops::layer_norm(xs, &self.weight, &self.bias, self.eps as f32);
-        }
         let size = xs.dim(D::Minus1)? as f64;
         let centred = xs.broadcast_sub(&(xs.sum_keepdim(D::Minus1)? / size)?)?;
         let variance = (centred.sqr()?.sum_keepdim(D::Minus1)? / size)?;
@@ -59,11 +56,10 @@ struct Attention {
     heads: usize,
     head_dim: usize,
     scale: f64,
-    differentiable: bool,
 }
 
 impl Attention {
-    fn new(vb: VarBuilder, c: &TowerConfig, differentiable: bool) -> Result<Attention> {
+    fn new(vb: VarBuilder, c: &TowerConfig) -> Result<Attention> {
         let h = c.hidden_size;
         let head_dim = h / c.num_attention_heads;
         Ok(Attention {
@@ -74,7 +70,6 @@ impl Attention {
             heads: c.num_attention_heads,
             head_dim,
             scale: (head_dim as f64).powf(-0.5),
-            differentiable,
         })
     }
 
@@ -94,11 +89,7 @@ impl Attention {
         if let Some(mask) = mask {
             weights = weights.broadcast_add(mask)?;
         }
-        let weights = if self.differentiable {
-            candle_nn::ops::softmax(&weights, D::Minus1)?
-        } else {
-            candle_nn::ops::softmax_last_dim(&weights)?
-        };
+        let weights = candle_nn::ops::softmax(&weights, D::Minus1)?;
         let out = weights.matmul(&v)?.transpose(1, 2)?.reshape((b, s, h))?;
         self.out_proj.forward(&out)
     }
@@ -114,14 +105,14 @@ struct EncoderLayer {
 }
 
 impl EncoderLayer {
-    fn new(vb: VarBuilder, c: &TowerConfig, diff: bool) -> Result<EncoderLayer> {
+    fn new(vb: VarBuilder, c: &TowerConfig) -> Result<EncoderLayer> {
         let (h, i, eps) = (c.hidden_size, c.intermediate_size, c.layer_norm_eps);
         Ok(EncoderLayer {
-            self_attn: Attention::new(vb.pp("self_attn"), c, diff)?,
-            layer_norm1: Norm::new(h, eps, vb.pp("layer_norm1"), diff)?,
+            self_attn: Attention::new(vb.pp("self_attn"), c)?,
+            layer_norm1: Norm::new(h, eps, vb.pp("layer_norm1"))?,
             fc1: linear(h, i, vb.pp("mlp").pp("fc1"))?,
             fc2: linear(i, h, vb.pp("mlp").pp("fc2"))?,
-            layer_norm2: Norm::new(h, eps, vb.pp("layer_norm2"), diff)?,
+            layer_norm2: Norm::new(h, eps, vb.pp("layer_norm2"))?,
             act: c.activation,
         })
     }
@@ -144,10 +135,10 @@ struct Encoder {
 }
 
 impl Encoder {
-    fn new(vb: VarBuilder, c: &TowerConfig, diff: bool) -> Result<Encoder> {
+    fn new(vb: VarBuilder, c: &TowerConfig) -> Result<Encoder> {
         let vb = vb.pp("layers");
         let layers = (0..c.num_hidden_layers)
-            .map(|i| EncoderLayer::new(vb.pp(i.to_string()), c, diff))
+            .map(|i| EncoderLayer::new(vb.pp(i.to_string()), c))
             .collect::<Result<_>>()?;
         Ok(Encoder { layers })
     }
@@ -172,7 +163,7 @@ struct TextTransformer {
 }
 
 impl TextTransformer {
-    fn new(vb: VarBuilder, c: &ClipConfig, diff: bool) -> Result<TextTransformer> {
+    fn new(vb: VarBuilder, c: &ClipConfig) -> Result<TextTransformer> {
         let t = &c.text;
         let h = t.tower.hidden_size;
         let emb = vb.pp("embeddings");
@@ -181,28 +172,10 @@ impl TextTransformer {
             position_embedding: emb
                 .pp("position_embedding")
                 .get((t.max_position_embeddings, h), "weight")?,
-            encoder: Encoder::new(vb.pp("encoder"), &t.tower, diff)?,
-            final_layer_norm: Norm::new(
-                h,
-                t.tower.layer_norm_eps,
-                vb.pp("final_layer_norm"),
-                diff,
-            )?,
+            encoder: Encoder::new(vb.pp("encoder"), &t.tower)?,
+            final_layer_norm: Norm::new(h, t.tower.layer_norm_eps, vb.pp("final_layer_norm"))?,
             eos_token_id: t.eos_token_id,
         })
-    }
-
-    /// transformers' pooling: the first end-of-text token (or, for legacy configs whose
-    /// eos_token_id is 2, the largest id).
-    fn pool_index(&self, ids: &[u32]) -> usize {
-        if self.eos_token_id == 2 {
-            let max = ids.iter().copied().max().unwrap_or(0);
-            ids.iter().position(|&i| i == max).unwrap_or(0)
-        } else {
-            ids.iter()
-                .position(|&i| i == self.eos_token_id)
-                .unwrap_or(0)
-        }
     }
 
     /// Pooled output (batch, hidden) for sequences of ids (each with its start and end of
@@ -218,7 +191,7 @@ impl TextTransformer {
         for (row, ids) in batch.iter().enumerate() {
             padded.extend_from_slice(ids);
             padded.resize((row + 1) * s, 0);
-            pooled.push((row * s + self.pool_index(ids)) as u32);
+            pooled.push((row * s + pool_index(self.eos_token_id, ids)) as u32);
         }
         let h = self.token_embedding.dim(1)?;
         let xs = self
@@ -256,7 +229,7 @@ struct VisionTransformer {
 }
 
 impl VisionTransformer {
-    fn new(vb: VarBuilder, c: &ClipConfig, diff: bool) -> Result<VisionTransformer> {
+    fn new(vb: VarBuilder, c: &ClipConfig) -> Result<VisionTransformer> {
         let v = &c.vision;
         let (h, p, eps) = (v.tower.hidden_size, v.patch_size, v.tower.layer_norm_eps);
         let grid = c.grid();
@@ -271,9 +244,9 @@ impl VisionTransformer {
             position_embedding: emb
                 .pp("position_embedding")
                 .get((grid * grid + 1, h), "weight")?,
-            pre_layrnorm: Norm::new(h, eps, vb.pp("pre_layrnorm"), diff)?,
-            encoder: Encoder::new(vb.pp("encoder"), &v.tower, diff)?,
-            post_layernorm: Norm::new(h, eps, vb.pp("post_layernorm"), diff)?,
+            pre_layrnorm: Norm::new(h, eps, vb.pp("pre_layrnorm"))?,
+            encoder: Encoder::new(vb.pp("encoder"), &v.tower)?,
+            post_layernorm: Norm::new(h, eps, vb.pp("post_layernorm"))?,
             patch: p,
             grid,
         })
@@ -300,43 +273,61 @@ impl VisionTransformer {
     }
 }
 
-/// A whole CLIP model: both towers and their projections into the shared space.
-pub struct ClipModel {
+/// The differentiable towers (candle modules, for training).
+struct CandleTowers {
     text_model: TextTransformer,
     vision_model: VisionTransformer,
     text_projection: Linear,
     visual_projection: Linear,
+}
+
+enum Towers {
+    Candle(Box<CandleTowers>),
+    Fast(Box<FastClip>),
+}
+
+/// A whole CLIP model: both towers and their projections into the shared space.
+pub struct ClipModel {
+    towers: Towers,
     /// The learned temperature (log scale), when the checkpoint has one.
     logit_scale: Option<Tensor>,
     device: Device,
 }
 
 impl ClipModel {
-    /// A model for inference (fused kernels).
+    /// A model for inference (fused passes, [`FastClip`]).
     pub fn new(vb: VarBuilder, c: &ClipConfig) -> Result<ClipModel> {
         ClipModel::build(vb, c, false)
     }
 
-    /// `differentiable`: every op has a backward pass (for training).
+    /// `differentiable`: candle modules whose every op has a backward pass (for training);
+    /// otherwise the fused inference towers.
     pub fn build(vb: VarBuilder, c: &ClipConfig, differentiable: bool) -> Result<ClipModel> {
         let logit_scale = if vb.contains_tensor("logit_scale") {
             Some(vb.get((), "logit_scale")?)
         } else {
             None
         };
+        let towers = if differentiable || !vb.device().is_cpu() {
+            Towers::Candle(Box::new(CandleTowers {
+                text_model: TextTransformer::new(vb.pp("text_model"), c)?,
+                vision_model: VisionTransformer::new(vb.pp("vision_model"), c)?,
+                text_projection: linear_no_bias(
+                    c.text.tower.hidden_size,
+                    c.projection_dim,
+                    vb.pp("text_projection"),
+                )?,
+                visual_projection: linear_no_bias(
+                    c.vision.tower.hidden_size,
+                    c.projection_dim,
+                    vb.pp("visual_projection"),
+                )?,
+            }))
+        } else {
+            Towers::Fast(Box::new(FastClip::load(vb.clone(), c)?))
+        };
         Ok(ClipModel {
-            text_model: TextTransformer::new(vb.pp("text_model"), c, differentiable)?,
-            vision_model: VisionTransformer::new(vb.pp("vision_model"), c, differentiable)?,
-            text_projection: linear_no_bias(
-                c.text.tower.hidden_size,
-                c.projection_dim,
-                vb.pp("text_projection"),
-            )?,
-            visual_projection: linear_no_bias(
-                c.vision.tower.hidden_size,
-                c.projection_dim,
-                vb.pp("visual_projection"),
-            )?,
+            towers,
             logit_scale,
             device: vb.device().clone(),
         })
@@ -345,20 +336,41 @@ impl ClipModel {
     /// transformers' `get_text_features` for a batch of token id sequences: (batch, dims),
     /// not normalized.
     pub fn text_embeds(&self, ids: &[Vec<u32>]) -> Result<Tensor> {
-        let pooled = self.text_model.forward(ids, &self.device)?;
-        self.text_projection.forward(&pooled)
+        match &self.towers {
+            Towers::Candle(t) => {
+                let pooled = t.text_model.forward(ids, &self.device)?;
+                t.text_projection.forward(&pooled)
+            }
+            Towers::Fast(f) => {
+                let rows = f.text_features(ids)?;
+                Tensor::from_vec(rows, (ids.len(), f.dims()), &self.device)
+            }
+        }
     }
 
     /// transformers' `get_image_features` for preprocessed pixels (batch, 3, size, size):
     /// (batch, dims), not normalized.
     pub fn image_embeds(&self, pixels: &Tensor) -> Result<Tensor> {
-        let pooled = self.vision_model.forward(pixels)?;
-        self.visual_projection.forward(&pooled)
+        match &self.towers {
+            Towers::Candle(t) => {
+                let pooled = t.vision_model.forward(pixels)?;
+                t.visual_projection.forward(&pooled)
+            }
+            Towers::Fast(f) => {
+                let batch = pixels.dim(0)?;
+                let flat = pixels.flatten_all()?.to_vec1::<f32>()?;
+                let rows = f.image_features(&flat, batch)?;
+                Tensor::from_vec(rows, (batch, f.dims()), &self.device)
+            }
+        }
     }
 
     /// `text_embeds` for one sequence of ids, as a vector.
     pub fn text_features(&self, ids: &[u32]) -> Result<Vec<f32>> {
-        self.text_embeds(&[ids.to_vec()])?.squeeze(0)?.to_vec1()
+        match &self.towers {
+            Towers::Fast(f) => f.text_features(&[ids.to_vec()]),
+            Towers::Candle(_) => self.text_embeds(&[ids.to_vec()])?.squeeze(0)?.to_vec1(),
+        }
     }
 
     /// `image_embeds` as vectors.
