@@ -108,35 +108,54 @@ impl Packed {
             let (rc, g) = (task / groups, task % groups);
             let rows = rc * row_chunk..((rc + 1) * row_chunk).min(m);
             let panel_range = first + g * per_group..first + ((g + 1) * per_group).min(panels);
-            let mut k0 = 0;
-            while k0 < k {
+            // The blocks of weights this task streams, in order: (first k, panel).
+            let blocks: Vec<(usize, usize)> = (0..k)
+                .step_by(KC)
+                .flat_map(|k0| panel_range.clone().map(move |p| (k0, p)))
+                .collect();
+            let tiles = rows.len().div_ceil(MR);
+            for (b, &(k0, p)) in blocks.iter().enumerate() {
                 let depth = KC.min(k - k0);
-                for p in panel_range.clone() {
-                    let col = p * NR - cols.start;
-                    let panel = &self.panels[p * k * NR + k0 * NR..][..depth * NR];
-                    let mut r = rows.start;
-                    while r < rows.end {
-                        let tile = MR.min(rows.end - r);
-                        // SAFETY: tasks write disjoint (row range, panel range) blocks of y; the
-                        // tile is rows r..r+tile, columns col..col+NR (fewer in the last
-                        // panel), inside y (asserted above), and reads x rows r..r+tile,
-                        // columns k0..k0+depth.
-                        unsafe {
-                            kernel.run(Tile {
-                                x: x.as_ptr().add(r * k + k0),
-                                x_stride: k,
-                                panel: panel.as_ptr(),
-                                depth,
-                                y: out.get().add(r * width + col),
-                                y_stride: width,
-                                rows: tile,
-                                cols: NR.min(width - col),
-                            });
+                let col = p * NR - cols.start;
+                let panel = &self.panels[p * k * NR + k0 * NR..][..depth * NR];
+                // The next block is fetched into L2 while this one is used from L1: the first
+                // tile of a block streams it, the others share the next block's lines out.
+                let next = blocks.get(b + 1).map(|&(k1, q)| {
+                    let lines = KC.min(k - k1);
+                    (&self.panels[q * k * NR + k1 * NR..][..lines * NR], lines)
+                });
+                let mut r = rows.start;
+                for t in 0..tiles {
+                    let tile = MR.min(rows.end - r);
+                    let ahead = match next {
+                        Some((block, lines)) if tiles > 1 && t > 0 => {
+                            let share = lines.div_ceil(tiles - 1);
+                            let from = ((t - 1) * share).min(lines);
+                            let to = (t * share).min(lines);
+                            &block[from * NR..to * NR]
                         }
-                        r += tile;
+                        _ => &[],
+                    };
+                    // SAFETY: tasks write disjoint (row range, panel range) blocks of y; the
+                    // tile is rows r..r+tile, columns col..col+NR (fewer in the last panel),
+                    // inside y (asserted above), and reads x rows r..r+tile, columns
+                    // k0..k0+depth.
+                    unsafe {
+                        kernel.run(Tile {
+                            x: x.as_ptr().add(r * k + k0),
+                            x_stride: k,
+                            panel: panel.as_ptr(),
+                            depth,
+                            y: out.get().add(r * width + col),
+                            y_stride: width,
+                            rows: tile,
+                            cols: NR.min(width - col),
+                            ahead: ahead.as_ptr(),
+                            ahead_lines: ahead.len() / NR,
+                        });
                     }
+                    r += tile;
                 }
-                k0 += depth;
             }
         };
         if threads == 1 {
@@ -171,6 +190,9 @@ struct Tile {
     y_stride: usize,
     rows: usize,
     cols: usize,
+    /// Lines of the next block to prefetch into L2, one per step of depth.
+    ahead: *const f32,
+    ahead_lines: usize,
 }
 
 #[derive(Clone, Copy)]
@@ -264,6 +286,9 @@ unsafe fn tile_avx2<const R: usize>(t: Tile) {
     for kk in 0..t.depth {
         let b = t.panel.add(kk * NR);
         _mm_prefetch::<_MM_HINT_T0>(b.wrapping_add(PREFETCH * NR).cast());
+        if kk < t.ahead_lines {
+            _mm_prefetch::<_MM_HINT_T1>(t.ahead.add(kk * NR).cast());
+        }
         let (b0, b1) = (_mm256_loadu_ps(b), _mm256_loadu_ps(b.add(8)));
         #[allow(clippy::needless_range_loop)]
         for r in 0..R {
