@@ -680,11 +680,24 @@ impl Trainer {
 
     /// With the vision tower fixed, the image features of every training pair are computed
     /// once (one forward pass) and reused every epoch.
+    /// The model as it is now, built for inference (the fused towers of `clip::fast`, ~1.4x
+    /// the differentiable modules' speed): for work that needs no gradient, the frozen vision
+    /// tower's feature cache and validation. Costs a copy of the weights while it lives.
+    fn inference_model(&self) -> Result<ClipModel> {
+        let tensors: std::collections::HashMap<String, Tensor> = self
+            .params
+            .iter()
+            .map(|p| (p.name.clone(), p.tensor.detach()))
+            .collect();
+        let vb = candle_nn::VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu);
+        ClipModel::build(vb, &self.config, false).map_err(fail)
+    }
+
     fn build_cache(&mut self, source: &mut dyn PairSource) -> Result<()> {
         let started = Instant::now();
         source.start(Stream::Train)?;
         let (features, ids, skipped) = embed_stream(
-            &self.model,
+            &self.inference_model()?,
             &self.preparer,
             source,
             Stream::Train,
@@ -727,14 +740,15 @@ impl Trainer {
         self.last_eval_step = Some(self.step);
         source.start(Stream::Validation)?;
         let (images, texts, skipped) = {
+            let model = self.inference_model()?;
             let (img, ids, skipped) = embed_stream(
-                &self.model,
+                &model,
                 &self.preparer,
                 source,
                 Stream::Validation,
                 self.options.batch_size,
             )?;
-            let texts = embed_texts(&self.model, &ids, self.options.batch_size)?;
+            let texts = embed_texts(&model, &ids, self.options.batch_size)?;
             (img, texts, skipped)
         };
         for s in skipped {
