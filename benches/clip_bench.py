@@ -11,12 +11,14 @@ from Debian's /usr/bin/python3 so that sqlite3 can load the extension:
 
 Prints images/s at batch 1 and 32 (preprocessed 224x224 input for torch/ORT; archaeclip's
 numbers include decoding a 224x224 PNG and its preprocessing, which costs ~1 ms), texts/s for
-12- and 77-token captions, medians of several runs. Then the end-to-end job: a folder of 200
+12- and 77-token captions: medians of 5 rounds in which every engine runs every workload in turn
+(interleaved, so the drift of a shared machine over the run lands on all engines alike). Then the
+end-to-end job: a folder of 200
 JPEG photos (1600x1200, generated: smooth scenes with grain; the average size is printed)
 embedded into a SQLite table, batch 32. archaeclip does it in one statement (clip_files +
 clip_embed_images); torch and onnxruntime do what a script would: PIL opens each file,
 transformers' CLIPImageProcessor resizes, crops and normalizes, the model runs, the vectors are
-inserted.
+inserted; 3 interleaved rounds, the best of each engine kept.
 """
 import io
 import os
@@ -41,18 +43,10 @@ def feats(out):
     return out.pooler_output if hasattr(out, "pooler_output") else out
 
 
-def timed(fn, repeat):
-    fn()  # warm up
-    times = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
-
-
 PHOTOS = 200
 BATCH = 32
+ROUNDS = 5
+E2E_ROUNDS = 3
 
 
 def make_photos(folder, n, rng):
@@ -156,25 +150,33 @@ def main():
     print(f"fidelity vs transformers (unit vectors, max abs diff): image {np.abs(ours_img - ref_img).max():.2e}, "
           f"text {np.abs(ours_txt - ref_txt).max():.2e}")
 
-    rows = {}
-    # archaeclip
-    rows.setdefault("archaeclip", {})["img b1"] = 1 / timed(lambda: db.execute("SELECT clip_embed_image(image, 'b32') FROM imgs WHERE id = 1").fetchall(), 5)
-    rows["archaeclip"]["img b32"] = 32 / timed(lambda: db.execute(
-        "SELECT count(*) FROM clip_embed_images('SELECT id, image FROM imgs', 'b32', '{\"batch_size\": 32}')").fetchall(), 3)
-    rows["archaeclip"]["txt 12"] = 1 / timed(lambda: db.execute("SELECT clip_embed_text(?, 'b32')", (text12,)).fetchall(), 20)
-    rows["archaeclip"]["txt 77"] = 1 / timed(lambda: db.execute("SELECT clip_embed_text(?, 'b32')", (text77,)).fetchall(), 10)
+    # Every (engine, workload) is a function; they are measured in interleaved rounds (each
+    # round runs every engine on every workload), so that the machine's drift over the run
+    # (this is a shared 2-core VM) lands on all engines alike. Reported: the median over all
+    # rounds' samples.
+    work = {}
+    work["archaeclip"] = {
+        "img b1": (1, lambda: db.execute("SELECT clip_embed_image(image, 'b32') FROM imgs WHERE id = 1").fetchall()),
+        "img b32": (32, lambda: db.execute(
+            "SELECT count(*) FROM clip_embed_images('SELECT id, image FROM imgs', 'b32', '{\"batch_size\": 32}')").fetchall()),
+        "txt 12": (1, lambda: db.execute("SELECT clip_embed_text(?, 'b32')", (text12,)).fetchall()),
+        "txt 77": (1, lambda: db.execute("SELECT clip_embed_text(?, 'b32')", (text77,)).fetchall()),
+    }
+    p1, p32 = torch.from_numpy(pixels[:1]), torch.from_numpy(pixels)
+    t12, t77 = torch.tensor([ids12]), torch.tensor([ids77])
 
-    # torch
-    with torch.no_grad():
-        p1, p32 = torch.from_numpy(pixels[:1]), torch.from_numpy(pixels)
-        t12, t77 = torch.tensor([ids12]), torch.tensor([ids77])
-        rows["torch"] = {
-            "img b1": 1 / timed(lambda: model.get_image_features(pixel_values=p1), 5),
-            "img b32": 32 / timed(lambda: model.get_image_features(pixel_values=p32), 3),
-            "txt 12": 1 / timed(lambda: model.get_text_features(input_ids=t12), 20),
-            "txt 77": 1 / timed(lambda: model.get_text_features(input_ids=t77), 10),
-        }
+    def no_grad(fn):
+        def run():
+            with torch.no_grad():
+                return fn()
+        return run
 
+    work["torch"] = {
+        "img b1": (1, no_grad(lambda: model.get_image_features(pixel_values=p1))),
+        "img b32": (32, no_grad(lambda: model.get_image_features(pixel_values=p32))),
+        "txt 12": (1, no_grad(lambda: model.get_text_features(input_ids=t12))),
+        "txt 77": (1, no_grad(lambda: model.get_text_features(input_ids=t77))),
+    }
     # onnxruntime
     try:
         import onnxruntime as ort
@@ -203,40 +205,55 @@ def main():
         opts.inter_op_num_threads = 1
         vs = ort.InferenceSession(vpath, opts, providers=["CPUExecutionProvider"])
         ts = ort.InferenceSession(tpath, opts, providers=["CPUExecutionProvider"])
-        rows["onnxruntime"] = {
-            "img b1": 1 / timed(lambda: vs.run(None, {"pixel_values": pixels[:1]}), 5),
-            "img b32": 32 / timed(lambda: vs.run(None, {"pixel_values": pixels}), 3),
-            "txt 12": 1 / timed(lambda: ts.run(None, {"input_ids": np.array([ids12], dtype=np.int64)}), 20),
-            "txt 77": 1 / timed(lambda: ts.run(None, {"input_ids": np.array([ids77], dtype=np.int64)}), 10),
+        work["onnxruntime"] = {
+            "img b1": (1, lambda: vs.run(None, {"pixel_values": pixels[:1]})),
+            "img b32": (32, lambda: vs.run(None, {"pixel_values": pixels})),
+            "txt 12": (1, lambda: ts.run(None, {"input_ids": np.array([ids12], dtype=np.int64)})),
+            "txt 77": (1, lambda: ts.run(None, {"input_ids": np.array([ids77], dtype=np.int64)})),
         }
     except Exception as e:  # noqa: BLE001 - report, keep the other rows
         vs = None
         print(f"onnxruntime skipped: {e}")
+
+    reps = {"img b1": 3, "img b32": 1, "txt 12": 10, "txt 77": 4}
+    samples = {e: {c: [] for c in reps} for e in work}
+    for e in work:  # warm up
+        for c, (_, fn) in work[e].items():
+            fn()
+    for _ in range(ROUNDS):
+        for e in work:
+            for c, (n, fn) in work[e].items():
+                for _ in range(reps[c]):
+                    t = time.perf_counter()
+                    fn()
+                    samples[e][c].append(n / (time.perf_counter() - t))
+    rows = {e: {c: statistics.median(v) for c, v in cs.items()} for e, cs in samples.items()}
 
     # End to end: 200 JPEG photos into a table, each engine twice (the first warms the file
     # cache and the allocator), the faster run kept.
     folder = os.path.join(tmp, "photos")
     make_photos(folder, PHOTOS, rng)
     size = sum(os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder)) / PHOTOS
-    e2e = {}
+    def torch_job(path):
+        with torch.no_grad():
+            return end_to_end(folder, path, tmp,
+                              lambda px: feats(model.get_image_features(pixel_values=torch.from_numpy(px))).numpy())
 
-    def best(fn):
-        times = []
-        for i in range(2):
-            path = os.path.join(tmp, f"e2e-{len(e2e)}-{i}.db")
-            times.append(fn(path))
-        return min(times)
-
-    e2e["archaeclip"] = best(lambda path: end_to_end_archaeclip(folder, path, tmp))
-    with torch.no_grad():
-        e2e["torch"] = best(lambda path: end_to_end(
-            folder, path, tmp, lambda px: feats(model.get_image_features(pixel_values=torch.from_numpy(px))).numpy()))
+    jobs = {"archaeclip": lambda path: end_to_end_archaeclip(folder, path, tmp), "torch": torch_job}
     if vs is not None:
-        e2e["onnxruntime"] = best(lambda path: end_to_end(
-            folder, path, tmp, lambda px: vs.run(None, {"pixel_values": px.astype(np.float32)})[0]))
+        jobs["onnxruntime"] = lambda path: end_to_end(
+            folder, path, tmp, lambda px: vs.run(None, {"pixel_values": px.astype(np.float32)})[0])
+    # Interleaved like the rest: each round runs every engine once; the best round is kept (the
+    # first warms the file cache and the allocators).
+    times = {e: [] for e in jobs}
+    for r in range(E2E_ROUNDS):
+        for e, job in jobs.items():
+            times[e].append(job(os.path.join(tmp, f"e2e-{e}-{r}.db")))
+    e2e = {e: min(t) for e, t in times.items()}
 
     cols = ["img b1", "img b32", "txt 12", "txt 77"]
-    print(f"\nViT-B/32-shaped random CLIP, {THREADS} threads, per second (images or texts), medians")
+    print(f"\nViT-B/32-shaped random CLIP, {THREADS} threads, per second (images or texts), medians of "
+          f"{ROUNDS} interleaved rounds ({', '.join(f'{c}: {n} per round' for c, n in reps.items())})")
     print(f"{'engine':14}" + "".join(f"{c:>10}" for c in cols))
     for name, r in rows.items():
         print(f"{name:14}" + "".join(f"{r[c]:10.1f}" for c in cols))
@@ -245,7 +262,7 @@ def main():
         if name != "archaeclip":
             print(f"archaeclip / {name:12}" + "".join(f"{base[c] / r[c]:9.2f}x" for c in cols))
     print(f"\nEnd to end: {PHOTOS} JPEG photos (1600x1200, {size / 1024:.0f} KB on average) into a table, "
-          f"batch {BATCH}, best of 2")
+          f"batch {BATCH}, best of {E2E_ROUNDS} interleaved rounds")
     for name, seconds in e2e.items():
         ratio = "" if name == "archaeclip" else f"   archaeclip / {name}: {seconds / e2e['archaeclip']:.2f}x"
         print(f"{name:14}{seconds:8.1f} s {PHOTOS / seconds:8.1f} photos/s{ratio}")
