@@ -257,41 +257,42 @@ struct Head<'a> {
     causal: bool,
 }
 
-/// Softmax attention for one head into `out` (one row of `d` per query). The keys are first
-/// transposed into `kt` (d, seq), so that every score row is built by vector
-/// multiply-adds along the keys instead of one horizontal dot product per key.
-#[multiversion(targets("x86_64+avx2+fma", "aarch64+neon"))]
-fn attend(head: &Head, kt: &mut [f32], scores: &mut [f32], out: &mut [f32]) {
-    let (seq, d) = (head.seq, head.d);
-    for j in 0..seq {
-        let key = &head.k[j * head.kv_stride..][..d];
-        for (dd, &v) in key.iter().enumerate() {
-            kt[dd * seq + j] = v;
-        }
-    }
-    for (qi, &pos) in head.positions.iter().enumerate() {
-        let q = &head.q[qi * head.q_stride..][..d];
+/// Softmax attention for one head into `out` (one row of `d` per query), as two products on
+/// the kernel of the linear layers: scores = Q·Kᵀ (K packed as the "weight", one output per
+/// key), a softmax per row (keys past a causal query's position get weight 0), then P·V (V
+/// packed by columns, one output per head dimension).
+fn attend(head: &Head, out: &mut [f32]) {
+    let (seq, d, queries) = (head.seq, head.d, head.positions.len());
+    let rows = |src: &[f32], stride: usize, n: usize| -> Vec<f32> {
+        (0..n)
+            .flat_map(|i| src[i * stride..][..d].iter().copied())
+            .collect()
+    };
+    let q = rows(head.q, head.q_stride, queries);
+    let keys = Packed::from_rows(&rows(head.k, head.kv_stride, seq), seq, d);
+    let values = Packed::from_columns(&rows(head.v, head.kv_stride, seq), seq, d);
+    let mut scores = vec![0f32; queries * seq];
+    keys.accumulate_serial(&q, queries, &mut scores);
+    for (row, &pos) in scores.chunks_exact_mut(seq).zip(head.positions) {
         let visible = if head.causal { pos + 1 } else { seq };
-        let s = &mut scores[..visible];
-        s.fill(0.0);
-        for (dd, &qv) in q.iter().enumerate() {
-            for (s, &k) in s.iter_mut().zip(&kt[dd * seq..][..visible]) {
-                *s += qv * k;
-            }
-        }
-        let max = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        for s in s.iter_mut() {
-            *s = exp(*s - max);
-        }
-        let inv = 1.0 / lane_sum(s, |v| v);
-        let o = &mut out[qi * d..(qi + 1) * d];
-        o.fill(0.0);
-        for (j, &p) in s.iter().enumerate() {
-            let p = p * inv;
-            for (o, &v) in o.iter_mut().zip(&head.v[j * head.kv_stride..][..d]) {
-                *o += p * v;
-            }
-        }
+        softmax_row(row, visible);
+    }
+    out[..queries * d].fill(0.0);
+    values.accumulate_serial(&scores, queries, out);
+}
+
+/// Softmax of `row[..visible]` in place; the rest of the row becomes 0.
+#[multiversion(targets("x86_64+avx2+fma", "aarch64+neon"))]
+fn softmax_row(row: &mut [f32], visible: usize) {
+    let (s, masked) = row.split_at_mut(visible);
+    masked.fill(0.0);
+    let max = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    for v in s.iter_mut() {
+        *v = exp(*v - max);
+    }
+    let inv = 1.0 / lane_sum(s, |v| v);
+    for v in s.iter_mut() {
+        *v *= inv;
     }
 }
 
@@ -463,8 +464,6 @@ impl Encoder {
             let (b, head) = (task / heads, task % heads);
             let at = heads_of(b);
             let queries = at.positions.len();
-            let mut kt = vec![0f32; d * seq];
-            let mut scores = vec![0f32; seq];
             let mut o = vec![0f32; queries * d];
             let spec = Head {
                 q: &at.q[head * d..],
@@ -477,7 +476,7 @@ impl Encoder {
                 d,
                 causal,
             };
-            attend(&spec, &mut kt, &mut scores, &mut o);
+            attend(&spec, &mut o);
             o
         };
         // queries · seq · hidden multiply-adds, twice

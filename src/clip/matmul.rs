@@ -61,7 +61,26 @@ impl Packed {
 
     /// `y (m, n) += x (m, k) · Wᵀ`, on rayon's threads.
     pub fn accumulate(&self, x: &[f32], m: usize, y: &mut [f32]) {
-        self.accumulate_with(Kernel::detect(), x, m, y, 0..self.n)
+        self.accumulate_with(Kernel::detect(), x, m, y, 0..self.n, false)
+    }
+
+    /// [`Packed::accumulate`] on the calling thread (for products inside a parallel task).
+    pub fn accumulate_serial(&self, x: &[f32], m: usize, y: &mut [f32]) {
+        self.accumulate_with(Kernel::detect(), x, m, y, 0..self.n, true)
+    }
+
+    /// Packs `wt`, the weight transposed: (k, n) row-major.
+    pub fn from_columns(wt: &[f32], k: usize, n: usize) -> Packed {
+        assert_eq!(wt.len(), n * k);
+        let count = n.div_ceil(NR);
+        let mut panels = vec![0f32; count * k * NR];
+        for (p, panel) in panels.chunks_exact_mut(k * NR).enumerate() {
+            let lanes = NR.min(n - p * NR);
+            for (kk, dst) in panel.chunks_exact_mut(NR).enumerate() {
+                dst[..lanes].copy_from_slice(&wt[kk * n + p * NR..][..lanes]);
+            }
+        }
+        Packed { panels, k, n }
     }
 
     /// Whether [`Packed::accumulate_cols`] can start at output column `col`.
@@ -73,7 +92,7 @@ impl Packed {
     /// must satisfy [`Packed::splits_at`].
     pub fn accumulate_cols(&self, x: &[f32], m: usize, y: &mut [f32], cols: Range<usize>) {
         assert!(self.splits_at(cols.start) && cols.start <= cols.end && cols.end <= self.n);
-        self.accumulate_with(Kernel::detect(), x, m, y, cols)
+        self.accumulate_with(Kernel::detect(), x, m, y, cols, false)
     }
 
     fn accumulate_with(
@@ -83,6 +102,7 @@ impl Packed {
         m: usize,
         y: &mut [f32],
         cols: Range<usize>,
+        serial: bool,
     ) {
         let (k, width) = (self.k, cols.len());
         assert!(x.len() >= m * k && y.len() >= m * width);
@@ -91,7 +111,7 @@ impl Packed {
         }
         let first = cols.start / NR;
         let panels = cols.end.div_ceil(NR) - first;
-        let threads = if m * width * k < SERIAL_BELOW {
+        let threads = if serial || m * width * k < SERIAL_BELOW {
             1
         } else {
             rayon::current_num_threads()
@@ -342,6 +362,8 @@ mod tests {
                 .collect();
             let packed = Packed::from_rows(&w, n, k);
             assert_eq!(packed.n_out(), n);
+            let wt: Vec<f32> = (0..k * n).map(|i| w[(i % n) * k + i / n]).collect();
+            assert_eq!(Packed::from_columns(&wt, k, n).panels, packed.panels);
             let mut kernels = vec![Kernel::Portable];
             #[cfg(target_arch = "x86_64")]
             if matches!(Kernel::detect(), Kernel::Avx2Fma) {
@@ -349,7 +371,7 @@ mod tests {
             }
             for kernel in kernels {
                 let mut y = start.clone();
-                packed.accumulate_with(kernel, &x, m, &mut y, 0..n);
+                packed.accumulate_with(kernel, &x, m, &mut y, 0..n, m % 2 == 0);
                 for (i, (&got, &want)) in y.iter().zip(&want).enumerate() {
                     let tol = 1e-5 * (k as f64).sqrt() * want.abs().max(1.0);
                     assert!(
@@ -361,7 +383,7 @@ mod tests {
                 if n > 16 {
                     assert!(packed.splits_at(16) && !packed.splits_at(8));
                     let mut part = vec![0f32; m * (n - 16)];
-                    packed.accumulate_with(kernel, &x, m, &mut part, 16..n);
+                    packed.accumulate_with(kernel, &x, m, &mut part, 16..n, false);
                     for (r, row) in part.chunks_exact(n - 16).enumerate() {
                         for (c, &got) in row.iter().enumerate() {
                             let want = y[r * n + 16 + c] - start[r * n + 16 + c];
