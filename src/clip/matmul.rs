@@ -118,9 +118,10 @@ impl Packed {
         };
         let row_chunk = if m > 2 * MC { MC } else { m };
         let row_chunks = m.div_ceil(row_chunk);
-        // Enough column groups for every thread to have work, at most 16 panels each.
+        // At least 8 tasks per thread (an odd few would leave a thread idle at the end: 9 tasks
+        // on 2 threads cost 5), at most 16 panels each.
         let per_group = panels
-            .div_ceil((4 * threads).div_ceil(row_chunks).max(1))
+            .div_ceil((8 * threads).div_ceil(row_chunks).max(1))
             .clamp(1, 16);
         let groups = panels.div_ceil(per_group);
         let out = SendPtr(y.as_mut_ptr());
