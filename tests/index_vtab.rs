@@ -569,7 +569,7 @@ fn quantized_modes_rescore_exactly_and_oversampling_buys_recall() {
             .collect::<rusqlite::Result<_>>()
             .unwrap()
     };
-    let (mut found, mut wanted) = (0, 0);
+    let (mut found, mut found4, mut wanted) = (0, 0, 0);
     for _ in 0..10 {
         let q: Vec<f32> = (0..dims).map(|_| r()).collect();
         let exact = scored(
@@ -580,7 +580,7 @@ fn quantized_modes_rescore_exactly_and_oversampling_buys_recall() {
             exact.iter().map(|x| x.0).collect::<Vec<_>>(),
             brute(&rows, &q, 10, "cosine")
         );
-        for mode in ["int8", "binary"] {
+        for mode in ["int8", "int4", "binary"] {
             // With every row a candidate, the answer is the exact one, distances included.
             let all = scored(
                 &format!(
@@ -596,6 +596,11 @@ fn quantized_modes_rescore_exactly_and_oversampling_buys_recall() {
             &q,
         );
         found += quick.iter().filter(|x| exact.contains(x)).count();
+        let quick4 = scored(
+            "SELECT rowid, distance FROM t WHERE v MATCH ?1 AND k = 10 AND mode = 'int4'",
+            &q,
+        );
+        found4 += quick4.iter().filter(|x| exact.contains(x)).count();
         wanted += 10;
         // Filters still apply before k.
         let part = scored(
@@ -613,6 +618,10 @@ fn quantized_modes_rescore_exactly_and_oversampling_buys_recall() {
     assert!(
         found as f64 / wanted as f64 >= 0.9,
         "int8 with the default oversampling: recall {found}/{wanted}"
+    );
+    assert!(
+        found4 as f64 / wanted as f64 >= 0.9,
+        "int4 with the default oversampling: recall {found4}/{wanted}"
     );
     let e = err(
         &db,

@@ -64,6 +64,18 @@ pub struct Chunk {
     inv_norms: Vec<f32>,
     /// int8 and binary copies, made on the first quantized search that needs them.
     quantized: OnceLock<Quantized>,
+    /// The int4 copy, made on the first int4 search.
+    nibbles: OnceLock<Nibbles>,
+}
+
+/// A chunk's int4 copy: each row scaled by its own max |x| / 7, codes -7..=7 stored as
+/// code + 8 in a nibble; a row of d elements takes ceil(d / 2) bytes, byte i holding element i
+/// (low nibble) and element i + ceil(d / 2) (high nibble), so both halves line up with a
+/// contiguous half of the query.
+#[derive(Debug, Clone, Default)]
+struct Nibbles {
+    codes: Vec<u8>,
+    scales: Vec<f32>,
 }
 
 /// A chunk's quantized copies. int8: each row scaled by its own max |x| / 127 (symmetric,
@@ -74,8 +86,6 @@ struct Quantized {
     int8: Vec<i8>,
     scales: Vec<f32>,
     bits: Vec<u8>,
-    /// |row|^2, for L2 from an approximate dot.
-    sq_norms: Vec<f32>,
 }
 
 /// How a search picks its rows.
@@ -85,6 +95,8 @@ pub enum Mode {
     Exact,
     /// Candidates by int8 dot products, rescored with float32.
     Int8,
+    /// Candidates by int4 dot products (half int8's bytes to read), rescored with float32.
+    Int4,
     /// Candidates by Hamming distance of sign bits, rescored with float32.
     Binary,
     /// Candidates from the HNSW graph (`hnsw=on`), rescored with float32: served by the SQL
@@ -97,11 +109,12 @@ impl Mode {
         match name.to_ascii_lowercase().as_str() {
             "exact" => Ok(Mode::Exact),
             "int8" => Ok(Mode::Int8),
+            "int4" => Ok(Mode::Int4),
             "binary" => Ok(Mode::Binary),
             "hnsw" => Ok(Mode::Hnsw),
             _ => Err(Error::InvalidArgument {
                 what: format!(
-                    "unknown mode '{name}', expected 'exact', 'int8', 'binary' or 'hnsw'"
+                    "unknown mode '{name}', expected 'exact', 'int8', 'int4', 'binary' or 'hnsw'"
                 ),
             }),
         }
@@ -113,6 +126,7 @@ impl Mode {
         match self {
             Mode::Exact => 1,
             Mode::Int8 => 4,
+            Mode::Int4 => INT4_OVERSAMPLE,
             Mode::Binary => 32,
             Mode::Hnsw => 10,
         }
@@ -129,6 +143,84 @@ pub fn quantize_int8(row: &[f32], out: &mut Vec<i8>) -> f32 {
             .map(|x| (x * inv).round().clamp(-127.0, 127.0) as i8),
     );
     scale
+}
+
+/// int4's default oversampling (BENCHMARKS.md has the curve).
+const INT4_OVERSAMPLE: usize = 16;
+
+/// Symmetric per-row int4 as nibbles (see [`Nibbles`]); returns the scale.
+pub fn quantize_int4(row: &[f32], out: &mut Vec<u8>) -> f32 {
+    let max = row.iter().fold(0.0f32, |m, x| m.max(x.abs()));
+    let (scale, inv) = if max > 0.0 {
+        (max / 7.0, 7.0 / max)
+    } else {
+        (0.0, 0.0)
+    };
+    let half = row.len().div_ceil(2);
+    let code = |i: usize| -> u8 {
+        row.get(i)
+            .map_or(8, |x| ((x * inv).round().clamp(-7.0, 7.0) as i8 + 8) as u8)
+    };
+    out.extend((0..half).map(|i| code(i) | code(i + half) << 4));
+    scale
+}
+
+/// The int4 dot product `Σ q[i] * (code[i] - 8)` over a row of nibbles, `q` padded with zeros
+/// to twice the row's bytes, given `offset` = [`int4_offset`]`(q)` (computed once per query).
+pub fn dot_int4(q: &[i8], codes: &[u8], offset: i32) -> i32 {
+    assert_eq!(q.len(), 2 * codes.len());
+    #[cfg(target_arch = "x86_64")]
+    if is_x86_feature_detected!("avx2") {
+        // SAFETY: AVX2 is present; the lengths are checked above.
+        return unsafe { dot_nibbles_avx2(q, codes) } - offset;
+    }
+    dot_nibbles(q, codes) - offset
+}
+
+/// `8 * Σ q`: what the +8 of the stored codes adds to a dot product.
+pub fn int4_offset(q: &[i8]) -> i32 {
+    q.iter().map(|&v| i32::from(v)).sum::<i32>() * 8
+}
+
+/// `Σ q[i] * low(codes[i]) + q[i + half] * high(codes[i])`.
+fn dot_nibbles(q: &[i8], codes: &[u8]) -> i32 {
+    let (lo, hi) = q.split_at(codes.len());
+    codes
+        .iter()
+        .zip(lo.iter().zip(hi))
+        .map(|(&c, (&a, &b))| i32::from(a) * i32::from(c & 15) + i32::from(b) * i32::from(c >> 4))
+        .sum()
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn dot_nibbles_avx2(q: &[i8], codes: &[u8]) -> i32 {
+    use std::arch::x86_64::*;
+    let half = codes.len();
+    let (lo_q, hi_q) = q.split_at(half);
+    let mask = _mm256_set1_epi8(15);
+    let ones = _mm256_set1_epi16(1);
+    let mut acc = _mm256_setzero_si256();
+    let mut i = 0;
+    while i + 32 <= half {
+        let c = _mm256_loadu_si256(codes.as_ptr().add(i).cast());
+        let lo = _mm256_and_si256(c, mask);
+        let hi = _mm256_and_si256(_mm256_srli_epi16(c, 4), mask);
+        // u8 x i8 -> pairs summed into i16: at most 2 * 15 * 128 per lane, twice: no overflow.
+        let a = _mm256_maddubs_epi16(lo, _mm256_loadu_si256(lo_q.as_ptr().add(i).cast()));
+        let b = _mm256_maddubs_epi16(hi, _mm256_loadu_si256(hi_q.as_ptr().add(i).cast()));
+        acc = _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_add_epi16(a, b), ones));
+        i += 32;
+    }
+    let mut lanes = [0i32; 8];
+    _mm256_storeu_si256(lanes.as_mut_ptr().cast(), acc);
+    lanes.iter().sum::<i32>() + dot_nibbles(&q_tail(lo_q, hi_q, i), &codes[i..])
+}
+
+/// The query halves' tails from `from` on, joined as [`dot_nibbles`] expects them.
+#[cfg(target_arch = "x86_64")]
+fn q_tail(lo: &[i8], hi: &[i8], from: usize) -> Vec<i8> {
+    lo[from..].iter().chain(&hi[from..]).copied().collect()
 }
 
 /// Sign bits, bit `i % 8` of byte `i / 8` set when element i > 0.
@@ -178,6 +270,21 @@ impl Chunk {
             vectors,
             inv_norms: Vec::new(),
             quantized: OnceLock::new(),
+            nibbles: OnceLock::new(),
+        })
+    }
+
+    fn nibbles(&self, dims: usize) -> &Nibbles {
+        self.nibbles.get_or_init(|| {
+            let mut n = Nibbles {
+                codes: Vec::with_capacity(self.capacity * dims.div_ceil(2)),
+                scales: Vec::with_capacity(self.capacity),
+            };
+            for slot in 0..self.capacity {
+                n.scales
+                    .push(quantize_int4(self.row(slot, dims), &mut n.codes));
+            }
+            n
         })
     }
 
@@ -187,15 +294,11 @@ impl Chunk {
                 int8: Vec::with_capacity(self.capacity * dims),
                 scales: Vec::with_capacity(self.capacity),
                 bits: Vec::with_capacity(self.capacity * dims.div_ceil(8)),
-                sq_norms: Vec::with_capacity(self.capacity),
             };
             for slot in 0..self.capacity {
                 let row = self.row(slot, dims);
                 q.scales.push(quantize_int8(row, &mut q.int8));
                 quantize_bits(row, &mut q.bits);
-                let inv = self.inv_norms[slot];
-                q.sq_norms
-                    .push(if inv > 0.0 { 1.0 / (inv * inv) } else { 0.0 });
             }
             q
         })
@@ -469,6 +572,11 @@ impl ChunkSet {
         let candidates = k.saturating_mul(oversample.max(1)).min(1 << 22);
         let mut q8 = Vec::with_capacity(dims);
         let q_scale = f64::from(quantize_int8(query, &mut q8));
+        // int4 rows hold element i and i + half in one byte: the query padded to 2 * half.
+        let half = dims.div_ceil(2);
+        let mut q4 = q8.clone();
+        q4.resize(2 * half, 0);
+        let q4_offset = int4_offset(&q4);
         let mut q_bits = Vec::with_capacity(dims.div_ceil(8));
         quantize_bits(query, &mut q_bits);
         let q_sq = query.iter().map(|x| f64::from(*x).powi(2)).sum::<f64>();
@@ -483,32 +591,51 @@ impl ChunkSet {
                     Some(bits) => Some(bits),
                 },
             };
-            let qz = chunk.quantized(dims);
+            let qz = (mode != Mode::Int4).then(|| chunk.quantized(dims));
+            let nz = (mode == Mode::Int4).then(|| chunk.nibbles(dims));
             for (byte_index, &byte) in chunk.valid.iter().enumerate() {
                 let mut bits = byte & allowed.map_or(0xFF, |a| a[byte_index]);
                 while bits != 0 {
                     let slot = byte_index * 8 + bits.trailing_zeros() as usize;
                     bits &= bits - 1;
-                    let distance = match mode {
-                        Mode::Binary => {
-                            u8::hamming(&q_bits, &qz.bits[slot * bytes..(slot + 1) * bytes])
-                                .unwrap_or(f64::INFINITY)
-                        }
-                        _ => {
-                            let idot = i8::dot(&q8, &qz.int8[slot * dims..(slot + 1) * dims])
-                                .unwrap_or(0.0);
-                            let approx = idot * q_scale * f64::from(qz.scales[slot]);
-                            match metric {
-                                Metric::Cosine => {
-                                    let inv = f64::from(chunk.inv_norms[slot]);
-                                    if inv == 0.0 {
-                                        continue;
-                                    }
-                                    1.0 - approx * inv * inv_q
-                                }
-                                Metric::Dot => -approx,
-                                Metric::L2 => f64::from(qz.sq_norms[slot]) + q_sq - 2.0 * approx,
+                    let approx = match (qz, nz) {
+                        (Some(qz), _) if mode == Mode::Binary => {
+                            let d =
+                                u8::hamming(&q_bits, &qz.bits[slot * bytes..(slot + 1) * bytes])
+                                    .unwrap_or(f64::INFINITY);
+                            if d <= top.threshold() {
+                                top.push(Hit {
+                                    distance: d,
+                                    id: ((position as i64) << 24) | slot as i64,
+                                });
                             }
+                            continue;
+                        }
+                        (Some(qz), _) => {
+                            i8::dot(&q8, &qz.int8[slot * dims..(slot + 1) * dims]).unwrap_or(0.0)
+                                * q_scale
+                                * f64::from(qz.scales[slot])
+                        }
+                        (None, Some(nz)) => {
+                            let codes = &nz.codes[slot * half..(slot + 1) * half];
+                            f64::from(dot_int4(&q4, codes, q4_offset))
+                                * q_scale
+                                * f64::from(nz.scales[slot])
+                        }
+                        (None, None) => unreachable!("one copy is made per mode"),
+                    };
+                    let inv = f64::from(chunk.inv_norms[slot]);
+                    let distance = match metric {
+                        Metric::Cosine => {
+                            if inv == 0.0 {
+                                continue;
+                            }
+                            1.0 - approx * inv * inv_q
+                        }
+                        Metric::Dot => -approx,
+                        Metric::L2 => {
+                            let sq = if inv > 0.0 { 1.0 / (inv * inv) } else { 0.0 };
+                            sq + q_sq - 2.0 * approx
                         }
                     };
                     if distance <= top.threshold() {
@@ -704,7 +831,7 @@ mod tests {
                 let q: Vec<f32> = (0..dims).map(|_| next()).collect();
                 let exact = set.search(&q, 10, metric, None).unwrap();
                 // Oversampling to every row makes the candidates the whole set: exact again.
-                for mode in [Mode::Int8, Mode::Binary] {
+                for mode in [Mode::Int8, Mode::Int4, Mode::Binary] {
                     let all = set.search_with(&q, 10, metric, None, mode, 2000).unwrap();
                     assert_eq!(all, exact, "{mode:?} {metric:?}");
                 }
@@ -722,8 +849,55 @@ mod tests {
                     .filter(|r| exact.iter().any(|e| e.0 == r.0))
                     .count();
                 assert!(hits >= 8, "int8 x4 found {hits} of 10");
+                let few = set
+                    .search_with(&q, 10, metric, None, Mode::Int4, INT4_OVERSAMPLE)
+                    .unwrap();
+                let hits = few
+                    .iter()
+                    .filter(|r| exact.iter().any(|e| e.0 == r.0))
+                    .count();
+                assert!(hits >= 8, "int4 x{INT4_OVERSAMPLE} found {hits} of 10");
             }
         }
+    }
+
+    /// int4 codes and their dot product against plain arithmetic, for even and odd lengths,
+    /// lengths around the 32-byte vector step, and the extremes of both operands.
+    #[test]
+    fn int4_codes_and_dot_products_match_plain_arithmetic() {
+        let mut next = crate::index::scan::tests::uniform(7);
+        for dims in [1usize, 2, 3, 63, 64, 65, 127, 512, 515] {
+            let row: Vec<f32> = (0..dims).map(|_| next()).collect();
+            let mut codes = Vec::new();
+            let scale = quantize_int4(&row, &mut codes);
+            let half = dims.div_ceil(2);
+            assert_eq!(codes.len(), half);
+            let code = |i: usize| -> i32 {
+                let b = codes[i % half];
+                i32::from(if i < half { b & 15 } else { b >> 4 }) - 8
+            };
+            let max = row.iter().fold(0f32, |m, x| m.max(x.abs()));
+            for (i, &x) in row.iter().enumerate() {
+                assert!((-7..=7).contains(&code(i)));
+                assert!((code(i) as f32 * scale - x).abs() <= max / 14.0 + 1e-6);
+            }
+            if dims % 2 == 1 {
+                assert_eq!(code(dims), 0, "the padding nibble is a zero code");
+            }
+            for q_fill in [None, Some(127i8), Some(-128i8)] {
+                let mut q: Vec<i8> = (0..dims)
+                    .map(|_| q_fill.unwrap_or((next() * 127.0) as i8))
+                    .collect();
+                let want: i32 = (0..dims).map(|i| i32::from(q[i]) * code(i)).sum();
+                q.resize(2 * half, 0);
+                let offset = int4_offset(&q);
+                assert_eq!(dot_int4(&q, &codes, offset), want, "dims {dims}");
+                assert_eq!(dot_nibbles(&q, &codes) - offset, want);
+            }
+        }
+        let mut zeros = Vec::new();
+        assert_eq!(quantize_int4(&[0.0; 4], &mut zeros), 0.0);
+        assert_eq!(zeros, vec![0x88, 0x88]);
     }
 
     #[test]

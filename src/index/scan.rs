@@ -412,7 +412,7 @@ impl<'q> StreamScan<'q> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     /// A seeded uniform [-1, 1) generator (splitmix64), so tests need no random-number crate.
