@@ -39,7 +39,7 @@ use rusqlite::ffi;
 use rusqlite::types::{Value, ValueRef};
 use rusqlite::vtab::{
     parameter, Context, CreateVTab, Filters, IndexConstraintOp, IndexInfo, Inserts, Module,
-    UpdateVTab, Updates, VTab, VTabConfig, VTabConnection, VTabCursor, VTabKind,
+    UpdateVTab, Updates, VTab, VTabConnection, VTabCursor, VTabKind,
 };
 use rusqlite::{params_from_iter, Connection};
 
@@ -369,8 +369,12 @@ impl IndexTab {
         args: &[&[u8]],
         creating: bool,
     ) -> rusqlite::Result<(Cow<'static, CStr>, IndexTab)> {
-        db.config(VTabConfig::ConstraintSupport)?;
         let handle = unsafe { db.handle() };
+        // SAFETY: inside xCreate/xConnect, on the connection SQLite handed us.
+        let rc = unsafe { crate::declare_constraint_support(handle) };
+        if rc != ffi::SQLITE_OK {
+            return Err(rusqlite::Error::SqliteFailure(ffi::Error::new(rc), None));
+        }
         let schema = String::from_utf8_lossy(database_name).into_owned();
         let table = String::from_utf8_lossy(table_name).into_owned();
         let decl = parse_declaration(&table, args)?;
