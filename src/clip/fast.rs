@@ -10,10 +10,13 @@
 //!   scale folded into q's);
 //! - layer norm, bias + activation and the attention softmax are single passes per row, compiled
 //!   for AVX2/FMA (or NEON) with a runtime check, spread over the cores with rayon;
-//! - attention runs per (sequence, head) on the cores, skipping what the causal mask removes.
+//! - attention runs per (sequence, head) on the cores, as two products on the same kernel.
 //!
-//! candle composed these as ~25 allocating tensor ops per layer; at batch 32 they cost about as
-//! much as the matrix products (BENCHMARKS.md, "CLIP throughput").
+//! candle composed these as ~25 allocating tensor ops per layer: at batch 32 its forward pass
+//! took 68 ms an image, of which the same products timed alone take ~40 (BENCHMARKS.md, "CLIP
+//! throughput").
+
+use std::ops::Range;
 
 use candle_core::{Result, Shape};
 use candle_nn::VarBuilder;
@@ -60,11 +63,17 @@ impl Linear {
 
     /// `y (rows, n_out) = x (rows, n_in) · weightᵀ + bias`.
     fn forward(&self, x: &[f32], rows: usize, y: &mut [f32]) {
+        self.forward_cols(x, rows, y, 0..self.weight.n_out());
+    }
+
+    /// [`Linear::forward`] for the output columns `cols` only (`y` is (rows, cols.len())); the
+    /// start must satisfy [`Packed::splits_at`].
+    fn forward_cols(&self, x: &[f32], rows: usize, y: &mut [f32], cols: Range<usize>) {
         match &self.bias {
-            Some(b) => fill_rows(y, b),
+            Some(b) => fill_rows(y, &b[cols.clone()]),
             None => y.fill(0.0),
         }
-        self.weight.accumulate(x, rows, y);
+        self.weight.accumulate_cols(x, rows, y, cols);
     }
 
     /// `y += x · weightᵀ + bias` (a residual connection).
@@ -241,40 +250,25 @@ fn bias_act_row(y: &mut [f32], b: &[f32], act: Activation) {
     }
 }
 
-/// Where one head's queries, keys and values are: `q` starts at the first query row's slice
-/// for this head (rows `q_stride` apart, one per entry of `positions`, the query's position in
-/// its sequence); `k` and `v` start at row 0's slices (rows `kv_stride` apart, `seq` of them).
-/// `q` carries the 1/sqrt(head_dim) scale.
-struct Head<'a> {
-    q: &'a [f32],
-    q_stride: usize,
-    positions: &'a [usize],
-    k: &'a [f32],
-    v: &'a [f32],
-    kv_stride: usize,
-    seq: usize,
-    d: usize,
-    causal: bool,
-}
-
-/// Softmax attention for one head into `out` (one row of `d` per query), as two products on
-/// the kernel of the linear layers: scores = Q·Kᵀ (K packed as the "weight", one output per
-/// key), a softmax per row (keys past a causal query's position get weight 0), then P·V (V
-/// packed by columns, one output per head dimension).
-fn attend(head: &Head, out: &mut [f32]) {
-    let (seq, d, queries) = (head.seq, head.d, head.positions.len());
+/// Softmax attention for the head whose values are columns `col..col + d` of one sequence's
+/// `at` into `out` (one row of `d` per query), as two products on the kernel of the linear
+/// layers: scores = Q·Kᵀ (K packed as the "weight", one output per key), a softmax per row
+/// (keys past a causal query's position get weight 0), then P·V (V packed by columns, one
+/// output per head dimension). Q carries the 1/sqrt(d) scale.
+fn attend(at: &Heads, col: usize, seq: usize, d: usize, causal: bool, out: &mut [f32]) {
+    let queries = at.positions.len();
     let rows = |src: &[f32], stride: usize, n: usize| -> Vec<f32> {
         (0..n)
-            .flat_map(|i| src[i * stride..][..d].iter().copied())
+            .flat_map(|i| src[col + i * stride..][..d].iter().copied())
             .collect()
     };
-    let q = rows(head.q, head.q_stride, queries);
-    let keys = Packed::from_rows(&rows(head.k, head.kv_stride, seq), seq, d);
-    let values = Packed::from_columns(&rows(head.v, head.kv_stride, seq), seq, d);
+    let q = rows(at.q, at.q_stride, queries);
+    let keys = Packed::from_rows(&rows(&at.kv[at.k_at..], at.kv_stride, seq), seq, d);
+    let values = Packed::from_columns(&rows(&at.kv[at.v_at..], at.kv_stride, seq), seq, d);
     let mut scores = vec![0f32; queries * seq];
     keys.accumulate_serial(&q, queries, &mut scores);
-    for (row, &pos) in scores.chunks_exact_mut(seq).zip(head.positions) {
-        let visible = if head.causal { pos + 1 } else { seq };
+    for (row, &pos) in scores.chunks_exact_mut(seq).zip(at.positions) {
+        let visible = if causal { pos + 1 } else { seq };
         softmax_row(row, visible);
     }
     out[..queries * d].fill(0.0);
@@ -408,14 +402,7 @@ impl Encoder {
         last.qkv.forward(&picked_rows(&normed), batch, &mut q);
         let (kv, kv_width, kv_at) = if last.qkv.weight.splits_at(h) {
             let mut kv = vec![0f32; rows * 2 * h];
-            let bias = last.qkv.bias.as_deref().map(|b| &b[h..]);
-            match bias {
-                Some(b) => fill_rows(&mut kv, b),
-                None => kv.fill(0.0),
-            }
-            last.qkv
-                .weight
-                .accumulate_cols(&normed, rows, &mut kv, h..3 * h);
+            last.qkv.forward_cols(&normed, rows, &mut kv, h..3 * h);
             (kv, 2 * h, 0)
         } else {
             last.qkv.forward(&normed, rows, &mut qkv);
@@ -463,20 +450,8 @@ impl Encoder {
         let one = |task: usize| {
             let (b, head) = (task / heads, task % heads);
             let at = heads_of(b);
-            let queries = at.positions.len();
-            let mut o = vec![0f32; queries * d];
-            let spec = Head {
-                q: &at.q[head * d..],
-                q_stride: at.q_stride,
-                positions: at.positions,
-                k: &at.kv[at.k_at + head * d..],
-                v: &at.kv[at.v_at + head * d..],
-                kv_stride: at.kv_stride,
-                seq,
-                d,
-                causal,
-            };
-            attend(&spec, &mut o);
+            let mut o = vec![0f32; at.positions.len() * d];
+            attend(&at, head * d, seq, d, causal, &mut o);
             o
         };
         // queries · seq · hidden multiply-adds, twice
@@ -495,9 +470,9 @@ impl Encoder {
     }
 }
 
-/// Where sequence b's attention inputs are (see [`Head`]): its query rows from `q` (`q_stride`
-/// apart, at the positions `positions`), and its keys and values at offsets `k_at` and `v_at`
-/// of the rows of `kv`.
+/// Where one sequence's attention inputs are: its query rows from `q` (`q_stride` apart, one
+/// per entry of `positions`, the query's position in the sequence), and its keys and values at
+/// offsets `k_at` and `v_at` of the rows of `kv` (`kv_stride` apart, one per position).
 struct Heads<'a> {
     q: &'a [f32],
     q_stride: usize,

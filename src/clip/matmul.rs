@@ -42,13 +42,23 @@ impl Packed {
     /// Packs `w`, (n, k) row-major as HuggingFace stores a linear layer's weight.
     pub fn from_rows(w: &[f32], n: usize, k: usize) -> Packed {
         assert_eq!(w.len(), n * k);
-        let count = n.div_ceil(NR);
-        let mut panels = vec![0f32; count * k * NR];
+        Packed::pack(n, k, |kk, j| w[j * k + kk])
+    }
+
+    /// Packs `wt`, the weight transposed: (k, n) row-major.
+    pub fn from_columns(wt: &[f32], k: usize, n: usize) -> Packed {
+        assert_eq!(wt.len(), n * k);
+        Packed::pack(n, k, |kk, j| wt[kk * n + j])
+    }
+
+    /// Panels of `W[j][kk] = at(kk, j)`, zero-padded to whole panels.
+    fn pack(n: usize, k: usize, at: impl Fn(usize, usize) -> f32) -> Packed {
+        let mut panels = vec![0f32; n.div_ceil(NR) * k * NR];
         for (p, panel) in panels.chunks_exact_mut(k * NR).enumerate() {
-            for lane in 0..NR.min(n - p * NR) {
-                let row = &w[(p * NR + lane) * k..][..k];
-                for (kk, &v) in row.iter().enumerate() {
-                    panel[kk * NR + lane] = v;
+            let lanes = NR.min(n - p * NR);
+            for (kk, line) in panel.chunks_exact_mut(NR).enumerate() {
+                for (lane, v) in line[..lanes].iter_mut().enumerate() {
+                    *v = at(kk, p * NR + lane);
                 }
             }
         }
@@ -67,20 +77,6 @@ impl Packed {
     /// [`Packed::accumulate`] on the calling thread (for products inside a parallel task).
     pub fn accumulate_serial(&self, x: &[f32], m: usize, y: &mut [f32]) {
         self.accumulate_with(Kernel::detect(), x, m, y, 0..self.n, true)
-    }
-
-    /// Packs `wt`, the weight transposed: (k, n) row-major.
-    pub fn from_columns(wt: &[f32], k: usize, n: usize) -> Packed {
-        assert_eq!(wt.len(), n * k);
-        let count = n.div_ceil(NR);
-        let mut panels = vec![0f32; count * k * NR];
-        for (p, panel) in panels.chunks_exact_mut(k * NR).enumerate() {
-            let lanes = NR.min(n - p * NR);
-            for (kk, dst) in panel.chunks_exact_mut(NR).enumerate() {
-                dst[..lanes].copy_from_slice(&wt[kk * n + p * NR..][..lanes]);
-            }
-        }
-        Packed { panels, k, n }
     }
 
     /// Whether [`Packed::accumulate_cols`] can start at output column `col`.

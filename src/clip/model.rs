@@ -367,10 +367,7 @@ impl ClipModel {
 
     /// `text_embeds` for one sequence of ids, as a vector.
     pub fn text_features(&self, ids: &[u32]) -> Result<Vec<f32>> {
-        match &self.towers {
-            Towers::Fast(f) => f.text_features(&[ids.to_vec()]),
-            Towers::Candle(_) => self.text_embeds(&[ids.to_vec()])?.squeeze(0)?.to_vec1(),
-        }
+        self.text_embeds(&[ids.to_vec()])?.squeeze(0)?.to_vec1()
     }
 
     /// `image_embeds` as vectors.

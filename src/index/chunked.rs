@@ -185,6 +185,11 @@ pub fn int4_offset(q: &[i8]) -> i32 {
 /// `Σ q[i] * low(codes[i]) + q[i + half] * high(codes[i])`.
 fn dot_nibbles(q: &[i8], codes: &[u8]) -> i32 {
     let (lo, hi) = q.split_at(codes.len());
+    dot_halves(lo, hi, codes)
+}
+
+/// `Σ lo[i] * low(codes[i]) + hi[i] * high(codes[i])`.
+fn dot_halves(lo: &[i8], hi: &[i8], codes: &[u8]) -> i32 {
     codes
         .iter()
         .zip(lo.iter().zip(hi))
@@ -214,13 +219,7 @@ unsafe fn dot_nibbles_avx2(q: &[i8], codes: &[u8]) -> i32 {
     }
     let mut lanes = [0i32; 8];
     _mm256_storeu_si256(lanes.as_mut_ptr().cast(), acc);
-    lanes.iter().sum::<i32>() + dot_nibbles(&q_tail(lo_q, hi_q, i), &codes[i..])
-}
-
-/// The query halves' tails from `from` on, joined as [`dot_nibbles`] expects them.
-#[cfg(target_arch = "x86_64")]
-fn q_tail(lo: &[i8], hi: &[i8], from: usize) -> Vec<i8> {
-    lo[from..].iter().chain(&hi[from..]).copied().collect()
+    lanes.iter().sum::<i32>() + dot_halves(&lo_q[i..], &hi_q[i..], &codes[i..])
 }
 
 /// Sign bits, bit `i % 8` of byte `i / 8` set when element i > 0.
@@ -598,44 +597,39 @@ impl ChunkSet {
                 while bits != 0 {
                     let slot = byte_index * 8 + bits.trailing_zeros() as usize;
                     bits &= bits - 1;
-                    let approx = match (qz, nz) {
+                    let distance = match (qz, nz) {
                         (Some(qz), _) if mode == Mode::Binary => {
-                            let d =
-                                u8::hamming(&q_bits, &qz.bits[slot * bytes..(slot + 1) * bytes])
-                                    .unwrap_or(f64::INFINITY);
-                            if d <= top.threshold() {
-                                top.push(Hit {
-                                    distance: d,
-                                    id: ((position as i64) << 24) | slot as i64,
-                                });
+                            u8::hamming(&q_bits, &qz.bits[slot * bytes..(slot + 1) * bytes])
+                                .unwrap_or(f64::INFINITY)
+                        }
+                        _ => {
+                            let approx = match (qz, nz) {
+                                (_, Some(nz)) => {
+                                    let codes = &nz.codes[slot * half..(slot + 1) * half];
+                                    f64::from(dot_int4(&q4, codes, q4_offset))
+                                        * f64::from(nz.scales[slot])
+                                }
+                                (Some(qz), None) => {
+                                    i8::dot(&q8, &qz.int8[slot * dims..(slot + 1) * dims])
+                                        .unwrap_or(0.0)
+                                        * f64::from(qz.scales[slot])
+                                }
+                                (None, None) => unreachable!("one copy is made per mode"),
+                            } * q_scale;
+                            let inv = f64::from(chunk.inv_norms[slot]);
+                            match metric {
+                                Metric::Cosine => {
+                                    if inv == 0.0 {
+                                        continue;
+                                    }
+                                    1.0 - approx * inv * inv_q
+                                }
+                                Metric::Dot => -approx,
+                                Metric::L2 => {
+                                    let sq = if inv > 0.0 { 1.0 / (inv * inv) } else { 0.0 };
+                                    sq + q_sq - 2.0 * approx
+                                }
                             }
-                            continue;
-                        }
-                        (Some(qz), _) => {
-                            i8::dot(&q8, &qz.int8[slot * dims..(slot + 1) * dims]).unwrap_or(0.0)
-                                * q_scale
-                                * f64::from(qz.scales[slot])
-                        }
-                        (None, Some(nz)) => {
-                            let codes = &nz.codes[slot * half..(slot + 1) * half];
-                            f64::from(dot_int4(&q4, codes, q4_offset))
-                                * q_scale
-                                * f64::from(nz.scales[slot])
-                        }
-                        (None, None) => unreachable!("one copy is made per mode"),
-                    };
-                    let inv = f64::from(chunk.inv_norms[slot]);
-                    let distance = match metric {
-                        Metric::Cosine => {
-                            if inv == 0.0 {
-                                continue;
-                            }
-                            1.0 - approx * inv * inv_q
-                        }
-                        Metric::Dot => -approx,
-                        Metric::L2 => {
-                            let sq = if inv > 0.0 { 1.0 / (inv * inv) } else { 0.0 };
-                            sq + q_sq - 2.0 * approx
                         }
                     };
                     if distance <= top.threshold() {
