@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """CLIP throughput: archaeclip (the built extension, through SQL) against transformers (torch)
 and onnxruntime, on one ViT-B/32-shaped model with identical random weights, 2 threads each, in
-one run. Also checks archaeclip's features against transformers' on that full-size model.
+one run. Also checks archaeclip's features against transformers' on that full-size model, and
+measures the optional precision = 'bf16' (speed, and cosine against fp32).
 
 Developer-run (torch, transformers, onnxruntime and onnx are not CI dependencies), from a venv made
 from Debian's /usr/bin/python3 so that sqlite3 can load the extension:
@@ -82,12 +83,13 @@ def end_to_end(folder, db_path, model_dir, embed):
     return time.perf_counter() - t
 
 
-def end_to_end_archaeclip(folder, db_path, model_dir):
+def end_to_end_archaeclip(folder, db_path, model_dir, precision="fp32"):
     t = time.perf_counter()
     db = sqlite3.connect(db_path)
     db.enable_load_extension(True)
     db.load_extension(EXT)
-    db.execute("INSERT INTO temp.clip_models(name, path) VALUES ('b32', ?)", (model_dir,))
+    db.execute("INSERT INTO temp.clip_models(name, path, precision) VALUES ('b32', ?, ?)",
+               (model_dir, precision))
     db.execute("CREATE TABLE embeddings(id TEXT PRIMARY KEY, embedding BLOB)")
     inner = f"SELECT path, path FROM clip_files(''{folder}'', ''*.jpg'')"
     n = db.execute(
@@ -134,6 +136,7 @@ def main():
     db.enable_load_extension(True)
     db.load_extension(EXT)
     db.execute("INSERT INTO temp.clip_models(name, path) VALUES ('b32', ?)", (tmp,))
+    db.execute("INSERT INTO temp.clip_models(name, path, precision) VALUES ('b32h', ?, 'bf16')", (tmp,))
     assert len(db.execute("SELECT clip_tokenize(?, 'b32')", (text12,)).fetchone()[0].split(",")) == 12
     db.execute("CREATE TABLE imgs(id INTEGER PRIMARY KEY, image BLOB)")
     db.executemany("INSERT INTO imgs(image) VALUES (?)", [(p,) for p in pngs])
@@ -149,6 +152,17 @@ def main():
     ours_txt = np.frombuffer(db.execute("SELECT clip_embed_text(?, 'b32')", (text12,)).fetchone()[0], dtype="<f4")
     print(f"fidelity vs transformers (unit vectors, max abs diff): image {np.abs(ours_img - ref_img).max():.2e}, "
           f"text {np.abs(ours_txt - ref_txt).max():.2e}")
+    # precision = 'bf16' against fp32 (cosine; the issue's bound is 0.99), on 32 images and 2 texts.
+    def vecs(sql, model, *args):
+        return [np.frombuffer(r[0], dtype="<f4") for r in db.execute(sql.replace("MODEL", model), args)]
+    cos = []
+    for sql, args in (("SELECT clip_embed_image(image, 'MODEL') FROM imgs ORDER BY id", ()),
+                      ("SELECT clip_embed_text(?, 'MODEL')", (text12,)),
+                      ("SELECT clip_embed_text(?, 'MODEL')", (text77,))):
+        cos += [float(a @ b) for a, b in zip(vecs(sql, "b32", *args), vecs(sql, "b32h", *args))]
+    kernel = db.execute("SELECT json_extract(clip_model_info('b32h'), '$.matmul_kernel')").fetchone()[0]
+    print(f"bf16 (kernel: {kernel}) against fp32, cosine over 32 images and 2 texts: min {min(cos):.6f}, "
+          f"median {statistics.median(cos):.6f}")
 
     # Every (engine, workload) is a function; they are measured in interleaved rounds (each
     # round runs every engine on every workload), so that the machine's drift over the run
@@ -161,6 +175,15 @@ def main():
             "SELECT count(*) FROM clip_embed_images('SELECT id, image FROM imgs', 'b32', '{\"batch_size\": 32}')").fetchall()),
         "txt 12": (1, lambda: db.execute("SELECT clip_embed_text(?, 'b32')", (text12,)).fetchall()),
         "txt 77": (1, lambda: db.execute("SELECT clip_embed_text(?, 'b32')", (text77,)).fetchall()),
+    }
+    work["archaeclip bf16"] = {
+        c: (n, (lambda fn=fn: fn("b32h"))) for c, (n, fn) in {
+            "img b1": (1, lambda m: db.execute(f"SELECT clip_embed_image(image, '{m}') FROM imgs WHERE id = 1").fetchall()),
+            "img b32": (32, lambda m: db.execute(
+                f"SELECT count(*) FROM clip_embed_images('SELECT id, image FROM imgs', '{m}', '{{\"batch_size\": 32}}')").fetchall()),
+            "txt 12": (1, lambda m: db.execute(f"SELECT clip_embed_text(?, '{m}')", (text12,)).fetchall()),
+            "txt 77": (1, lambda m: db.execute(f"SELECT clip_embed_text(?, '{m}')", (text77,)).fetchall()),
+        }.items()
     }
     p1, p32 = torch.from_numpy(pixels[:1]), torch.from_numpy(pixels)
     t12, t77 = torch.tensor([ids12]), torch.tensor([ids77])
@@ -239,7 +262,9 @@ def main():
             return end_to_end(folder, path, tmp,
                               lambda px: feats(model.get_image_features(pixel_values=torch.from_numpy(px))).numpy())
 
-    jobs = {"archaeclip": lambda path: end_to_end_archaeclip(folder, path, tmp), "torch": torch_job}
+    jobs = {"archaeclip": lambda path: end_to_end_archaeclip(folder, path, tmp),
+            "archaeclip bf16": lambda path: end_to_end_archaeclip(folder, path, tmp, "bf16"),
+            "torch": torch_job}
     if vs is not None:
         jobs["onnxruntime"] = lambda path: end_to_end(
             folder, path, tmp, lambda px: vs.run(None, {"pixel_values": px.astype(np.float32)})[0])
@@ -254,18 +279,20 @@ def main():
     cols = ["img b1", "img b32", "txt 12", "txt 77"]
     print(f"\nViT-B/32-shaped random CLIP, {THREADS} threads, per second (images or texts), medians of "
           f"{ROUNDS} interleaved rounds ({', '.join(f'{c}: {n} per round' for c, n in reps.items())})")
-    print(f"{'engine':14}" + "".join(f"{c:>10}" for c in cols))
+    print(f"{'engine':16}" + "".join(f"{c:>10}" for c in cols))
     for name, r in rows.items():
-        print(f"{name:14}" + "".join(f"{r[c]:10.1f}" for c in cols))
-    base = rows["archaeclip"]
-    for name, r in rows.items():
-        if name != "archaeclip":
-            print(f"archaeclip / {name:12}" + "".join(f"{base[c] / r[c]:9.2f}x" for c in cols))
+        print(f"{name:16}" + "".join(f"{r[c]:10.1f}" for c in cols))
+    for ours in ("archaeclip", "archaeclip bf16"):
+        base = rows[ours]
+        for name, r in rows.items():
+            if not name.startswith("archaeclip"):
+                print(f"{ours} / {name:12}".ljust(30) + "".join(f"{base[c] / r[c]:9.2f}x" for c in cols))
     print(f"\nEnd to end: {PHOTOS} JPEG photos (1600x1200, {size / 1024:.0f} KB on average) into a table, "
           f"batch {BATCH}, best of {E2E_ROUNDS} interleaved rounds")
     for name, seconds in e2e.items():
-        ratio = "" if name == "archaeclip" else f"   archaeclip / {name}: {seconds / e2e['archaeclip']:.2f}x"
-        print(f"{name:14}{seconds:8.1f} s {PHOTOS / seconds:8.1f} photos/s{ratio}")
+        ratio = "" if name.startswith("archaeclip") else "".join(
+            f"   {ours} / {name}: {seconds / e2e[ours]:.2f}x" for ours in ("archaeclip", "archaeclip bf16"))
+        print(f"{name:16}{seconds:8.1f} s {PHOTOS / seconds:8.1f} photos/s{ratio}")
 
 
 if __name__ == "__main__":

@@ -296,3 +296,76 @@ fn fused_towers_agree_with_the_candle_modules_on_batches_and_every_activation() 
     }
     std::fs::remove_dir_all(&tanh_dir).unwrap();
 }
+
+/// `precision = 'bf16'` on a registered model: the encoders' products in bfloat16. Each fixture
+/// model's text and image embeddings stay within cosine 0.99 of fp32 (the bound the CLIP issue
+/// sets for a reduced-precision mode), without being equal to them (the bf16 products ran), and
+/// the table and `clip_model_info` say which precision and kernel a model uses.
+#[test]
+fn bf16_embeddings_stay_within_cosine_0_99_of_fp32() {
+    let db = rusqlite::Connection::open_in_memory().unwrap();
+    archaeclip::register(&db).unwrap();
+    let image = std::fs::read(fixtures().join("images/photo_astronaut_300x200_q90.jpg")).unwrap();
+    let vector = |blob: Vec<u8>| -> Vec<f32> {
+        blob.chunks_exact(4)
+            .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+            .collect()
+    };
+    let mut worst = 1f64;
+    for name in MODELS {
+        let dir = fixtures().join("models").join(name);
+        db.execute(
+            "INSERT INTO temp.clip_models(name, path, precision) \
+             VALUES (?1 || '-fp32', ?2, NULL), (?1 || '-bf16', ?2, 'BF16')",
+            (name, dir.to_str().unwrap()),
+        )
+        .unwrap();
+        for (sql, input) in [
+            (
+                "SELECT clip_embed_text(?1, ?2)",
+                rusqlite::types::Value::Text("terracotta statuette, sixth century, Italy".into()),
+            ),
+            (
+                "SELECT clip_embed_image(?1, ?2)",
+                rusqlite::types::Value::Blob(image.clone()),
+            ),
+        ] {
+            let embed = |model: String| -> Vec<f32> {
+                vector(db.query_row(sql, (&input, model), |r| r.get(0)).unwrap())
+            };
+            let (full, half) = (embed(format!("{name}-fp32")), embed(format!("{name}-bf16")));
+            let cosine: f64 = full.iter().zip(&half).map(|(a, b)| (a * b) as f64).sum();
+            assert!(cosine >= 0.99, "{name}, {sql}: cosine {cosine}");
+            assert!(full != half, "{name}, {sql}: bf16 gave the fp32 result");
+            worst = worst.min(cosine);
+        }
+        let (precision, info): (String, String) = db
+            .query_row(
+                "SELECT precision, clip_model_info(name) FROM temp.clip_models WHERE name = ?",
+                [format!("{name}-bf16")],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .unwrap();
+        let info: serde_json::Value = serde_json::from_str(&info).unwrap();
+        assert_eq!(
+            (precision.as_str(), &info["precision"]),
+            ("bf16", &"bf16".into())
+        );
+        assert!(
+            info["matmul_kernel"].as_str().unwrap().contains("bf16"),
+            "{info}"
+        );
+    }
+    eprintln!("bf16 against fp32, worst cosine over the fixture models: {worst:.6}");
+    let e = db
+        .execute(
+            "INSERT INTO temp.clip_models(name, path, precision) VALUES ('x', ?, 'fp16')",
+            [fixtures().join("models/tiny-st").to_str().unwrap()],
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("clip_models: precision must be 'fp32' or 'bf16', found 'fp16'"),
+        "{e}"
+    );
+}

@@ -826,7 +826,7 @@ fn truncated_and_lying_safetensors_files_are_refused() {
         .unwrap();
     json[&key]["data_offsets"][1] = (last_end + (1 << 30)).into();
     let mut header = json.to_string().into_bytes();
-    while header.len() % 8 != 0 {
+    while !header.len().is_multiple_of(8) {
         header.push(b' ');
     }
     let mut bytes = (header.len() as u64).to_le_bytes().to_vec();

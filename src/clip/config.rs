@@ -216,7 +216,7 @@ impl ClipConfig {
         if v.patch_size == 0
             || v.image_size == 0
             || v.image_size > MAX_IMAGE
-            || v.image_size % v.patch_size != 0
+            || !v.image_size.is_multiple_of(v.patch_size)
         {
             return bad(format!(
                 "vision_config: image_size {} must be a multiple of patch_size {} (and at most {MAX_IMAGE})",

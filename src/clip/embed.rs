@@ -91,6 +91,8 @@ impl LoadedModel {
                 "mean": self.preprocess.mean, "std": self.preprocess.std, "resample": "bicubic",
             },
             "fallbacks": self.fallbacks,
+            "precision": self.precision.name(),
+            "matmul_kernel": self.precision.kernel_name(),
             "normalized": true,
         })
     }

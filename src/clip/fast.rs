@@ -24,7 +24,7 @@ use multiversion::multiversion;
 use rayon::prelude::*;
 
 use super::config::{Activation, ClipConfig, TowerConfig};
-use super::matmul::Packed;
+use super::matmul::{Packed, Precision};
 
 fn get(vb: &VarBuilder, shape: impl Into<Shape>, name: &str) -> Result<Vec<f32>> {
     vb.get(shape, name)?.flatten_all()?.to_vec1::<f32>()
@@ -37,10 +37,16 @@ struct Linear {
 }
 
 impl Linear {
-    fn load(vb: VarBuilder, n_in: usize, n_out: usize, bias: bool) -> Result<Linear> {
+    fn load(
+        vb: VarBuilder,
+        n_in: usize,
+        n_out: usize,
+        bias: bool,
+        precision: Precision,
+    ) -> Result<Linear> {
         let (weight, bias) = Linear::raw(vb, n_in, n_out, bias)?;
         Ok(Linear {
-            weight: Packed::from_rows(&weight, n_out, n_in),
+            weight: Packed::from_rows_in(&weight, n_out, n_in, precision),
             bias,
         })
     }
@@ -263,8 +269,10 @@ fn attend(at: &Heads, col: usize, seq: usize, d: usize, causal: bool, out: &mut 
             .collect()
     };
     let q = rows(at.q, at.q_stride, queries);
-    let keys = Packed::from_rows(&rows(&at.kv[at.k_at..], at.kv_stride, seq), seq, d);
-    let values = Packed::from_columns(&rows(&at.kv[at.v_at..], at.kv_stride, seq), seq, d);
+    // Packed straight from the rows of `kv`: key j is output j; value row kk is input kk.
+    let (kv, stride, k_at, v_at) = (at.kv, at.kv_stride, at.k_at + col, at.v_at + col);
+    let keys = Packed::from_fn(seq, d, |kk, j| kv[k_at + j * stride + kk]);
+    let values = Packed::from_fn(d, seq, |kk, j| kv[v_at + kk * stride + j]);
     let mut scores = vec![0f32; queries * seq];
     keys.accumulate_serial(&q, queries, &mut scores);
     for (row, &pos) in scores.chunks_exact_mut(seq).zip(at.positions) {
@@ -301,7 +309,7 @@ struct Layer {
 }
 
 impl Layer {
-    fn load(vb: VarBuilder, c: &TowerConfig) -> Result<Layer> {
+    fn load(vb: VarBuilder, c: &TowerConfig, precision: Precision) -> Result<Layer> {
         let (h, i) = (c.hidden_size, c.intermediate_size);
         let attn = vb.pp("self_attn");
         let scale = ((h / c.num_attention_heads) as f32).powf(-0.5);
@@ -317,13 +325,13 @@ impl Layer {
         Ok(Layer {
             norm1: Norm::load(vb.pp("layer_norm1"), h, c.layer_norm_eps)?,
             qkv: Linear {
-                weight: Packed::from_rows(&weight, 3 * h, h),
+                weight: Packed::from_rows_in(&weight, 3 * h, h, precision),
                 bias: Some(bias),
             },
-            out: Linear::load(attn.pp("out_proj"), h, h, true)?,
+            out: Linear::load(attn.pp("out_proj"), h, h, true, precision)?,
             norm2: Norm::load(vb.pp("layer_norm2"), h, c.layer_norm_eps)?,
-            fc1: Linear::load(vb.pp("mlp").pp("fc1"), h, i, true)?,
-            fc2: Linear::load(vb.pp("mlp").pp("fc2"), i, h, true)?,
+            fc1: Linear::load(vb.pp("mlp").pp("fc1"), h, i, true, precision)?,
+            fc2: Linear::load(vb.pp("mlp").pp("fc2"), i, h, true, precision)?,
         })
     }
 }
@@ -338,11 +346,11 @@ struct Encoder {
 }
 
 impl Encoder {
-    fn load(vb: VarBuilder, c: &TowerConfig) -> Result<Encoder> {
+    fn load(vb: VarBuilder, c: &TowerConfig, precision: Precision) -> Result<Encoder> {
         let vb = vb.pp("encoder").pp("layers");
         Ok(Encoder {
             layers: (0..c.num_hidden_layers)
-                .map(|i| Layer::load(vb.pp(i.to_string()), c))
+                .map(|i| Layer::load(vb.pp(i.to_string()), c, precision))
                 .collect::<Result<_>>()?,
             hidden: c.hidden_size,
             intermediate: c.intermediate_size,
@@ -515,8 +523,9 @@ pub struct FastClip {
 
 impl FastClip {
     /// Loads the weights under transformers' names, with the same shape checks (and errors)
-    /// as the candle modules.
-    pub fn load(vb: VarBuilder, c: &ClipConfig) -> Result<FastClip> {
+    /// as the candle modules. `precision` is the encoder layers' (the patch embedding and the
+    /// projections, ~3% of the work, stay f32).
+    pub fn load(vb: VarBuilder, c: &ClipConfig, precision: Precision) -> Result<FastClip> {
         let (t, v) = (&c.text, &c.vision);
         let th = t.tower.hidden_size;
         let tvb = vb.pp("text_model");
@@ -529,7 +538,7 @@ impl FastClip {
                 "weight",
             )?,
             max_positions: t.max_position_embeddings,
-            encoder: Encoder::load(tvb.clone(), &t.tower)?,
+            encoder: Encoder::load(tvb.clone(), &t.tower, precision)?,
             final_norm: Norm::load(tvb.pp("final_layer_norm"), th, t.tower.layer_norm_eps)?,
             eos_token_id: t.eos_token_id,
         };
@@ -553,7 +562,7 @@ impl FastClip {
                 "weight",
             )?,
             pre_norm: Norm::load(vvb.pp("pre_layrnorm"), vh, v.tower.layer_norm_eps)?,
-            encoder: Encoder::load(vvb.clone(), &v.tower)?,
+            encoder: Encoder::load(vvb.clone(), &v.tower, precision)?,
             post_norm: Norm::load(vvb.pp("post_layernorm"), vh, v.tower.layer_norm_eps)?,
             channels: v.num_channels,
             patch: p,
@@ -562,12 +571,19 @@ impl FastClip {
         Ok(FastClip {
             text,
             vision,
-            text_projection: Linear::load(vb.pp("text_projection"), th, c.projection_dim, false)?,
+            text_projection: Linear::load(
+                vb.pp("text_projection"),
+                th,
+                c.projection_dim,
+                false,
+                Precision::F32,
+            )?,
             visual_projection: Linear::load(
                 vb.pp("visual_projection"),
                 vh,
                 c.projection_dim,
                 false,
+                Precision::F32,
             )?,
         })
     }

@@ -15,6 +15,7 @@ use candle_nn::VarBuilder;
 use serde_json::Value;
 
 use super::config::ClipConfig;
+use super::matmul::Precision;
 use super::model::ClipModel;
 use super::preprocess::PreprocessConfig;
 use super::tokenizer::ClipTokenizer;
@@ -36,6 +37,8 @@ pub struct LoadedModel {
     /// What was missing and replaced by a standard default.
     pub fallbacks: Vec<String>,
     pub parameters: usize,
+    /// The arithmetic of the encoders' products.
+    pub precision: Precision,
 }
 
 /// A model directory whose files are parsed and whose weights are open, before the model is
@@ -57,20 +60,30 @@ pub struct Opened {
 impl Opened {
     /// Builds the model from the weights (`differentiable` for training).
     pub fn build(self, differentiable: bool) -> Result<(ClipModel, Opened)> {
+        self.build_in(differentiable, Precision::F32)
+    }
+
+    /// [`Opened::build`] with the inference products at `precision`.
+    pub fn build_in(
+        self,
+        differentiable: bool,
+        precision: Precision,
+    ) -> Result<(ClipModel, Opened)> {
         let vb = VarBuilder::from_backend(
             Box::new(Forward(&*self.weights)) as Box<dyn SimpleBackend + '_>,
             DType::F32,
             Device::Cpu,
         );
-        let model = ClipModel::build(vb, &self.config, differentiable).map_err(|e| {
-            model_error(
-                &self.model_dir,
-                format!(
-                    "the weights do not match config.json: {}",
-                    super::candle_message(&e)
-                ),
-            )
-        })?;
+        let model =
+            ClipModel::build_in(vb, &self.config, differentiable, precision).map_err(|e| {
+                model_error(
+                    &self.model_dir,
+                    format!(
+                        "the weights do not match config.json: {}",
+                        super::candle_message(&e)
+                    ),
+                )
+            })?;
         Ok((model, self))
     }
 }
@@ -262,7 +275,12 @@ fn relative(root: &Path, p: &Path) -> String {
 
 /// Loads a model directory (any supported layout) for inference.
 pub fn load(path: &Path) -> Result<LoadedModel> {
-    let (model, o) = open(path)?.build(false)?;
+    load_in(path, Precision::F32)
+}
+
+/// [`load`] with the products at `precision`.
+pub fn load_in(path: &Path, precision: Precision) -> Result<LoadedModel> {
+    let (model, o) = open(path)?.build_in(false, precision)?;
     Ok(LoadedModel {
         root: o.root,
         model_dir: o.model_dir,
@@ -274,6 +292,7 @@ pub fn load(path: &Path) -> Result<LoadedModel> {
         files: o.files,
         fallbacks: o.fallbacks,
         parameters: o.parameters,
+        precision,
     })
 }
 

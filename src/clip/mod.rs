@@ -6,6 +6,7 @@ pub mod embed;
 pub mod fast;
 pub mod load;
 mod matmul;
+pub use matmul::Precision;
 pub mod model;
 pub mod preprocess;
 pub mod registry;

@@ -12,6 +12,7 @@ use candle_nn::{linear, linear_no_bias, Linear, VarBuilder};
 
 use super::config::{Activation, ClipConfig, TowerConfig};
 use super::fast::{pool_index, FastClip};
+use super::matmul::Precision;
 
 fn activate(act: Activation, xs: &Tensor) -> Result<Tensor> {
     match act {
@@ -303,6 +304,16 @@ impl ClipModel {
     /// `differentiable`: candle modules whose every op has a backward pass (for training);
     /// otherwise the fused inference towers.
     pub fn build(vb: VarBuilder, c: &ClipConfig, differentiable: bool) -> Result<ClipModel> {
+        ClipModel::build_in(vb, c, differentiable, Precision::F32)
+    }
+
+    /// [`ClipModel::build`], the fused towers' products at `precision`.
+    pub fn build_in(
+        vb: VarBuilder,
+        c: &ClipConfig,
+        differentiable: bool,
+        precision: Precision,
+    ) -> Result<ClipModel> {
         let logit_scale = if vb.contains_tensor("logit_scale") {
             Some(vb.get((), "logit_scale")?)
         } else {
@@ -324,7 +335,7 @@ impl ClipModel {
                 )?,
             }))
         } else {
-            Towers::Fast(Box::new(FastClip::load(vb.clone(), c)?))
+            Towers::Fast(Box::new(FastClip::load(vb.clone(), c, precision)?))
         };
         Ok(ClipModel {
             towers,

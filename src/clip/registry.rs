@@ -9,7 +9,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::SystemTime;
 
-use super::load::{load, LoadedModel};
+use super::load::{load_in, LoadedModel};
+use super::matmul::Precision;
 use crate::error::{Error, Result};
 
 /// (file, length, modification time) of the files that define a model.
@@ -30,8 +31,12 @@ pub const MAX_IDLE_MODELS: usize = 4;
 
 static CLOCK: AtomicU64 = AtomicU64::new(0);
 
-fn slots() -> &'static Mutex<HashMap<PathBuf, Arc<Mutex<Slot>>>> {
-    static SLOTS: OnceLock<Mutex<HashMap<PathBuf, Arc<Mutex<Slot>>>>> = OnceLock::new();
+/// A loaded model: its canonical directory and the precision it was built at (a directory
+/// registered at both is loaded twice).
+type Key = (PathBuf, Precision);
+
+fn slots() -> &'static Mutex<HashMap<Key, Arc<Mutex<Slot>>>> {
+    static SLOTS: OnceLock<Mutex<HashMap<Key, Arc<Mutex<Slot>>>>> = OnceLock::new();
     SLOTS.get_or_init(Mutex::default)
 }
 
@@ -53,12 +58,18 @@ fn signature(model: &LoadedModel) -> Signature {
 
 /// The model in `path`, loaded if needed.
 pub fn get(path: &Path) -> Result<Arc<LoadedModel>> {
-    let key = path.canonicalize().map_err(|e| {
+    get_in(path, Precision::F32)
+}
+
+/// The model in `path` with its products at `precision`, loaded if needed.
+pub fn get_in(path: &Path, precision: Precision) -> Result<Arc<LoadedModel>> {
+    let dir = path.canonicalize().map_err(|e| {
         Error::Model(format!(
             "{}: cannot open the model directory: {e}",
             path.display()
         ))
     })?;
+    let key = (dir, precision);
     let slot = {
         let mut map = slots().lock().unwrap_or_else(|p| p.into_inner());
         map.entry(key.clone()).or_default().clone()
@@ -71,7 +82,7 @@ pub fn get(path: &Path) -> Result<Arc<LoadedModel>> {
         }
     }
     guard.loaded = None; // free the old copy before loading the new one
-    let model = Arc::new(load(&key)?);
+    let model = Arc::new(load_in(&key.0, precision)?);
     guard.loaded = Some((signature(&model), model.clone()));
     drop(guard);
     evict_idle(&key);
@@ -80,9 +91,9 @@ pub fn get(path: &Path) -> Result<Arc<LoadedModel>> {
 
 /// Drops the least recently used idle models beyond [`MAX_IDLE_MODELS`], and forgets empty
 /// slots. A slot being loaded (locked) is skipped, so this never waits on a load.
-fn evict_idle(keep: &Path) {
+fn evict_idle(keep: &Key) {
     let mut map = slots().lock().unwrap_or_else(|p| p.into_inner());
-    let mut idle: Vec<(u64, PathBuf)> = Vec::new();
+    let mut idle: Vec<(u64, Key)> = Vec::new();
     map.retain(|key, slot| {
         let Ok(s) = slot.try_lock() else {
             return true;
@@ -119,13 +130,13 @@ fn evict_idle(keep: &Path) {
     }
 }
 
-/// Whether the model in `path` is loaded now.
+/// Whether the model in `path` is loaded now (at f32).
 pub fn is_loaded(path: &Path) -> bool {
-    let Ok(key) = path.canonicalize() else {
+    let Ok(dir) = path.canonicalize() else {
         return false;
     };
     let map = slots().lock().unwrap_or_else(|p| p.into_inner());
-    map.get(&key)
+    map.get(&(dir, Precision::F32))
         .is_some_and(|s| s.lock().map(|s| s.loaded.is_some()).unwrap_or(false))
 }
 

@@ -55,7 +55,7 @@ impl VectorSetBuilder {
         if blob.is_empty() {
             return Err(Error::EmptyVector);
         }
-        if blob.len() % 4 != 0 {
+        if !blob.len().is_multiple_of(4) {
             return Err(Error::BlobLength { len: blob.len() });
         }
         let dims = blob.len() / 4;
@@ -360,7 +360,7 @@ impl<'q> StreamScan<'q> {
         );
         let result = if blob.is_empty() {
             Err(Error::EmptyVector)
-        } else if blob.len() % 4 != 0 {
+        } else if !blob.len().is_multiple_of(4) {
             Err(Error::BlobLength { len: blob.len() })
         } else {
             self.push_f32(id, &row)

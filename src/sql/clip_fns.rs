@@ -43,14 +43,15 @@ fn model(
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .resolve(name.as_deref());
-    let (name, path) = resolved.map_err(|e| {
+    let (name, path, precision) = resolved.map_err(|e| {
         if index < ctx.len() {
             arg_error(func, index, e)
         } else {
             fn_error(func, e)
         }
     })?;
-    let model = registry::get(&path).map_err(|e| fn_error(func, format!("model '{name}': {e}")))?;
+    let model = registry::get_in(&path, precision)
+        .map_err(|e| fn_error(func, format!("model '{name}': {e}")))?;
     Ok((name, model))
 }
 

@@ -1,6 +1,8 @@
-//! `temp.clip_models(name, path)`: the connection's model names, as sqlite-lembed registers
-//! models. `INSERT INTO temp.clip_models(name, path) VALUES ('archaeclip', 'models/archaeclip')`
-//! names a model directory; nothing is loaded until a function uses it. The table lives in the
+//! `temp.clip_models(name, path, precision)`: the connection's model names, as sqlite-lembed
+//! registers models. `INSERT INTO temp.clip_models(name, path) VALUES ('archaeclip',
+//! 'models/archaeclip')` names a model directory; nothing is loaded until a function uses it.
+//! `precision` (optional) is 'fp32' (the default: transformers' arithmetic) or 'bf16' (the
+//! encoders' products in bfloat16, twice as fast on CPUs with AVX512_BF16). The table lives in the
 //! connection's temp schema (it is created by the extension's init), so it works on read-only
 //! databases and never touches the database file.
 
@@ -20,6 +22,7 @@ use rusqlite::Connection;
 
 use super::policy::Policy;
 use super::sql_error;
+use crate::clip::Precision;
 
 /// A named model directory.
 #[derive(Debug, Clone)]
@@ -27,6 +30,7 @@ pub struct ModelName {
     pub rowid: i64,
     pub name: String,
     pub path: PathBuf,
+    pub precision: Precision,
 }
 
 /// The names registered on one connection, and the connection's policy (which bounds the
@@ -53,22 +57,24 @@ impl ModelNames {
         }
     }
 
-    /// The directory for `name`, if the policy allows it (see [`Self::resolve_any`]).
-    pub fn resolve(&self, name: Option<&str>) -> Result<(String, PathBuf), String> {
-        let (name, path) = self.resolve_any(name)?;
+    /// The directory for `name` and its precision, if the policy allows it (see
+    /// [`Self::resolve_any`]).
+    pub fn resolve(&self, name: Option<&str>) -> Result<(String, PathBuf, Precision), String> {
+        let (name, path, precision) = self.resolve_any(name)?;
         self.policy.check_model_dir(&path)?;
-        Ok((name, path))
+        Ok((name, path, precision))
     }
 
     /// The directory for `name`, or for the default model when `name` is None: the model named
     /// 'default', else the only registered model, else $ARCHAECLIP_MODEL.
-    fn resolve_any(&self, name: Option<&str>) -> Result<(String, PathBuf), String> {
+    fn resolve_any(&self, name: Option<&str>) -> Result<(String, PathBuf, Precision), String> {
+        let entry = |e: &ModelName| (e.name.clone(), e.path.clone(), e.precision);
         if let Some(name) = name {
             return self
                 .entries
                 .iter()
                 .find(|e| e.name == name)
-                .map(|e| (e.name.clone(), e.path.clone()))
+                .map(entry)
                 .ok_or_else(|| {
                     let known: Vec<&str> = self.entries.iter().map(|e| e.name.as_str()).collect();
                     format!(
@@ -79,13 +85,15 @@ impl ModelNames {
                 });
         }
         if let Some(e) = self.entries.iter().find(|e| e.name == "default") {
-            return Ok((e.name.clone(), e.path.clone()));
+            return Ok(entry(e));
         }
         if let [only] = self.entries.as_slice() {
-            return Ok((only.name.clone(), only.path.clone()));
+            return Ok(entry(only));
         }
         match std::env::var_os(DEFAULT_MODEL_ENV) {
-            Some(p) if !p.is_empty() => Ok(("default".to_owned(), PathBuf::from(p))),
+            Some(p) if !p.is_empty() => {
+                Ok(("default".to_owned(), PathBuf::from(p), Precision::F32))
+            }
             _ => Err(if self.entries.is_empty() {
                 format!(
                     "no model: register one with INSERT INTO temp.clip_models(name, path) \
@@ -103,11 +111,16 @@ impl ModelNames {
     pub fn register_output(&mut self, name: &str, path: PathBuf) -> bool {
         match self.entries.iter().find(|e| e.name == name) {
             Some(e) => e.path == path,
-            None => self.insert(name.to_owned(), path).is_ok(),
+            None => self.insert(name.to_owned(), path, Precision::F32).is_ok(),
         }
     }
 
-    fn insert(&mut self, name: String, path: PathBuf) -> rusqlite::Result<i64> {
+    fn insert(
+        &mut self,
+        name: String,
+        path: PathBuf,
+        precision: Precision,
+    ) -> rusqlite::Result<i64> {
         if self.entries.iter().any(|e| e.name == name) {
             return Err(sql_error(format!(
                 "clip_models: a model named '{name}' is already registered"
@@ -118,6 +131,7 @@ impl ModelNames {
             rowid: self.next_rowid,
             name,
             path,
+            precision,
         });
         Ok(self.next_rowid)
     }
@@ -163,6 +177,25 @@ fn text_arg(v: ValueRef<'_>, column: &str) -> rusqlite::Result<String> {
     }
 }
 
+/// The `precision` column: NULL is fp32.
+fn precision_arg(v: ValueRef<'_>) -> rusqlite::Result<Precision> {
+    match v {
+        ValueRef::Null => Ok(Precision::F32),
+        ValueRef::Text(t) => {
+            let t = String::from_utf8_lossy(t);
+            Precision::parse(&t).ok_or_else(|| {
+                sql_error(format!(
+                    "clip_models: precision must be 'fp32' or 'bf16', found '{t}'"
+                ))
+            })
+        }
+        other => Err(sql_error(format!(
+            "clip_models: precision must be 'fp32' or 'bf16', found {}",
+            super::type_name(other)
+        ))),
+    }
+}
+
 fn checked_path(path: String, policy: &Policy) -> rusqlite::Result<PathBuf> {
     let p = PathBuf::from(&path);
     policy
@@ -190,7 +223,7 @@ unsafe impl<'vtab> VTab<'vtab> for ModelsTab {
     ) -> rusqlite::Result<(Cow<'static, CStr>, Self)> {
         let names = aux.cloned().unwrap_or_default();
         Ok((
-            Cow::Borrowed(c"CREATE TABLE x(name TEXT, path TEXT)"),
+            Cow::Borrowed(c"CREATE TABLE x(name TEXT, path TEXT, precision TEXT)"),
             ModelsTab {
                 base: ffi::sqlite3_vtab::default(),
                 names,
@@ -232,7 +265,8 @@ impl UpdateVTab<'_> for ModelsTab {
         let name = text_arg(nth(args, 2), "name")?;
         let mut names = self.names.lock().unwrap_or_else(|p| p.into_inner());
         let path = checked_path(text_arg(nth(args, 3), "path")?, &names.policy)?;
-        names.insert(name, path)
+        let precision = precision_arg(nth(args, 4))?;
+        names.insert(name, path, precision)
     }
 
     fn update(&mut self, args: &Updates<'_>) -> rusqlite::Result<()> {
@@ -240,6 +274,7 @@ impl UpdateVTab<'_> for ModelsTab {
         let name = text_arg(nth(args, 2), "name")?;
         let mut names = self.names.lock().unwrap_or_else(|p| p.into_inner());
         let path = checked_path(text_arg(nth(args, 3), "path")?, &names.policy)?;
+        let precision = precision_arg(nth(args, 4))?;
         if names
             .entries
             .iter()
@@ -252,6 +287,7 @@ impl UpdateVTab<'_> for ModelsTab {
         if let Some(e) = names.entries.iter_mut().find(|e| e.rowid == rowid) {
             e.name = name;
             e.path = path;
+            e.precision = precision;
         }
         Ok(())
     }
@@ -296,7 +332,8 @@ unsafe impl VTabCursor for ModelsCursor<'_> {
         let row = &self.rows[self.pos];
         match i {
             0 => ctx.set_result(&row.name),
-            _ => ctx.set_result(&row.path.display().to_string()),
+            1 => ctx.set_result(&row.path.display().to_string()),
+            _ => ctx.set_result(&row.precision.name()),
         }
     }
 

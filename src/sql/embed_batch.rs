@@ -433,9 +433,9 @@ unsafe impl VTabCursor for BatchCursor<'_> {
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .resolve(model_name.as_deref());
-            let (model_label, path) = resolved.map_err(|e| arg_error(name, 1, e))?;
+            let (model_label, path, precision) = resolved.map_err(|e| arg_error(name, 1, e))?;
             self.model = Some(
-                registry::get(&path)
+                registry::get_in(&path, precision)
                     .map_err(|e| fn_error(name, format!("model '{model_label}': {e}")))?,
             );
 

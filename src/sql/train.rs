@@ -426,7 +426,7 @@ impl TrainCursor<'_> {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .resolve(Some(&model_name));
-        let (_, path) = resolved.map_err(|e| arg_error(name, 0, e))?;
+        let (_, path, precision) = resolved.map_err(|e| arg_error(name, 0, e))?;
         let mut source = SqlSource {
             db: self.tab.db,
             train: (statement.clone(), None, 0),
@@ -503,7 +503,7 @@ impl TrainCursor<'_> {
                         }
                     }
                 }
-                let model = registry::get(&path)
+                let model = registry::get_in(&path, precision)
                     .map_err(|e| fn_error(name, format!("model '{model_name}': {e}")))?;
                 let preparer = Arc::new(Preparer {
                     tokenizer: Arc::new(model.tokenizer.clone()),

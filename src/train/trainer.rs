@@ -460,10 +460,10 @@ impl Trainer {
         }
         if self.train_step(source)? {
             let (save, eval) = (self.options.save_every, self.options.eval_every);
-            if eval > 0 && self.step % eval == 0 && self.options.validation.is_some() {
+            if eval > 0 && self.step.is_multiple_of(eval) && self.options.validation.is_some() {
                 self.evaluate_validation(source)?;
             }
-            if save > 0 && self.step % save == 0 && self.step < self.total_steps {
+            if save > 0 && self.step.is_multiple_of(save) && self.step < self.total_steps {
                 self.save()?;
             }
         } else {

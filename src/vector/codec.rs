@@ -186,7 +186,7 @@ pub fn f32_from_blob(bytes: &[u8]) -> Result<Vec<f32>> {
     if bytes.is_empty() {
         return Err(Error::EmptyVector);
     }
-    if bytes.len() % 4 != 0 {
+    if !bytes.len().is_multiple_of(4) {
         return Err(Error::BlobLength { len: bytes.len() });
     }
     Ok(bytes
@@ -341,7 +341,7 @@ pub fn quantize_int8_unit(v: &[f32]) -> Vec<i8> {
 /// sqlite-vec's `vec_quantize_binary(v)`: one bit per element, set where the element is > 0.
 pub fn quantize_binary(v: &Vector) -> Result<Vector> {
     let dims = v.dims();
-    if dims % 8 != 0 {
+    if !dims.is_multiple_of(8) {
         return Err(Error::BitLength { dims });
     }
     let positive: Vec<bool> = match v {
