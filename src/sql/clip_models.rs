@@ -49,6 +49,22 @@ pub type SharedNames = Arc<Mutex<ModelNames>>;
 /// The environment variable naming the default model directory.
 pub const DEFAULT_MODEL_ENV: &str = "ARCHAECLIP_MODEL";
 
+/// The environment variable naming the default model's precision (`fp32` when unset): a web
+/// host, which cannot `INSERT` into `temp.clip_models`, chooses bf16 with it.
+pub const DEFAULT_PRECISION_ENV: &str = "ARCHAECLIP_PRECISION";
+
+/// The default model's precision from [`DEFAULT_PRECISION_ENV`].
+fn default_precision() -> Result<Precision, String> {
+    match std::env::var(DEFAULT_PRECISION_ENV) {
+        Err(std::env::VarError::NotPresent) => Ok(Precision::F32),
+        Ok(v) if v.is_empty() => Ok(Precision::F32),
+        Ok(v) => Precision::parse(&v).ok_or_else(|| {
+            format!("{DEFAULT_PRECISION_ENV} must be 'fp32' or 'bf16', found '{v}'")
+        }),
+        Err(e) => Err(format!("{DEFAULT_PRECISION_ENV}: {e}")),
+    }
+}
+
 impl ModelNames {
     pub fn new(policy: Policy) -> ModelNames {
         ModelNames {
@@ -66,7 +82,8 @@ impl ModelNames {
     }
 
     /// The directory for `name`, or for the default model when `name` is None: the model named
-    /// 'default', else the only registered model, else $ARCHAECLIP_MODEL.
+    /// 'default', else the only registered model, else $ARCHAECLIP_MODEL (at
+    /// $ARCHAECLIP_PRECISION).
     fn resolve_any(&self, name: Option<&str>) -> Result<(String, PathBuf, Precision), String> {
         let entry = |e: &ModelName| (e.name.clone(), e.path.clone(), e.precision);
         if let Some(name) = name {
@@ -92,7 +109,7 @@ impl ModelNames {
         }
         match std::env::var_os(DEFAULT_MODEL_ENV) {
             Some(p) if !p.is_empty() => {
-                Ok(("default".to_owned(), PathBuf::from(p), Precision::F32))
+                Ok(("default".to_owned(), PathBuf::from(p), default_precision()?))
             }
             _ => Err(if self.entries.is_empty() {
                 format!(

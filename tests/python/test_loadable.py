@@ -1,8 +1,10 @@
 """The built extension as users load it: what it registers, with which flags, and snapshots of
 results and error messages for every function (UPDATE_SNAPSHOTS=1 rewrites them)."""
+import json
 import os
 import sqlite3
 import subprocess
+import sys
 
 import pytest
 
@@ -151,3 +153,35 @@ def test_the_sqlite3_shell_reports_errors_and_survives():
     r = subprocess.run(["sqlite3", ":memory:"], input=script, capture_output=True, text=True)
     assert "vec_cosine(): 2nd argument: dimension mismatch: 2 vs 3" in r.stderr
     assert r.stdout == "still alive\n"
+
+
+def test_the_default_model_takes_its_precision_from_the_environment():
+    """A web host names its model with ARCHAECLIP_MODEL and cannot INSERT into temp.clip_models:
+    ARCHAECLIP_PRECISION chooses bf16 for it; a value other than fp32/bf16 is an error naming the
+    variable; unset is fp32. The bf16 vector is not the fp32 one, and within cosine 0.99 of it."""
+    tiny = os.path.join(ROOT, "tests", "fixtures", "clip", "models", "tiny-quickgelu")
+    script = (
+        "import json, sqlite3, sys\n"
+        "db = sqlite3.connect(':memory:'); db.enable_load_extension(True)\n"
+        f"db.load_extension({EXTENSION!r})\n"
+        "try:\n"
+        "    info = json.loads(db.execute('SELECT clip_model_info()').fetchone()[0])\n"
+        "    v = db.execute(\"SELECT vec_to_json(clip_embed_text('a bronze coin'))\").fetchone()[0]\n"
+        "    print(json.dumps([info['precision'], json.loads(v)]))\n"
+        "except sqlite3.Error as e:\n"
+        "    print(json.dumps(['error', str(e)]))\n"
+    )
+
+    def run(precision):
+        env = {k: v for k, v in os.environ.items() if not k.startswith("ARCHAECLIP_")}
+        env["ARCHAECLIP_MODEL"] = tiny
+        if precision is not None:
+            env["ARCHAECLIP_PRECISION"] = precision
+        out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
+        return json.loads(out.stdout)
+
+    unset, fp32, bf16, bad = run(None), run("fp32"), run("BF16"), run("fp16")
+    assert unset[0] == fp32[0] == "fp32" and unset[1] == fp32[1]
+    assert bf16[0] == "bf16" and bf16[1] != fp32[1]
+    assert sum(a * b for a, b in zip(bf16[1], fp32[1])) >= 0.99
+    assert bad == ["error", "clip_model_info(): ARCHAECLIP_PRECISION must be 'fp32' or 'bf16', found 'fp16'"]
