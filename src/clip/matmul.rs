@@ -6,11 +6,13 @@
 //! and a caption 5-77, where packing several MB of weights per product costs as much as the
 //! product (the `gemm` crate reached 25-70 GFLOP/s at those sizes here, against ~200 at 1,600
 //! rows). Packing at load removes it at every size: `W` is stored as panels of 16 output
-//! columns, each panel `k x 16` contiguous, which a 6 x 16 register-tiled kernel streams once
-//! per block of rows (BLIS's layout for its B operand). The activations are read in place.
+//! columns, each panel `k x 16` contiguous (or `k/2 x 16` bf16 pairs), which a register-tiled
+//! kernel streams once per tile of rows (BLIS's layout for its B operand). f32 activations are
+//! read in place; bf16 products round them once per product.
 //!
-//! On x86-64 with AVX2 and FMA (checked at run time) the kernel is written with intrinsics;
-//! elsewhere a portable version of the same loop is used.
+//! Kernels, chosen at run time: on x86-64, AVX-512 (10 x 16 tiles), AVX512_BF16 (the same
+//! shape, pairs multiplied by `VDPBF16PS`) and AVX2/FMA (6 x 16, for f32 and for bf16 widened
+//! to f32); elsewhere portable versions of the same loops.
 
 use std::ops::Range;
 
@@ -177,17 +179,20 @@ impl Packed {
         } else {
             rayon::current_num_threads()
         };
-        // The activations in the weights' format: read in place as f32, or rounded to bf16
-        // pairs once per product (m x k values, against m x k x n multiply-adds).
+        // The activations in the kernel's format: read in place as f32, or rounded to bf16 once
+        // per product (m x k values, against m x k x n multiply-adds), as pairs or, for the AVX2
+        // kernel, as f32 values (`per_line` of them per line of a panel).
         let lines = lines(k, self.precision());
+        let per_line = kernel.x_per_line();
         let converted: Vec<u32>;
         let (x_at, panels_at) = match &self.panels {
             Panels::F32(p) => (x.as_ptr(), p.as_ptr()),
             Panels::Bf16(p) => {
-                converted = bf16_pairs(&x[..m * k], m, k, threads == 1);
+                converted = bf16_rows(&x[..m * k], m, k, per_line, threads == 1);
                 (converted.as_ptr().cast::<f32>(), p.as_ptr().cast::<f32>())
             }
         };
+        let x_stride = lines * per_line;
         let (x_at, panels_at) = (SendPtr(x_at.cast_mut()), SendPtr(panels_at.cast_mut()));
         let first = cols.start / NR;
         let panels = cols.end.div_ceil(NR) - first;
@@ -245,8 +250,8 @@ impl Packed {
                     // l0..l0+depth.
                     unsafe {
                         kernel.run(Tile {
-                            x: x_at.get().add(r * lines + l0).cast_const(),
-                            x_stride: lines,
+                            x: x_at.get().add(r * x_stride + l0 * per_line).cast_const(),
+                            x_stride,
                             panel,
                             depth,
                             y: out.get().add(r * width + col),
@@ -305,21 +310,36 @@ pub fn bf16(v: f32) -> u16 {
     ((bits + 0x7fff + ((bits >> 16) & 1)) >> 16) as u16
 }
 
-/// The rows of `x` (m, k) as bf16 pairs, (m, k/2 rounded up), the odd tail paired with 0.
-fn bf16_pairs(x: &[f32], m: usize, k: usize, serial: bool) -> Vec<u32> {
-    let lines = k.div_ceil(2);
-    let mut out = vec![0u32; m * lines];
+/// The rows of `x` (m, k) rounded to bf16, the odd tail paired with 0: with `per_line` 1, as
+/// pairs, (m, k/2 rounded up); with 2, as the f32 bit patterns of the rounded values, (m, k
+/// rounded up to even).
+fn bf16_rows(x: &[f32], m: usize, k: usize, per_line: usize, serial: bool) -> Vec<u32> {
+    let width = k.div_ceil(2) * per_line;
+    let mut out = vec![0u32; m * width];
     let convert = |(r, dst): (usize, &mut [u32])| {
-        round_row(&x[r * k..][..k], dst);
+        let row = &x[r * k..][..k];
+        if per_line == 1 {
+            round_row(row, dst);
+        } else {
+            widen_row(row, dst);
+        }
     };
     if serial || m * k < SERIAL_BELOW {
-        out.chunks_exact_mut(lines).enumerate().for_each(convert);
+        out.chunks_exact_mut(width).enumerate().for_each(convert);
     } else {
-        out.par_chunks_exact_mut(lines)
+        out.par_chunks_exact_mut(width)
             .enumerate()
             .for_each(convert);
     }
     out
+}
+
+/// One row rounded to bf16, each value as the bits of the f32 it is exactly.
+#[multiversion::multiversion(targets("x86_64+avx512f+avx512bw", "x86_64+avx2", "aarch64+neon"))]
+fn widen_row(x: &[f32], out: &mut [u32]) {
+    for (o, &v) in out.iter_mut().zip(x) {
+        *o = u32::from(bf16(v)) << 16;
+    }
 }
 
 /// One row as bf16 pairs.
@@ -337,7 +357,8 @@ fn round_row(x: &[f32], out: &mut [u32]) {
 
 #[derive(Clone, Copy)]
 struct SendPtr(*mut f32);
-// SAFETY: the pointer is only used for the disjoint writes described in `accumulate`.
+// SAFETY: the pointers are the output, written in the disjoint blocks described in
+// `accumulate_with`, and the activations and panels, only read while they live.
 unsafe impl Send for SendPtr {}
 unsafe impl Sync for SendPtr {}
 
@@ -348,7 +369,8 @@ impl SendPtr {
 }
 
 /// One register tile: `y[0..rows, 0..cols] += x[0..rows, 0..depth] · panel[0..depth, 0..cols]`,
-/// `rows` ≤ [`MR`], `cols` ≤ [`NR`] (the panel is always [`NR`] wide).
+/// `rows` ≤ the kernel's [`Kernel::max_rows`], `cols` ≤ [`NR`] (the panel is always [`NR`]
+/// wide).
 #[derive(Clone, Copy)]
 struct Tile {
     x: *const f32,
@@ -373,6 +395,8 @@ enum Kernel {
     Portable,
     #[cfg(target_arch = "x86_64")]
     Bf16Avx512,
+    #[cfg(target_arch = "x86_64")]
+    Bf16Avx2,
     Bf16Portable,
 }
 
@@ -401,6 +425,9 @@ impl Kernel {
                     if avx512 && is_x86_feature_detected!("avx512bf16") {
                         all.push(Kernel::Bf16Avx512);
                     }
+                    if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+                        all.push(Kernel::Bf16Avx2);
+                    }
                 }
             }
         }
@@ -414,7 +441,7 @@ impl Kernel {
     fn precision(self) -> Precision {
         match self {
             #[cfg(target_arch = "x86_64")]
-            Kernel::Bf16Avx512 => Precision::Bf16,
+            Kernel::Bf16Avx512 | Kernel::Bf16Avx2 => Precision::Bf16,
             Kernel::Bf16Portable => Precision::Bf16,
             _ => Precision::F32,
         }
@@ -429,7 +456,19 @@ impl Kernel {
             Kernel::Portable => "portable",
             #[cfg(target_arch = "x86_64")]
             Kernel::Bf16Avx512 => "avx512bf16",
-            Kernel::Bf16Portable => "portable (bf16 emulated: slower than fp32)",
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Bf16Avx2 => "avx2+fma (bf16 widened to f32)",
+            Kernel::Bf16Portable => "portable (bf16 widened to f32)",
+        }
+    }
+
+    /// Values of the converted activations per line of a panel: bf16 pairs (one u32) for the
+    /// pair kernels, two f32 for the AVX2 one, one f32 for the f32 kernels.
+    fn x_per_line(self) -> usize {
+        match self {
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Bf16Avx2 => 2,
+            _ => 1,
         }
     }
 
@@ -476,6 +515,8 @@ impl Kernel {
             Kernel::Portable => by_rows!(tile_portable),
             #[cfg(target_arch = "x86_64")]
             Kernel::Bf16Avx512 => by_rows_wide!(tile_bf16_avx512),
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Bf16Avx2 => by_rows!(tile_bf16_avx2),
             Kernel::Bf16Portable => by_rows!(tile_bf16_portable),
         }
     }
@@ -603,9 +644,8 @@ fn unpair(v: u32) -> (f32, f32) {
     (f32::from_bits(v << 16), f32::from_bits(v & 0xffff_0000))
 }
 
-/// The bf16 tile without hardware support: each pair widened to f32 (exact) and multiplied in
-/// f32. The same sums as [`tile_bf16_avx512`] up to rounding order, several times slower than
-/// the f32 kernels.
+/// The bf16 tile without SIMD: each pair widened to f32 (exact) and multiplied in f32. The same
+/// sums as [`tile_bf16_avx512`] up to rounding order, at the portable f32 kernel's speed.
 unsafe fn tile_bf16_portable<const R: usize>(t: Tile) {
     let mut acc = load_y::<R>(t);
     let (x, panel) = (t.x.cast::<u32>(), t.panel.cast::<u32>());
@@ -664,12 +704,72 @@ unsafe fn tile_bf16_avx512<const R: usize>(t: Tile) {
     }
 }
 
+/// The bf16 tile on AVX2/FMA (no bf16 instructions): the AVX2 tile's shape, each line of the
+/// panel (a pair of inputs for 16 columns) widened to two f32 vectors by a shift and a mask,
+/// the row's inputs read as the f32 values of their rounding. About fp32's speed: the point of
+/// it is that a model registered as bf16 does not become slow on a CPU without AVX512_BF16.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn tile_bf16_avx2<const R: usize>(t: Tile) {
+    use std::arch::x86_64::*;
+    let mut partial = [[0f32; NR]; R];
+    let (y, y_stride) = if t.cols == NR {
+        (t.y, t.y_stride)
+    } else {
+        partial = load_y::<R>(t);
+        (partial.as_mut_ptr().cast::<f32>(), NR)
+    };
+    let mut acc = [[_mm256_setzero_ps(); 2]; R];
+    #[allow(clippy::needless_range_loop)]
+    for r in 0..R {
+        acc[r][0] = _mm256_loadu_ps(y.add(r * y_stride));
+        acc[r][1] = _mm256_loadu_ps(y.add(r * y_stride + 8));
+    }
+    let high = _mm256_set1_epi32(0xffff_0000_u32 as i32);
+    for l in 0..t.depth {
+        let p = t.panel.add(l * NR);
+        _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(PREFETCH * NR).cast());
+        if l < t.ahead_lines {
+            _mm_prefetch::<_MM_HINT_T1>(t.ahead.add(l * NR).cast());
+        }
+        let (w0, w1) = (
+            _mm256_loadu_si256(p.cast()),
+            _mm256_loadu_si256(p.add(8).cast()),
+        );
+        // Input 2l (the low halves), then input 2l + 1 (the high halves).
+        for (half, (b0, b1)) in [
+            (_mm256_slli_epi32::<16>(w0), _mm256_slli_epi32::<16>(w1)),
+            (_mm256_and_si256(w0, high), _mm256_and_si256(w1, high)),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let (b0, b1) = (_mm256_castsi256_ps(b0), _mm256_castsi256_ps(b1));
+            #[allow(clippy::needless_range_loop)]
+            for r in 0..R {
+                let a = _mm256_broadcast_ss(&*t.x.add(r * t.x_stride + 2 * l + half));
+                acc[r][0] = _mm256_fmadd_ps(a, b0, acc[r][0]);
+                acc[r][1] = _mm256_fmadd_ps(a, b1, acc[r][1]);
+            }
+        }
+    }
+    #[allow(clippy::needless_range_loop)]
+    for r in 0..R {
+        _mm256_storeu_ps(y.add(r * y_stride), acc[r][0]);
+        _mm256_storeu_ps(y.add(r * y_stride + 8), acc[r][1]);
+    }
+    if t.cols != NR {
+        store_y(t, &partial);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    /// Every path (full and partial panels, every tile height, several depth blocks, one and
-    /// many tasks, both kernels) against a plain triple loop in f64.
+    /// Every path (full and partial panels, every tile height, odd depths, several depth
+    /// blocks, one and many tasks) of every kernel of both precisions that this CPU runs (a
+    /// kernel the CPU lacks cannot run: the list is printed) against a plain triple loop in f64.
     #[test]
     fn products_match_a_scalar_reference() {
         // Every row count up to 26 gives every tile height of every kernel (heights are
@@ -683,6 +783,7 @@ mod tests {
             (200, 96, 17),
             (301, 24, 50),
             (23, 1025, 19),
+            (193, 1025, 65),
         ];
         for (m, k, n) in small.chain(shapes) {
             let x: Vec<f32> = (0..m * k)
@@ -729,7 +830,9 @@ mod tests {
         want: &[f64],
     ) {
         let kernels = Kernel::available(precision);
-        assert!(kernels.len() > 1 || !cfg!(target_arch = "x86_64") || precision == Precision::Bf16);
+        if (m, k, n) == (5, 7, 3) {
+            eprintln!("{precision:?} kernels checked: {kernels:?}");
+        }
         for kernel in kernels {
             let mut y = start.to_vec();
             packed.accumulate_with(kernel, x, m, &mut y, 0..n, m % 2 == 0);

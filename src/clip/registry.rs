@@ -140,7 +140,7 @@ pub fn is_loaded(path: &Path) -> bool {
         .is_some_and(|s| s.lock().map(|s| s.loaded.is_some()).unwrap_or(false))
 }
 
-/// How many models this process holds (for tests: one copy per directory).
+/// How many models this process holds (for tests: one copy per directory and precision).
 pub fn loaded_count() -> usize {
     let map = slots().lock().unwrap_or_else(|p| p.into_inner());
     map.values()
