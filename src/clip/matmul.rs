@@ -552,16 +552,83 @@ unsafe fn tile_portable<const R: usize>(t: Tile) {
     store_y(t, &acc);
 }
 
+/// The AVX2 tile: `R` rows x 16 columns in 2R accumulators.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn tile_avx2<const R: usize>(t: Tile) {
     use std::arch::x86_64::*;
-    // A narrow last panel goes through a full-width copy of its part of y.
     let mut partial = [[0f32; NR]; R];
+    let (y, y_stride, mut acc) = avx2_load::<R>(t, &mut partial);
+    over_depth(t, |kk| {
+        let b = t.panel.add(kk * NR);
+        let (b0, b1) = (_mm256_loadu_ps(b), _mm256_loadu_ps(b.add(8)));
+        #[allow(clippy::needless_range_loop)]
+        for r in 0..R {
+            let a = _mm256_broadcast_ss(&*t.x.add(r * t.x_stride + kk));
+            acc[r][0] = _mm256_fmadd_ps(a, b0, acc[r][0]);
+            acc[r][1] = _mm256_fmadd_ps(a, b1, acc[r][1]);
+        }
+    });
+    avx2_store(t, (y, y_stride), &acc, &partial);
+}
+
+/// The bf16 tile on AVX2/FMA (no bf16 instructions): the AVX2 tile's shape, each line of the
+/// panel (a pair of inputs for 16 columns) widened to two f32 vectors by a shift and a mask,
+/// the row's inputs read as the f32 values of their rounding (two per line). About fp32's
+/// speed: a model registered as bf16 does not become slow on a CPU without AVX512_BF16.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn tile_bf16_avx2<const R: usize>(t: Tile) {
+    use std::arch::x86_64::*;
+    let mut partial = [[0f32; NR]; R];
+    let (y, y_stride, mut acc) = avx2_load::<R>(t, &mut partial);
+    let high = _mm256_set1_epi32(0xffff_0000_u32 as i32);
+    // A plain loop: through `over_depth`'s closure this body ran 2-3x slower (the
+    // accumulators left the registers).
+    for l in 0..t.depth {
+        let p = t.panel.add(l * NR);
+        _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(PREFETCH * NR).cast());
+        if l < t.ahead_lines {
+            _mm_prefetch::<_MM_HINT_T1>(t.ahead.add(l * NR).cast());
+        }
+        let (w0, w1) = (
+            _mm256_loadu_si256(p.cast()),
+            _mm256_loadu_si256(p.add(8).cast()),
+        );
+        // Input 2l (the low halves), then input 2l + 1 (the high halves).
+        for (half, (b0, b1)) in [
+            (_mm256_slli_epi32::<16>(w0), _mm256_slli_epi32::<16>(w1)),
+            (_mm256_and_si256(w0, high), _mm256_and_si256(w1, high)),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let (b0, b1) = (_mm256_castsi256_ps(b0), _mm256_castsi256_ps(b1));
+            #[allow(clippy::needless_range_loop)]
+            for r in 0..R {
+                let a = _mm256_broadcast_ss(&*t.x.add(r * t.x_stride + 2 * l + half));
+                acc[r][0] = _mm256_fmadd_ps(a, b0, acc[r][0]);
+                acc[r][1] = _mm256_fmadd_ps(a, b1, acc[r][1]);
+            }
+        }
+    }
+    avx2_store(t, (y, y_stride), &acc, &partial);
+}
+
+/// Where an AVX2 tile accumulates, and its accumulators loaded from there: y itself, or for a
+/// narrow last panel a full-width copy of its part of y (in `partial`).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn avx2_load<const R: usize>(
+    t: Tile,
+    partial: &mut [[f32; NR]; R],
+) -> (*mut f32, usize, [[std::arch::x86_64::__m256; 2]; R]) {
+    use std::arch::x86_64::*;
     let (y, y_stride) = if t.cols == NR {
         (t.y, t.y_stride)
     } else {
-        partial = load_y::<R>(t);
+        *partial = load_y::<R>(t);
         (partial.as_mut_ptr().cast::<f32>(), NR)
     };
     // Index loops over a fixed-size array keep the 2R accumulators in registers.
@@ -571,27 +638,27 @@ unsafe fn tile_avx2<const R: usize>(t: Tile) {
         acc[r][0] = _mm256_loadu_ps(y.add(r * y_stride));
         acc[r][1] = _mm256_loadu_ps(y.add(r * y_stride + 8));
     }
-    for kk in 0..t.depth {
-        let b = t.panel.add(kk * NR);
-        _mm_prefetch::<_MM_HINT_T0>(b.wrapping_add(PREFETCH * NR).cast());
-        if kk < t.ahead_lines {
-            _mm_prefetch::<_MM_HINT_T1>(t.ahead.add(kk * NR).cast());
-        }
-        let (b0, b1) = (_mm256_loadu_ps(b), _mm256_loadu_ps(b.add(8)));
-        #[allow(clippy::needless_range_loop)]
-        for r in 0..R {
-            let a = _mm256_broadcast_ss(&*t.x.add(r * t.x_stride + kk));
-            acc[r][0] = _mm256_fmadd_ps(a, b0, acc[r][0]);
-            acc[r][1] = _mm256_fmadd_ps(a, b1, acc[r][1]);
-        }
-    }
+    (y, y_stride, acc)
+}
+
+/// Stores what [`avx2_load`] loaded, and a narrow panel's copy into y.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn avx2_store<const R: usize>(
+    t: Tile,
+    (y, y_stride): (*mut f32, usize),
+    acc: &[[std::arch::x86_64::__m256; 2]; R],
+    partial: &[[f32; NR]; R],
+) {
+    use std::arch::x86_64::*;
     #[allow(clippy::needless_range_loop)]
     for r in 0..R {
         _mm256_storeu_ps(y.add(r * y_stride), acc[r][0]);
         _mm256_storeu_ps(y.add(r * y_stride + 8), acc[r][1]);
     }
     if t.cols != NR {
-        store_y(t, &partial);
+        store_y(t, partial);
     }
 }
 
@@ -604,6 +671,26 @@ unsafe fn tile_avx2<const R: usize>(t: Tile) {
 #[target_feature(enable = "avx512f")]
 unsafe fn tile_avx512<const R: usize>(t: Tile) {
     use std::arch::x86_64::*;
+    let (mask, mut acc) = avx512_load::<R>(t);
+    over_depth(t, |kk| {
+        let b = _mm512_loadu_ps(t.panel.add(kk * NR));
+        #[allow(clippy::needless_range_loop)]
+        for r in 0..R {
+            let a = _mm512_set1_ps(*t.x.add(r * t.x_stride + kk));
+            acc[r] = _mm512_fmadd_ps(a, b, acc[r]);
+        }
+    });
+    avx512_store(t, mask, &acc);
+}
+
+/// The lane mask of the tile's columns, and its rows of y loaded through it.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn avx512_load<const R: usize>(
+    t: Tile,
+) -> (std::arch::x86_64::__mmask16, [std::arch::x86_64::__m512; R]) {
+    use std::arch::x86_64::*;
     let mask: __mmask16 = if t.cols == NR {
         !0
     } else {
@@ -614,28 +701,40 @@ unsafe fn tile_avx512<const R: usize>(t: Tile) {
     for r in 0..R {
         acc[r] = _mm512_maskz_loadu_ps(mask, t.y.add(r * t.y_stride));
     }
-    let step = |acc: &mut [__m512; R], kk: usize| {
-        let b = _mm512_loadu_ps(t.panel.add(kk * NR));
-        #[allow(clippy::needless_range_loop)]
-        for r in 0..R {
-            let a = _mm512_set1_ps(*t.x.add(r * t.x_stride + kk));
-            acc[r] = _mm512_fmadd_ps(a, b, acc[r]);
-        }
-    };
-    // The depth in two runs, so that the loop has no test for the next block's lines.
-    let ahead = t.ahead_lines.min(t.depth);
-    for kk in 0..ahead {
-        _mm_prefetch::<_MM_HINT_T0>(t.panel.wrapping_add((kk + PREFETCH) * NR).cast());
-        _mm_prefetch::<_MM_HINT_T1>(t.ahead.add(kk * NR).cast());
-        step(&mut acc, kk);
-    }
-    for kk in ahead..t.depth {
-        _mm_prefetch::<_MM_HINT_T0>(t.panel.wrapping_add((kk + PREFETCH) * NR).cast());
-        step(&mut acc, kk);
-    }
+    (mask, acc)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn avx512_store<const R: usize>(
+    t: Tile,
+    mask: std::arch::x86_64::__mmask16,
+    acc: &[std::arch::x86_64::__m512; R],
+) {
+    use std::arch::x86_64::*;
     #[allow(clippy::needless_range_loop)]
     for r in 0..R {
         _mm512_mask_storeu_ps(t.y.add(r * t.y_stride), mask, acc[r]);
+    }
+}
+
+/// Runs `step(line)` for each line of the tile's depth, asking for the panel's lines
+/// [`PREFETCH`] ahead into L1 and for the tile's share of the next block into L2; in two runs,
+/// so that the loop has no test for the share's end.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn over_depth(t: Tile, mut step: impl FnMut(usize)) {
+    use std::arch::x86_64::*;
+    let ahead = t.ahead_lines.min(t.depth);
+    for l in 0..ahead {
+        _mm_prefetch::<_MM_HINT_T0>(t.panel.wrapping_add((l + PREFETCH) * NR).cast());
+        _mm_prefetch::<_MM_HINT_T1>(t.ahead.add(l * NR).cast());
+        step(l);
+    }
+    for l in ahead..t.depth {
+        _mm_prefetch::<_MM_HINT_T0>(t.panel.wrapping_add((l + PREFETCH) * NR).cast());
+        step(l);
     }
 }
 
@@ -669,98 +768,17 @@ unsafe fn tile_bf16_portable<const R: usize>(t: Tile) {
 #[target_feature(enable = "avx512f,avx512bf16")]
 unsafe fn tile_bf16_avx512<const R: usize>(t: Tile) {
     use std::arch::x86_64::*;
-    let mask: __mmask16 = if t.cols == NR {
-        !0
-    } else {
-        (1u16 << t.cols) - 1
-    };
     let (x, panel) = (t.x.cast::<i32>(), t.panel.cast::<i32>());
-    let mut acc = [_mm512_setzero_ps(); R];
-    #[allow(clippy::needless_range_loop)]
-    for r in 0..R {
-        acc[r] = _mm512_maskz_loadu_ps(mask, t.y.add(r * t.y_stride));
-    }
-    let step = |acc: &mut [__m512; R], l: usize| {
+    let (mask, mut acc) = avx512_load::<R>(t);
+    over_depth(t, |l| {
         let b: __m512bh = std::mem::transmute(_mm512_loadu_si512(panel.add(l * NR).cast()));
         #[allow(clippy::needless_range_loop)]
         for r in 0..R {
             let a: __m512bh = std::mem::transmute(_mm512_set1_epi32(*x.add(r * t.x_stride + l)));
             acc[r] = _mm512_dpbf16_ps(acc[r], a, b);
         }
-    };
-    let ahead = t.ahead_lines.min(t.depth);
-    for l in 0..ahead {
-        _mm_prefetch::<_MM_HINT_T0>(t.panel.wrapping_add((l + PREFETCH) * NR).cast());
-        _mm_prefetch::<_MM_HINT_T1>(t.ahead.add(l * NR).cast());
-        step(&mut acc, l);
-    }
-    for l in ahead..t.depth {
-        _mm_prefetch::<_MM_HINT_T0>(t.panel.wrapping_add((l + PREFETCH) * NR).cast());
-        step(&mut acc, l);
-    }
-    #[allow(clippy::needless_range_loop)]
-    for r in 0..R {
-        _mm512_mask_storeu_ps(t.y.add(r * t.y_stride), mask, acc[r]);
-    }
-}
-
-/// The bf16 tile on AVX2/FMA (no bf16 instructions): the AVX2 tile's shape, each line of the
-/// panel (a pair of inputs for 16 columns) widened to two f32 vectors by a shift and a mask,
-/// the row's inputs read as the f32 values of their rounding. About fp32's speed: the point of
-/// it is that a model registered as bf16 does not become slow on a CPU without AVX512_BF16.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn tile_bf16_avx2<const R: usize>(t: Tile) {
-    use std::arch::x86_64::*;
-    let mut partial = [[0f32; NR]; R];
-    let (y, y_stride) = if t.cols == NR {
-        (t.y, t.y_stride)
-    } else {
-        partial = load_y::<R>(t);
-        (partial.as_mut_ptr().cast::<f32>(), NR)
-    };
-    let mut acc = [[_mm256_setzero_ps(); 2]; R];
-    #[allow(clippy::needless_range_loop)]
-    for r in 0..R {
-        acc[r][0] = _mm256_loadu_ps(y.add(r * y_stride));
-        acc[r][1] = _mm256_loadu_ps(y.add(r * y_stride + 8));
-    }
-    let high = _mm256_set1_epi32(0xffff_0000_u32 as i32);
-    for l in 0..t.depth {
-        let p = t.panel.add(l * NR);
-        _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(PREFETCH * NR).cast());
-        if l < t.ahead_lines {
-            _mm_prefetch::<_MM_HINT_T1>(t.ahead.add(l * NR).cast());
-        }
-        let (w0, w1) = (
-            _mm256_loadu_si256(p.cast()),
-            _mm256_loadu_si256(p.add(8).cast()),
-        );
-        // Input 2l (the low halves), then input 2l + 1 (the high halves).
-        for (half, (b0, b1)) in [
-            (_mm256_slli_epi32::<16>(w0), _mm256_slli_epi32::<16>(w1)),
-            (_mm256_and_si256(w0, high), _mm256_and_si256(w1, high)),
-        ]
-        .into_iter()
-        .enumerate()
-        {
-            let (b0, b1) = (_mm256_castsi256_ps(b0), _mm256_castsi256_ps(b1));
-            #[allow(clippy::needless_range_loop)]
-            for r in 0..R {
-                let a = _mm256_broadcast_ss(&*t.x.add(r * t.x_stride + 2 * l + half));
-                acc[r][0] = _mm256_fmadd_ps(a, b0, acc[r][0]);
-                acc[r][1] = _mm256_fmadd_ps(a, b1, acc[r][1]);
-            }
-        }
-    }
-    #[allow(clippy::needless_range_loop)]
-    for r in 0..R {
-        _mm256_storeu_ps(y.add(r * y_stride), acc[r][0]);
-        _mm256_storeu_ps(y.add(r * y_stride + 8), acc[r][1]);
-    }
-    if t.cols != NR {
-        store_y(t, &partial);
-    }
+    });
+    avx512_store(t, mask, &acc);
 }
 
 #[cfg(test)]
