@@ -49,12 +49,13 @@ pub enum Precision {
 }
 
 impl Precision {
-    /// `fp32` or `bf16` (also `float32`, `f32`, `bfloat16`), any case.
-    pub fn parse(s: &str) -> Option<Precision> {
+    /// `fp32` or `bf16` (also `float32`, `f32`, `bfloat16`), any case; the error says what
+    /// was expected and found.
+    pub fn parse(s: &str) -> Result<Precision, String> {
         match s.to_ascii_lowercase().as_str() {
-            "fp32" | "f32" | "float32" => Some(Precision::F32),
-            "bf16" | "bfloat16" => Some(Precision::Bf16),
-            _ => None,
+            "fp32" | "f32" | "float32" => Ok(Precision::F32),
+            "bf16" | "bfloat16" => Ok(Precision::Bf16),
+            _ => Err(format!("must be 'fp32' or 'bf16', found '{s}'")),
         }
     }
 
@@ -111,13 +112,8 @@ impl Packed {
         let panels = match precision {
             Precision::F32 => Panels::F32(fill_panels(n, lines, &at)),
             Precision::Bf16 => Panels::Bf16(fill_panels(n, lines, |l, j| {
-                let lo = bf16(at(2 * l, j));
-                let hi = if 2 * l + 1 < k {
-                    bf16(at(2 * l + 1, j))
-                } else {
-                    0
-                };
-                u32::from(lo) | (u32::from(hi) << 16)
+                let hi = if 2 * l + 1 < k { at(2 * l + 1, j) } else { 0.0 };
+                pair(at(2 * l, j), hi)
             })),
         };
         Packed { panels, k, n }
@@ -310,6 +306,11 @@ pub fn bf16(v: f32) -> u16 {
     ((bits + 0x7fff + ((bits >> 16) & 1)) >> 16) as u16
 }
 
+/// `a` and `b` rounded to bf16, as a pair: `a` in the low half.
+fn pair(a: f32, b: f32) -> u32 {
+    u32::from(bf16(a)) | (u32::from(bf16(b)) << 16)
+}
+
 /// The rows of `x` (m, k) rounded to bf16, the odd tail paired with 0: with `per_line` 1, as
 /// pairs, (m, k/2 rounded up); with 2, as the f32 bit patterns of the rounded values, (m, k
 /// rounded up to even).
@@ -347,11 +348,11 @@ fn widen_row(x: &[f32], out: &mut [u32]) {
 fn round_row(x: &[f32], out: &mut [u32]) {
     let pairs = x.chunks_exact(2);
     let tail = pairs.remainder();
-    for (o, pair) in out.iter_mut().zip(pairs) {
-        *o = u32::from(bf16(pair[0])) | (u32::from(bf16(pair[1])) << 16);
+    for (o, two) in out.iter_mut().zip(pairs) {
+        *o = pair(two[0], two[1]);
     }
     if let [last] = tail {
-        out[x.len() / 2] = u32::from(bf16(*last));
+        out[x.len() / 2] = pair(*last, 0.0);
     }
 }
 
@@ -401,9 +402,12 @@ enum Kernel {
 }
 
 impl Kernel {
-    /// The best kernel of `precision` this CPU runs.
+    /// The best kernel of `precision` this CPU runs (looked up once: every product asks).
     fn detect(precision: Precision) -> Kernel {
-        Kernel::available(precision)[0]
+        static BEST: std::sync::OnceLock<[Kernel; 2]> = std::sync::OnceLock::new();
+        let best =
+            BEST.get_or_init(|| [Precision::F32, Precision::Bf16].map(|p| Kernel::available(p)[0]));
+        best[precision as usize]
     }
 
     /// Every kernel of `precision` this CPU can run, the best first.
@@ -794,6 +798,7 @@ mod tests {
         // balanced: 13 rows are tiles of 7 and 6 on AVX-512, 5, 4 and 4 on AVX2).
         let small = (1..=26).map(|m| (m, 40, 20));
         let shapes = [
+            (1, 1, 1),
             (5, 7, 3),
             (12, 512, 40),
             (13, 1100, 33),

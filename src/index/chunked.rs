@@ -88,6 +88,14 @@ struct Quantized {
     bits: Vec<u8>,
 }
 
+/// The copy of a chunk a quantized search reads.
+#[derive(Clone, Copy)]
+enum Codes<'a> {
+    Int8(&'a Quantized),
+    Int4(&'a Nibbles),
+    Bits(&'a Quantized),
+}
+
 /// How a search picks its rows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
@@ -581,6 +589,18 @@ impl ChunkSet {
         let q_sq = query.iter().map(|x| f64::from(*x).powi(2)).sum::<f64>();
         let inv_q = if q_sq > 0.0 { 1.0 / q_sq.sqrt() } else { 0.0 };
         let bytes = dims.div_ceil(8);
+        // The distance from an approximate dot product with a row whose inverse norm is `inv`
+        // (None: a zero row, which has no cosine).
+        let from_dot = |approx: f64, inv: f64| -> Option<f64> {
+            match metric {
+                Metric::Cosine => (inv != 0.0).then_some(1.0 - approx * inv * inv_q),
+                Metric::Dot => Some(-approx),
+                Metric::L2 => {
+                    let sq = if inv > 0.0 { 1.0 / (inv * inv) } else { 0.0 };
+                    Some(sq + q_sq - 2.0 * approx)
+                }
+            }
+        };
         // Candidate ids: (chunk position << 24) | slot, so the rescoring finds the row again.
         let scan = |mut top: TopK, (position, chunk): (usize, &Arc<Chunk>)| -> TopK {
             let allowed = match filter {
@@ -590,47 +610,37 @@ impl ChunkSet {
                     Some(bits) => Some(bits),
                 },
             };
-            let qz = (mode != Mode::Int4).then(|| chunk.quantized(dims));
-            let nz = (mode == Mode::Int4).then(|| chunk.nibbles(dims));
+            let codes = match mode {
+                Mode::Int4 => Codes::Int4(chunk.nibbles(dims)),
+                Mode::Binary => Codes::Bits(chunk.quantized(dims)),
+                _ => Codes::Int8(chunk.quantized(dims)),
+            };
             for (byte_index, &byte) in chunk.valid.iter().enumerate() {
                 let mut bits = byte & allowed.map_or(0xFF, |a| a[byte_index]);
                 while bits != 0 {
                     let slot = byte_index * 8 + bits.trailing_zeros() as usize;
                     bits &= bits - 1;
-                    let distance = match (qz, nz) {
-                        (Some(qz), _) if mode == Mode::Binary => {
+                    let inv = f64::from(chunk.inv_norms[slot]);
+                    let distance = match codes {
+                        Codes::Bits(qz) => Some(
                             u8::hamming(&q_bits, &qz.bits[slot * bytes..(slot + 1) * bytes])
-                                .unwrap_or(f64::INFINITY)
-                        }
-                        _ => {
-                            let approx = match (qz, nz) {
-                                (_, Some(nz)) => {
-                                    let codes = &nz.codes[slot * half..(slot + 1) * half];
-                                    f64::from(dot_int4(&q4, codes, q4_offset))
-                                        * f64::from(nz.scales[slot])
-                                }
-                                (Some(qz), None) => {
-                                    i8::dot(&q8, &qz.int8[slot * dims..(slot + 1) * dims])
-                                        .unwrap_or(0.0)
-                                        * f64::from(qz.scales[slot])
-                                }
-                                (None, None) => unreachable!("one copy is made per mode"),
-                            } * q_scale;
-                            let inv = f64::from(chunk.inv_norms[slot]);
-                            match metric {
-                                Metric::Cosine => {
-                                    if inv == 0.0 {
-                                        continue;
-                                    }
-                                    1.0 - approx * inv * inv_q
-                                }
-                                Metric::Dot => -approx,
-                                Metric::L2 => {
-                                    let sq = if inv > 0.0 { 1.0 / (inv * inv) } else { 0.0 };
-                                    sq + q_sq - 2.0 * approx
-                                }
-                            }
-                        }
+                                .unwrap_or(f64::INFINITY),
+                        ),
+                        Codes::Int8(qz) => from_dot(
+                            i8::dot(&q8, &qz.int8[slot * dims..(slot + 1) * dims]).unwrap_or(0.0)
+                                * f64::from(qz.scales[slot])
+                                * q_scale,
+                            inv,
+                        ),
+                        Codes::Int4(nz) => from_dot(
+                            f64::from(dot_int4(&q4, &nz.codes[slot * half..][..half], q4_offset))
+                                * f64::from(nz.scales[slot])
+                                * q_scale,
+                            inv,
+                        ),
+                    };
+                    let Some(distance) = distance else {
+                        continue;
                     };
                     if distance <= top.threshold() {
                         top.push(Hit {
