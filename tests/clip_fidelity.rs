@@ -224,7 +224,7 @@ fn dct_scaled_jpeg_decoding_stays_close_to_a_full_decode() {
 /// training uses, on batches: texts of different lengths padded together, several images at
 /// once, and every activation (the tanh GELU has no transformers fixture, so tiny-gelu's
 /// weights are reloaded with `gelu_new`). Each batched row must also equal the same input run
-/// alone.
+/// alone, and a batch run again (on reused working buffers) its first result.
 #[test]
 fn fused_towers_agree_with_the_candle_modules_on_batches_and_every_activation() {
     use archaeclip::clip::load::open;
@@ -273,6 +273,13 @@ fn fused_towers_agree_with_the_candle_modules_on_batches_and_every_activation() 
                 "{name}: text {i} alone and in a batch differ by {d}"
             );
         }
+        // Again after the single runs: the fused towers reuse their working buffers, which now
+        // hold other shapes' values.
+        assert_eq!(
+            flat(&fused.text_embeds(&ids).unwrap()),
+            a,
+            "{name}: texts again"
+        );
         let pixels: Vec<Tensor> = refs["images"]
             .as_array()
             .unwrap()
@@ -293,6 +300,11 @@ fn fused_towers_agree_with_the_candle_modules_on_batches_and_every_activation() 
                 "{name}: image {i} alone and in a batch differ by {d}"
             );
         }
+        assert_eq!(
+            flat(&fused.image_embeds(&batch).unwrap()),
+            a,
+            "{name}: images again"
+        );
     }
     std::fs::remove_dir_all(&tanh_dir).unwrap();
 }

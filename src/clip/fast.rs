@@ -3,20 +3,24 @@
 //! The same arithmetic as transformers' `CLIPModel` (and as [`super::model`]'s candle modules,
 //! which training still uses), organised for speed:
 //! - every linear layer is one product straight into its destination ([`super::matmul`], with
-//!   weights packed at load): the bias is written first and the product accumulated onto it,
-//!   and the residual connections accumulate into the residual stream itself, so no op
-//!   allocates or copies a tensor;
+//!   weights packed at load); what surrounds it (setting the bias, adding it to the residual
+//!   stream, fc1's bias + activation) runs inside the product's tasks on each block of the
+//!   output while it is in cache, so no pass over a batch's activations is left but the
+//!   products, layer norm and attention;
 //! - q, k and v are one matrix product (their weights are concatenated at load, the attention
 //!   scale folded into q's);
 //! - layer norm, bias + activation and the attention softmax are single passes per row, compiled
-//!   for AVX2/FMA (or NEON) with a runtime check, spread over the cores with rayon;
-//! - attention runs per (sequence, head) on the cores, as two products on the same kernel.
+//!   for AVX-512, AVX2/FMA (or NEON) with a runtime check, spread over the cores with rayon;
+//! - attention runs per sequence (or per (sequence, head) when there are few) on the cores, as
+//!   two products on the same kernel that read q and write the output in place;
+//! - the big working buffers are kept between calls ([`Scratch`]).
 //!
 //! candle composed these as ~25 allocating tensor ops per layer: at batch 32 its forward pass
 //! took 68 ms an image, of which the same products timed alone take ~40 (BENCHMARKS.md, "CLIP
 //! throughput").
 
 use std::ops::Range;
+use std::sync::Mutex;
 
 use candle_core::{Result, Shape};
 use candle_nn::VarBuilder;
@@ -24,13 +28,13 @@ use multiversion::multiversion;
 use rayon::prelude::*;
 
 use super::config::{Activation, ClipConfig, TowerConfig};
-use super::matmul::{Packed, Precision};
+use super::matmul::{Packed, Precision, Start};
 
 fn get(vb: &VarBuilder, shape: impl Into<Shape>, name: &str) -> Result<Vec<f32>> {
     vb.get(shape, name)?.flatten_all()?.to_vec1::<f32>()
 }
 
-/// A linear layer, its weight packed for [`Packed::accumulate`].
+/// A linear layer, its weight packed for [`Packed::product`].
 struct Linear {
     weight: Packed,
     bias: Option<Vec<f32>>,
@@ -75,25 +79,95 @@ impl Linear {
     /// [`Linear::forward`] for the output columns `cols` only (`y` is (rows, cols.len())); the
     /// start must satisfy [`Packed::splits_at`].
     fn forward_cols(&self, x: &[f32], rows: usize, y: &mut [f32], cols: Range<usize>) {
-        match &self.bias {
-            Some(b) => fill_rows(y, &b[cols.clone()]),
-            None => y.fill(0.0),
-        }
-        self.weight.accumulate_cols(x, rows, y, cols);
+        let start = match &self.bias {
+            Some(b) => Start::Fill(&b[cols.clone()]),
+            None => Start::Zero,
+        };
+        self.weight.product(x, rows, y, cols, start, None);
     }
 
     /// `y += x · weightᵀ + bias` (a residual connection).
     fn accumulate_with_bias(&self, x: &[f32], rows: usize, y: &mut [f32]) {
-        if let Some(b) = &self.bias {
-            add_rows(y, b);
-        }
-        self.weight.accumulate(x, rows, y);
+        let start = match &self.bias {
+            Some(b) => Start::Add(b),
+            None => Start::Keep,
+        };
+        self.weight
+            .product(x, rows, y, 0..self.weight.n_out(), start, None);
     }
 
-    /// `y = x · weightᵀ` without the bias (the MLP adds it fused with the activation).
-    fn product(&self, x: &[f32], rows: usize, y: &mut [f32]) {
-        y.fill(0.0);
-        self.weight.accumulate(x, rows, y);
+    /// `y = act(x · weightᵀ + bias)` (the MLP's first layer), the bias and activation applied
+    /// to each block of y as the product completes it.
+    fn forward_act(&self, x: &[f32], rows: usize, y: &mut [f32], act: Activation) {
+        let n = self.weight.n_out();
+        let zeros;
+        let b = match &self.bias {
+            Some(b) => b,
+            None => {
+                zeros = vec![0.0; n];
+                &zeros
+            }
+        };
+        let finish = |seg: &mut [f32], col: usize| bias_act_row(seg, &b[col..col + seg.len()], act);
+        self.weight
+            .product(x, rows, y, 0..n, Start::Zero, Some(&finish));
+    }
+}
+
+/// A forward pass's big working buffers, kept between calls: at batch 32 they are ~80 MB, and
+/// fresh memory costs the kernel a page fault and a zeroed page per 4 KiB (this machine's VM
+/// touched fresh memory at ~2 GB/s, ~2% of a batch's time). Concurrent passes each take
+/// their own; at most [`SCRATCH_BYTES`] are kept.
+#[derive(Default)]
+struct Scratch(Mutex<Vec<Vec<f32>>>);
+
+/// What [`Scratch`] keeps at most between calls.
+const SCRATCH_BYTES: usize = 128 << 20;
+
+impl Scratch {
+    /// A buffer of `len` values with unspecified contents: every user overwrites all of it.
+    fn take(&self, len: usize) -> Buffer<'_> {
+        let mut free = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let fits = (0..free.len())
+            .filter(|&i| free[i].capacity() >= len)
+            .min_by_key(|&i| free[i].capacity());
+        let mut v = match fits {
+            Some(i) => free.swap_remove(i),
+            None => Vec::new(),
+        };
+        drop(free);
+        // Shrinking keeps the capacity; growing writes zeros beyond the old length only.
+        v.resize(len, 0.0);
+        Buffer { v, scratch: self }
+    }
+}
+
+/// A buffer of [`Scratch`], given back when dropped.
+struct Buffer<'a> {
+    v: Vec<f32>,
+    scratch: &'a Scratch,
+}
+
+impl std::ops::Deref for Buffer<'_> {
+    type Target = [f32];
+    fn deref(&self) -> &[f32] {
+        &self.v
+    }
+}
+
+impl std::ops::DerefMut for Buffer<'_> {
+    fn deref_mut(&mut self) -> &mut [f32] {
+        &mut self.v
+    }
+}
+
+impl Drop for Buffer<'_> {
+    fn drop(&mut self) {
+        let mut free = self.scratch.0.lock().unwrap_or_else(|p| p.into_inner());
+        let kept: usize = free.iter().map(|v| v.capacity() * 4).sum();
+        if kept + self.v.capacity() * 4 <= SCRATCH_BYTES {
+            free.push(std::mem::take(&mut self.v));
+        }
     }
 }
 
@@ -124,15 +198,11 @@ fn par_rows(buf: &mut [f32], width: usize, f: impl Fn(usize, &mut [f32]) + Sync)
         });
 }
 
-fn fill_rows(y: &mut [f32], b: &[f32]) {
-    par_rows(y, b.len(), |_, row| row.copy_from_slice(b));
-}
-
-fn add_rows(y: &mut [f32], b: &[f32]) {
-    par_rows(y, b.len(), |_, row| add_assign(row, b));
-}
-
-#[multiversion(targets("x86_64+avx2+fma", "aarch64+neon"))]
+#[multiversion(targets(
+    "x86_64+avx512f+avx512bw+avx512vl+avx512dq+fma",
+    "x86_64+avx2+fma",
+    "aarch64+neon"
+))]
 fn add_assign(y: &mut [f32], b: &[f32]) {
     for (y, b) in y.iter_mut().zip(b) {
         *y += b;
@@ -184,7 +254,11 @@ impl Norm {
     }
 }
 
-#[multiversion(targets("x86_64+avx2+fma", "aarch64+neon"))]
+#[multiversion(targets(
+    "x86_64+avx512f+avx512bw+avx512vl+avx512dq+fma",
+    "x86_64+avx2+fma",
+    "aarch64+neon"
+))]
 fn norm_row(x: &[f32], w: &[f32], b: &[f32], eps: f32, out: &mut [f32]) {
     let n = x.len() as f32;
     let mean = lane_sum(x, |v| v) / n;
@@ -230,7 +304,11 @@ fn erf(x: f32) -> f32 {
 }
 
 /// `y = act(y + b)` over one row.
-#[multiversion(targets("x86_64+avx2+fma", "aarch64+neon"))]
+#[multiversion(targets(
+    "x86_64+avx512f+avx512bw+avx512vl+avx512dq+fma",
+    "x86_64+avx2+fma",
+    "aarch64+neon"
+))]
 fn bias_act_row(y: &mut [f32], b: &[f32], act: Activation) {
     match act {
         Activation::QuickGelu => {
@@ -257,34 +335,40 @@ fn bias_act_row(y: &mut [f32], b: &[f32], act: Activation) {
 }
 
 /// Softmax attention for the head whose values are columns `col..col + d` of one sequence's
-/// `at` into `out` (one row of `d` per query), as two products on the kernel of the linear
-/// layers: scores = Q·Kᵀ (K packed as the "weight", one output per key), a softmax per row
-/// (keys past a causal query's position get weight 0), then P·V (V packed by columns, one
-/// output per head dimension). Q carries the 1/sqrt(d) scale.
-fn attend(at: &Heads, col: usize, seq: usize, d: usize, causal: bool, out: &mut [f32]) {
+/// `at`, into `out` (one row of `d` values per query, `out_stride` apart; they must be zero),
+/// as two products on the kernel of the linear layers: scores = Q·Kᵀ (K packed as the
+/// "weight", one output per key), a softmax per row (keys past a causal query's position get
+/// weight 0), then P·V (V packed by columns, one output per head dimension). Q carries the
+/// 1/sqrt(d) scale and is read in place.
+fn attend(
+    at: &Heads,
+    col: usize,
+    seq: usize,
+    d: usize,
+    causal: bool,
+    out: &mut [f32],
+    out_stride: usize,
+) {
     let queries = at.positions.len();
-    let rows = |src: &[f32], stride: usize, n: usize| -> Vec<f32> {
-        (0..n)
-            .flat_map(|i| src[col + i * stride..][..d].iter().copied())
-            .collect()
-    };
-    let q = rows(at.q, at.q_stride, queries);
     // Packed straight from the rows of `kv`: key j is output j; value row kk is input kk.
     let (kv, stride, k_at, v_at) = (at.kv, at.kv_stride, at.k_at + col, at.v_at + col);
     let keys = Packed::from_fn(seq, d, |kk, j| kv[k_at + j * stride + kk]);
     let values = Packed::from_fn(d, seq, |kk, j| kv[v_at + kk * stride + j]);
     let mut scores = vec![0f32; queries * seq];
-    keys.accumulate_serial(&q, queries, &mut scores);
+    keys.accumulate_serial_strided(&at.q[col..], at.q_stride, queries, &mut scores, seq);
     for (row, &pos) in scores.chunks_exact_mut(seq).zip(at.positions) {
         let visible = if causal { pos + 1 } else { seq };
         softmax_row(row, visible);
     }
-    out[..queries * d].fill(0.0);
-    values.accumulate_serial(&scores, queries, out);
+    values.accumulate_serial_strided(&scores, seq, queries, out, out_stride);
 }
 
 /// Softmax of `row[..visible]` in place; the rest of the row becomes 0.
-#[multiversion(targets("x86_64+avx2+fma", "aarch64+neon"))]
+#[multiversion(targets(
+    "x86_64+avx512f+avx512bw+avx512vl+avx512dq+fma",
+    "x86_64+avx2+fma",
+    "aarch64+neon"
+))]
 fn softmax_row(row: &mut [f32], visible: usize) {
     let (s, masked) = row.split_at_mut(visible);
     masked.fill(0.0);
@@ -366,6 +450,7 @@ impl Encoder {
     /// ~7% of a tower's work).
     fn forward(
         &self,
+        scratch: &Scratch,
         x: &mut [f32],
         batch: usize,
         seq: usize,
@@ -383,10 +468,10 @@ impl Encoder {
             return picked_rows(x);
         };
         let every: Vec<usize> = (0..seq).collect();
-        let mut normed = vec![0f32; rows * h];
-        let mut qkv = vec![0f32; rows * 3 * h];
-        let mut attended = vec![0f32; rows * h];
-        let mut mlp = vec![0f32; rows * self.intermediate];
+        let mut normed = scratch.take(rows * h);
+        let mut qkv = scratch.take(rows * 3 * h);
+        let mut attended = scratch.take(rows * h);
+        let mut mlp = scratch.take(rows * self.intermediate);
         for layer in layers {
             layer.norm1.forward(x, &mut normed);
             layer.qkv.forward(&normed, rows, &mut qkv);
@@ -409,12 +494,12 @@ impl Encoder {
         let mut q = vec![0f32; batch * 3 * h];
         last.qkv.forward(&picked_rows(&normed), batch, &mut q);
         let (kv, kv_width, kv_at) = if last.qkv.weight.splits_at(h) {
-            let mut kv = vec![0f32; rows * 2 * h];
+            let mut kv = scratch.take(rows * 2 * h);
             last.qkv.forward_cols(&normed, rows, &mut kv, h..3 * h);
             (kv, 2 * h, 0)
         } else {
             last.qkv.forward(&normed, rows, &mut qkv);
-            (std::mem::take(&mut qkv), 3 * h, h)
+            (qkv, 3 * h, h)
         };
         let one = |b: usize| Heads {
             q: &q[b * 3 * h..],
@@ -437,14 +522,14 @@ impl Encoder {
         let (h, i) = (self.hidden, self.intermediate);
         let (normed, mlp) = (&mut normed[..rows * h], &mut mlp[..rows * i]);
         layer.norm2.forward(x, normed);
-        layer.fc1.product(normed, rows, mlp);
-        let b = layer.fc1.bias.as_deref().unwrap_or_default();
-        par_rows(mlp, i, |_, row| bias_act_row(row, b, self.act));
+        layer.fc1.forward_act(normed, rows, mlp, self.act);
         layer.fc2.accumulate_with_bias(mlp, rows, x);
     }
 
-    /// Multi-head attention, one task per (sequence, head): `heads_of(b)` says where sequence
-    /// b's queries, keys and values are; the result goes to `out`, (queries, hidden).
+    /// Multi-head attention: `heads_of(b)` says where sequence b's queries, keys and values
+    /// are; the result goes to `out`, (queries, hidden). One task per sequence when there are
+    /// enough to keep the threads busy (each writes its rows of `out` in place), else one per
+    /// (sequence, head) into buffers of their own.
     fn attention<'a>(
         &self,
         batch: usize,
@@ -455,24 +540,35 @@ impl Encoder {
     ) {
         let (h, heads) = (self.hidden, self.heads);
         let d = h / heads;
-        let one = |task: usize| {
-            let (b, head) = (task / heads, task % heads);
+        let queries = heads_of(0).positions.len();
+        let out = &mut out[..batch * queries * h];
+        let sequence = |(b, o): (usize, &mut [f32])| {
+            o.fill(0.0);
             let at = heads_of(b);
-            let mut o = vec![0f32; at.positions.len() * d];
-            attend(&at, head * d, seq, d, causal, &mut o);
-            o
+            for head in 0..heads {
+                attend(&at, head * d, seq, d, causal, &mut o[head * d..], h);
+            }
         };
         // queries · seq · hidden multiply-adds, twice
-        let queries = heads_of(0).positions.len();
-        let results: Vec<Vec<f32>> = if batch * queries * seq * h < 1 << 20 {
-            (0..batch * heads).map(one).collect()
+        if batch * queries * seq * h < 1 << 20 {
+            out.chunks_mut(queries * h).enumerate().for_each(sequence);
+        } else if batch >= 4 * rayon::current_num_threads() {
+            out.par_chunks_mut(queries * h)
+                .enumerate()
+                .for_each(sequence);
         } else {
-            (0..batch * heads).into_par_iter().map(one).collect()
-        };
-        for (task, o) in results.iter().enumerate() {
-            let (b, head) = (task / heads, task % heads);
-            for (i, row) in o.chunks_exact(d).enumerate() {
-                out[(b * queries + i) * h + head * d..][..d].copy_from_slice(row);
+            let one = |task: usize| {
+                let (b, head) = (task / heads, task % heads);
+                let mut o = vec![0f32; queries * d];
+                attend(&heads_of(b), head * d, seq, d, causal, &mut o, d);
+                o
+            };
+            let results: Vec<Vec<f32>> = (0..batch * heads).into_par_iter().map(one).collect();
+            for (task, o) in results.iter().enumerate() {
+                let (b, head) = (task / heads, task % heads);
+                for (i, row) in o.chunks_exact(d).enumerate() {
+                    out[(b * queries + i) * h + head * d..][..d].copy_from_slice(row);
+                }
             }
         }
     }
@@ -519,6 +615,7 @@ pub struct FastClip {
     vision: VisionTower,
     text_projection: Linear,
     visual_projection: Linear,
+    scratch: Scratch,
 }
 
 impl FastClip {
@@ -585,6 +682,7 @@ impl FastClip {
                 false,
                 Precision::F32,
             )?,
+            scratch: Scratch::default(),
         })
     }
 
@@ -609,7 +707,7 @@ impl FastClip {
             );
         }
         let vocab = t.token_embedding.len() / h;
-        let mut x = vec![0f32; b * s * h];
+        let mut x = self.scratch.take(b * s * h);
         let mut pooled = Vec::with_capacity(b);
         for (row, ids) in batch.iter().enumerate() {
             for i in 0..s {
@@ -623,7 +721,9 @@ impl FastClip {
             }
             pooled.push(pool_index(t.eos_token_id, ids));
         }
-        let last = t.encoder.forward(&mut x, b, s, true, &pooled);
+        let last = t
+            .encoder
+            .forward(&self.scratch, &mut x, b, s, true, &pooled);
         let mut picked = vec![0f32; b * h];
         t.final_norm.forward(&last, &mut picked);
         let mut out = vec![0f32; b * self.dims()];
@@ -645,7 +745,7 @@ impl FastClip {
         }
         // The patch embedding (a convolution with stride = kernel) as patchify + one product.
         let cpp = c * p * p;
-        let mut patches = vec![0f32; batch * g * g * cpp];
+        let mut patches = self.scratch.take(batch * g * g * cpp);
         par_rows(&mut patches, cpp, |r, row| {
             let (img, cell) = (r / (g * g), r % (g * g));
             let (gy, gx) = (cell / g, cell % g);
@@ -656,12 +756,13 @@ impl FastClip {
                 }
             }
         });
-        let mut embedded = vec![0f32; batch * g * g * h];
+        let mut embedded = self.scratch.take(batch * g * g * h);
+        let rows = batch * g * g;
         v.patch_weight
-            .accumulate(&patches, batch * g * g, &mut embedded);
+            .product(&patches, rows, &mut embedded, 0..h, Start::Zero, None);
         drop(patches);
         let seq = g * g + 1;
-        let mut x = vec![0f32; batch * seq * h];
+        let mut x = self.scratch.take(batch * seq * h);
         par_rows(&mut x, h, |r, row| {
             let (img, t) = (r / seq, r % seq);
             if t == 0 {
@@ -672,12 +773,17 @@ impl FastClip {
             add_assign(row, &v.position_embedding[t * h..][..h]);
         });
         drop(embedded);
-        let mut normed = vec![0f32; x.len()];
+        let mut normed = self.scratch.take(x.len());
         v.pre_norm.forward(&x, &mut normed);
-        let mut x = normed;
-        let class = v
-            .encoder
-            .forward(&mut x, batch, seq, false, &vec![0; batch]);
+        drop(x);
+        let class = v.encoder.forward(
+            &self.scratch,
+            &mut normed,
+            batch,
+            seq,
+            false,
+            &vec![0; batch],
+        );
         let mut pooled = vec![0f32; batch * h];
         v.post_norm.forward(&class, &mut pooled);
         let mut out = vec![0f32; batch * self.dims()];
@@ -725,6 +831,90 @@ mod tests {
         assert!(worst_erf < 6e-7, "erf absolute error {worst_erf}");
         assert!(exp(-200.0) < 1e-37 && exp(f32::NEG_INFINITY) < 1e-37);
         assert!(exp(200.0) > 1e38 && exp(200.0).is_finite());
+    }
+
+    /// Multi-head attention on each of its three paths (serial, a task per (sequence, head), a
+    /// task per sequence writing in place), causal or not, for every query or one pooled row
+    /// per sequence, against softmax(q·kᵀ)·v in f64.
+    #[test]
+    fn attention_matches_a_plain_reference_on_every_path() {
+        let (h, heads, seq) = (64, 4, 64);
+        let d = h / heads;
+        let encoder = Encoder {
+            layers: Vec::new(),
+            hidden: h,
+            intermediate: 4 * h,
+            heads,
+            act: Activation::QuickGelu,
+        };
+        let threads = rayon::current_num_threads();
+        // 1 sequence: serial; 4: a task per head; more than 4 per thread: a task per sequence.
+        for batch in [1, 4, 4 * threads + 1] {
+            let qkv: Vec<f32> = (0..batch * seq * 3 * h)
+                .map(|i| ((i * 7919 % 1013) as f32 - 506.0) / 300.0)
+                .collect();
+            for causal in [false, true] {
+                for pooled in [false, true] {
+                    let every: Vec<usize> = (0..seq).collect();
+                    let picks: Vec<usize> = (0..batch).map(|b| (b * 13 + 5) % seq).collect();
+                    let queries = if pooled { 1 } else { seq };
+                    // The pooled queries are gathered into rows of their own, as the last layer does.
+                    let q_rows: Vec<f32> = (0..batch)
+                        .flat_map(|b| {
+                            let at = (b * seq + picks[b]) * 3 * h;
+                            qkv[at..at + 3 * h].to_vec()
+                        })
+                        .collect();
+                    let heads_of = |b: usize| Heads {
+                        q: if pooled {
+                            &q_rows[b * 3 * h..]
+                        } else {
+                            &qkv[b * seq * 3 * h..]
+                        },
+                        q_stride: 3 * h,
+                        positions: if pooled { &picks[b..b + 1] } else { &every },
+                        kv: &qkv[b * seq * 3 * h..],
+                        k_at: h,
+                        v_at: 2 * h,
+                        kv_stride: 3 * h,
+                    };
+                    let mut out = vec![f32::NAN; batch * queries * h];
+                    encoder.attention(batch, seq, causal, heads_of, &mut out);
+                    for b in 0..batch {
+                        let at = heads_of(b);
+                        for (i, &pos) in at.positions.iter().enumerate() {
+                            for head in 0..heads {
+                                let c = head * d;
+                                let q = &at.q[i * 3 * h + c..][..d];
+                                let visible = if causal { pos + 1 } else { seq };
+                                let scores: Vec<f64> = (0..visible)
+                                    .map(|j| {
+                                        let k = &at.kv[j * 3 * h + h + c..][..d];
+                                        q.iter().zip(k).map(|(&a, &b)| a as f64 * b as f64).sum()
+                                    })
+                                    .collect();
+                                let max = scores.iter().copied().fold(f64::MIN, f64::max);
+                                let w: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
+                                let total: f64 = w.iter().sum();
+                                for e in 0..d {
+                                    let want: f64 = (0..visible)
+                                        .map(|j| {
+                                            w[j] / total * at.kv[j * 3 * h + 2 * h + c + e] as f64
+                                        })
+                                        .sum();
+                                    let got = out[(b * queries + i) * h + c + e] as f64;
+                                    assert!(
+                                        (got - want).abs() < 1e-5 * want.abs().max(1.0),
+                                        "batch {batch} causal {causal} pooled {pooled}: \
+                                         sequence {b} query {i} head {head} value {e}: {got} vs {want}"
+                                    );
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
     }
 
     /// erf by its Taylor series in f64, a reference for |x| <= 3.

@@ -130,32 +130,50 @@ impl Packed {
         }
     }
 
-    /// `y (m, n) += x (m, k) · Wᵀ`, on rayon's threads.
-    pub fn accumulate(&self, x: &[f32], m: usize, y: &mut [f32]) {
+    /// `y (m, n) += x (m, k) · Wᵀ` on the calling thread (for products inside a parallel task), for
+    /// rows of x `x_stride` values apart and rows of y `y_stride` apart (attention reads one
+    /// head's columns of the q rows and writes one head's columns of its output in place).
+    pub fn accumulate_serial_strided(
+        &self,
+        x: &[f32],
+        x_stride: usize,
+        m: usize,
+        y: &mut [f32],
+        y_stride: usize,
+    ) {
         let kernel = Kernel::detect(self.precision());
-        self.accumulate_with(kernel, x, m, y, 0..self.n, false)
+        let strides = (x_stride, y_stride);
+        self.product_with(kernel, x, m, y, 0..self.n, true, strides, Start::Keep, None)
     }
 
-    /// [`Packed::accumulate`] on the calling thread (for products inside a parallel task).
-    pub fn accumulate_serial(&self, x: &[f32], m: usize, y: &mut [f32]) {
-        let kernel = Kernel::detect(self.precision());
-        self.accumulate_with(kernel, x, m, y, 0..self.n, true)
-    }
-
-    /// Whether [`Packed::accumulate_cols`] can start at output column `col`.
+    /// Whether [`Packed::product`] can start at output column `col`.
     pub fn splits_at(&self, col: usize) -> bool {
         col.is_multiple_of(NR) && col <= self.n
     }
 
-    /// `y (m, cols.len()) += x (m, k) · W[cols]ᵀ`: only the output columns `cols`, whose start
-    /// must satisfy [`Packed::splits_at`].
-    pub fn accumulate_cols(&self, x: &[f32], m: usize, y: &mut [f32], cols: Range<usize>) {
+    /// `y (m, cols.len()) = start(y) + x (m, k) · W[cols]ᵀ`, then `finish(y)`, on rayon's
+    /// threads: only the output columns `cols` (whose start must satisfy
+    /// [`Packed::splits_at`]). `start` and `finish` run inside the product's tasks, on each
+    /// task's block of y while it is in cache (a separate pass over a batch's outputs, up to
+    /// 20 MB, would go through memory); `finish(segment, column)` gets a piece of one row of y
+    /// whose first value is at column `column` of y.
+    pub fn product(
+        &self,
+        x: &[f32],
+        m: usize,
+        y: &mut [f32],
+        cols: Range<usize>,
+        start: Start,
+        finish: Option<&Finish<'_>>,
+    ) {
         assert!(self.splits_at(cols.start) && cols.start <= cols.end && cols.end <= self.n);
         let kernel = Kernel::detect(self.precision());
-        self.accumulate_with(kernel, x, m, y, cols, false)
+        let strides = (self.k, cols.len());
+        self.product_with(kernel, x, m, y, cols, false, strides, start, finish)
     }
 
-    fn accumulate_with(
+    #[allow(clippy::too_many_arguments)]
+    fn product_with(
         &self,
         kernel: Kernel,
         x: &[f32],
@@ -163,11 +181,28 @@ impl Packed {
         y: &mut [f32],
         cols: Range<usize>,
         serial: bool,
+        (x_rows, y_rows): (usize, usize),
+        start: Start,
+        finish: Option<&Finish<'_>>,
     ) {
         let (k, width) = (self.k, cols.len());
-        assert!(x.len() >= m * k && y.len() >= m * width);
+        assert!(x_rows >= k && y_rows >= width);
+        assert!(m == 0 || (x.len() >= (m - 1) * x_rows + k && y.len() >= (m - 1) * y_rows + width));
         assert_eq!(kernel.precision(), self.precision());
-        if m == 0 || width == 0 || k == 0 {
+        if let Start::Fill(b) | Start::Add(b) = start {
+            assert_eq!(b.len(), width);
+        }
+        if m == 0 || width == 0 {
+            return;
+        }
+        if k == 0 {
+            for row in y.chunks_mut(y_rows).take(m) {
+                let row = &mut row[..width];
+                start.apply(row, 0);
+                if let Some(f) = finish {
+                    f(row, 0);
+                }
+            }
             return;
         }
         let threads = if serial || m * width * k < SERIAL_BELOW {
@@ -184,11 +219,14 @@ impl Packed {
         let (x_at, panels_at) = match &self.panels {
             Panels::F32(p) => (x.as_ptr(), p.as_ptr()),
             Panels::Bf16(p) => {
-                converted = bf16_rows(&x[..m * k], m, k, per_line, threads == 1);
+                converted = bf16_rows(x, x_rows, m, k, per_line, threads == 1);
                 (converted.as_ptr().cast::<f32>(), p.as_ptr().cast::<f32>())
             }
         };
-        let x_stride = lines * per_line;
+        let x_stride = match self.panels {
+            Panels::F32(_) => x_rows,
+            Panels::Bf16(_) => lines * per_line,
+        };
         let (x_at, panels_at) = (SendPtr(x_at.cast_mut()), SendPtr(panels_at.cast_mut()));
         let first = cols.start / NR;
         let panels = cols.end.div_ceil(NR) - first;
@@ -216,6 +254,20 @@ impl Packed {
             let block_at = |l0: usize, p: usize| unsafe {
                 panels_at.get().add((p * lines + l0) * NR).cast_const()
             };
+            // This task's block of y: rows `rows`, columns c0..c1.
+            let c0 = panel_range.start * NR - cols.start;
+            let c1 = (panel_range.end * NR - cols.start).min(width);
+            let segments = |f: &dyn Fn(&mut [f32])| {
+                for r in rows.clone() {
+                    // SAFETY: inside y (asserted above); no other task writes this block.
+                    f(unsafe {
+                        std::slice::from_raw_parts_mut(out.get().add(r * y_rows + c0), c1 - c0)
+                    });
+                }
+            };
+            if !matches!(start, Start::Keep) {
+                segments(&|seg| start.apply(seg, c0));
+            }
             let tiles = rows.len().div_ceil(kernel.max_rows());
             for (b, &(l0, p)) in blocks.iter().enumerate() {
                 let depth = KC.min(lines - l0);
@@ -250,8 +302,8 @@ impl Packed {
                             x_stride,
                             panel,
                             depth,
-                            y: out.get().add(r * width + col),
-                            y_stride: width,
+                            y: out.get().add(r * y_rows + col),
+                            y_stride: y_rows,
                             rows: tile,
                             cols: NR.min(width - col),
                             ahead,
@@ -261,6 +313,9 @@ impl Packed {
                     r += tile;
                 }
             }
+            if let Some(f) = finish {
+                segments(&|seg| f(seg, c0));
+            }
         };
         if threads == 1 {
             (0..row_chunks * groups).for_each(task);
@@ -269,6 +324,39 @@ impl Packed {
         }
     }
 }
+
+/// What a product does to its block of y before accumulating onto it.
+#[derive(Clone, Copy)]
+pub enum Start<'a> {
+    /// Accumulates onto y as it is.
+    Keep,
+    /// `y = 0` first.
+    Zero,
+    /// `y = bias` first (one value per output column of the product).
+    Fill(&'a [f32]),
+    /// `y += bias` first.
+    Add(&'a [f32]),
+}
+
+impl Start<'_> {
+    /// Applies to a piece of a row of y whose first value is at column `col`.
+    fn apply(self, seg: &mut [f32], col: usize) {
+        match self {
+            Start::Keep => {}
+            Start::Zero => seg.fill(0.0),
+            Start::Fill(b) => seg.copy_from_slice(&b[col..col + seg.len()]),
+            Start::Add(b) => {
+                for (y, b) in seg.iter_mut().zip(&b[col..]) {
+                    *y += b;
+                }
+            }
+        }
+    }
+}
+
+/// What a product does to each piece of a row of its output once it is complete, given the
+/// piece and the column of y it starts at.
+pub type Finish<'a> = dyn Fn(&mut [f32], usize) + Sync + 'a;
 
 /// Lines per panel: k for f32, k/2 rounded up for bf16 pairs.
 fn lines(k: usize, precision: Precision) -> usize {
@@ -314,11 +402,18 @@ fn pair(a: f32, b: f32) -> u32 {
 /// The rows of `x` (m, k) rounded to bf16, the odd tail paired with 0: with `per_line` 1, as
 /// pairs, (m, k/2 rounded up); with 2, as the f32 bit patterns of the rounded values, (m, k
 /// rounded up to even).
-fn bf16_rows(x: &[f32], m: usize, k: usize, per_line: usize, serial: bool) -> Vec<u32> {
+fn bf16_rows(
+    x: &[f32],
+    x_stride: usize,
+    m: usize,
+    k: usize,
+    per_line: usize,
+    serial: bool,
+) -> Vec<u32> {
     let width = k.div_ceil(2) * per_line;
     let mut out = vec![0u32; m * width];
     let convert = |(r, dst): (usize, &mut [u32])| {
-        let row = &x[r * k..][..k];
+        let row = &x[r * x_stride..][..k];
         if per_line == 1 {
             round_row(row, dst);
         } else {
@@ -858,7 +953,18 @@ mod tests {
         }
         for kernel in kernels {
             let mut y = start.to_vec();
-            packed.accumulate_with(kernel, x, m, &mut y, 0..n, m % 2 == 0);
+            let strides = (k, n);
+            packed.product_with(
+                kernel,
+                x,
+                m,
+                &mut y,
+                0..n,
+                m % 2 == 0,
+                strides,
+                Start::Keep,
+                None,
+            );
             for (i, (&got, &want)) in y.iter().zip(want).enumerate() {
                 let tol = 1e-5 * (k as f64).sqrt() * want.abs().max(1.0);
                 assert!(
@@ -866,11 +972,102 @@ mod tests {
                     "{kernel:?} m{m} k{k} n{n} at {i}: {got} vs {want}"
                 );
             }
+            // Rows of x and y further apart than their widths (attention's heads): the same
+            // values, and nothing read or written between the rows (NaN there would show).
+            let (xs, ys) = (k + 3, n + 5);
+            let wide_x: Vec<f32> = (0..m * xs)
+                .map(|i| match i % xs {
+                    c if c < k => x[i / xs * k + c],
+                    _ => f32::NAN,
+                })
+                .collect();
+            let mut wide_y: Vec<f32> = (0..m * ys)
+                .map(|i| match i % ys {
+                    c if c < n => start[i / ys * n + c],
+                    _ => -7.0,
+                })
+                .collect();
+            let strides = (xs, ys);
+            let serial = m % 2 == 1;
+            packed.product_with(
+                kernel,
+                &wide_x,
+                m,
+                &mut wide_y,
+                0..n,
+                serial,
+                strides,
+                Start::Keep,
+                None,
+            );
+            for (i, &got) in wide_y.iter().enumerate() {
+                let want = match i % ys {
+                    c if c < n => y[i / ys * n + c],
+                    _ => -7.0,
+                };
+                assert_eq!(
+                    got.to_bits(),
+                    want.to_bits(),
+                    "{kernel:?} strided m{m} k{k} n{n} at {i}"
+                );
+            }
+            // Started from zero, from a bias and from y plus a bias, finished by a function
+            // of the value and its column: each must see every value of y once, complete.
+            let bias: Vec<f32> = (0..n).map(|j| j as f32 * 0.25 - 1.0).collect();
+            let finish = |seg: &mut [f32], col: usize| {
+                for (c, v) in seg.iter_mut().enumerate() {
+                    *v = 2.0 * *v + (col + c) as f32;
+                }
+            };
+            for (init, from) in [
+                (Start::Zero, 0),
+                (Start::Fill(&bias), 1),
+                (Start::Add(&bias), 2),
+                (Start::Keep, 3),
+            ] {
+                let mut got = start.to_vec();
+                packed.product_with(
+                    kernel,
+                    x,
+                    m,
+                    &mut got,
+                    0..n,
+                    m % 3 == 0,
+                    (k, n),
+                    init,
+                    Some(&finish),
+                );
+                for (i, &got) in got.iter().enumerate() {
+                    let (j, product) = (i % n, want[i] - start[i] as f64);
+                    let before = match from {
+                        0 => 0.0,
+                        1 => bias[j] as f64,
+                        2 => start[i] as f64 + bias[j] as f64,
+                        _ => start[i] as f64,
+                    };
+                    let want = 2.0 * (before + product) + j as f64;
+                    let tol = 1e-5 * (k as f64).sqrt() * want.abs().max(1.0);
+                    assert!(
+                        (got as f64 - want).abs() <= tol,
+                        "{kernel:?} start {from} m{m} k{k} n{n} at {i}: {got} vs {want}"
+                    );
+                }
+            }
             // The columns from 16 on, alone.
             if n > 16 {
                 assert!(packed.splits_at(16) && !packed.splits_at(8));
                 let mut part = vec![0f32; m * (n - 16)];
-                packed.accumulate_with(kernel, x, m, &mut part, 16..n, false);
+                packed.product_with(
+                    kernel,
+                    x,
+                    m,
+                    &mut part,
+                    16..n,
+                    false,
+                    (k, n - 16),
+                    Start::Keep,
+                    None,
+                );
                 for (r, row) in part.chunks_exact(n - 16).enumerate() {
                     for (c, &got) in row.iter().enumerate() {
                         let want = y[r * n + 16 + c] - start[r * n + 16 + c];
