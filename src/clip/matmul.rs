@@ -265,7 +265,9 @@ impl Packed {
                     });
                 }
             };
-            if !matches!(start, Start::Keep) {
+            // Zero and Fill are where the first block's tiles start their accumulators instead
+            // (no pass over the block); Add is a pass.
+            if let Start::Add(_) = start {
                 segments(&|seg| start.apply(seg, c0));
             }
             let tiles = rows.len().div_ceil(kernel.max_rows());
@@ -273,6 +275,18 @@ impl Packed {
                 let depth = KC.min(lines - l0);
                 let col = p * NR - cols.start;
                 let panel = block_at(l0, p);
+                // Where the tiles' accumulators start: y, or for the first block of a product
+                // started from zero or a bias, that row of values (stride 0).
+                let (from, from_stride) = match start {
+                    Start::Zero if l0 == 0 => (ZEROS.as_ptr(), 0),
+                    Start::Fill(b) if l0 == 0 => (b[col..].as_ptr(), 0),
+                    _ => (
+                        out.get()
+                            .cast_const()
+                            .wrapping_add(rows.start * y_rows + col),
+                        y_rows,
+                    ),
+                };
                 // The next block is fetched into L2 while this one is used from L1: the first
                 // tile of a block streams it, the others share the next block's lines out.
                 let next = blocks
@@ -304,6 +318,8 @@ impl Packed {
                             depth,
                             y: out.get().add(r * y_rows + col),
                             y_stride: y_rows,
+                            from: from.wrapping_add((r - rows.start) * from_stride),
+                            from_stride,
                             rows: tile,
                             cols: NR.min(width - col),
                             ahead,
@@ -464,7 +480,10 @@ impl SendPtr {
     }
 }
 
-/// One register tile: `y[0..rows, 0..cols] += x[0..rows, 0..depth] · panel[0..depth, 0..cols]`,
+/// `cols` zeros, where a product started from zero starts its accumulators.
+static ZEROS: [f32; NR] = [0.0; NR];
+
+/// One register tile: `y[0..rows, 0..cols] = from + x[0..rows, 0..depth] · panel[0..depth, 0..cols]`,
 /// `rows` ≤ the kernel's [`Kernel::max_rows`], `cols` ≤ [`NR`] (the panel is always [`NR`]
 /// wide).
 #[derive(Clone, Copy)]
@@ -475,6 +494,10 @@ struct Tile {
     depth: usize,
     y: *mut f32,
     y_stride: usize,
+    /// Where the accumulators start: y itself (`y`, `y_stride`), or one row of `cols` values
+    /// for every row (stride 0: zeros, or a bias).
+    from: *const f32,
+    from_stride: usize,
     rows: usize,
     cols: usize,
     /// Lines of the next block to prefetch into L2, one per step of depth.
@@ -621,12 +644,12 @@ impl Kernel {
     }
 }
 
-/// Copies the tile's part of `y` into a full-width accumulator (the last panel of a matrix
-/// whose n is not a multiple of 16 is narrower).
+/// Copies where the tile starts (its part of `y`, or the row of `from`) into a full-width
+/// accumulator (the last panel of a matrix whose n is not a multiple of 16 is narrower).
 unsafe fn load_y<const R: usize>(t: Tile) -> [[f32; NR]; R] {
     let mut acc = [[0f32; NR]; R];
     for (r, row) in acc.iter_mut().enumerate() {
-        std::ptr::copy_nonoverlapping(t.y.add(r * t.y_stride), row.as_mut_ptr(), t.cols);
+        std::ptr::copy_nonoverlapping(t.from.add(r * t.from_stride), row.as_mut_ptr(), t.cols);
     }
     acc
 }
@@ -732,10 +755,15 @@ unsafe fn avx2_load<const R: usize>(
     };
     // Index loops over a fixed-size array keep the 2R accumulators in registers.
     let mut acc = [[_mm256_setzero_ps(); 2]; R];
+    let (from, from_stride) = if t.cols == NR {
+        (t.from, t.from_stride)
+    } else {
+        (y.cast_const(), NR)
+    };
     #[allow(clippy::needless_range_loop)]
     for r in 0..R {
-        acc[r][0] = _mm256_loadu_ps(y.add(r * y_stride));
-        acc[r][1] = _mm256_loadu_ps(y.add(r * y_stride + 8));
+        acc[r][0] = _mm256_loadu_ps(from.add(r * from_stride));
+        acc[r][1] = _mm256_loadu_ps(from.add(r * from_stride + 8));
     }
     (y, y_stride, acc)
 }
@@ -798,7 +826,7 @@ unsafe fn avx512_load<const R: usize>(
     let mut acc = [_mm512_setzero_ps(); R];
     #[allow(clippy::needless_range_loop)]
     for r in 0..R {
-        acc[r] = _mm512_maskz_loadu_ps(mask, t.y.add(r * t.y_stride));
+        acc[r] = _mm512_maskz_loadu_ps(mask, t.from.add(r * t.from_stride));
     }
     (mask, acc)
 }
