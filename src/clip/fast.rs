@@ -116,8 +116,8 @@ impl Linear {
 
 /// A forward pass's big working buffers, kept between calls: at batch 32 they are ~80 MB, and
 /// fresh memory costs the kernel a page fault and a zeroed page per 4 KiB (this machine's VM
-/// touched fresh memory at ~2 GB/s, ~2% of a batch's time). Concurrent passes each take
-/// their own; at most [`SCRATCH_BYTES`] are kept.
+/// touched fresh memory at ~1-2 GB/s; keeping them made batch 32 2.6% faster). Concurrent
+/// passes each take their own; at most [`SCRATCH_BYTES`] are kept.
 #[derive(Default)]
 struct Scratch(Mutex<Vec<Vec<f32>>>);
 
