@@ -360,14 +360,55 @@ pub struct ChunkSet {
     scope: Option<Arc<str>>,
 }
 
-type PoolKey = (Arc<str>, i64, i64);
+/// A pool key: scope (database file and table), chunk id, chunk version.
+pub type PoolKey = (Arc<str>, i64, i64);
 
-/// The process-wide pool of loaded chunks, and how many entries it had after its last pruning.
-type Pool = Mutex<(HashMap<PoolKey, Weak<Chunk>>, usize)>;
+/// A process-wide pool of weak references to loaded chunk copies, keyed by [`PoolKey`]: a copy
+/// lives while some connection holds it, and any connection of the process can take it.
+pub struct WeakPool<T> {
+    /// The entries, and how many there were after the last pruning.
+    map: Mutex<(HashMap<PoolKey, Weak<T>>, usize)>,
+}
 
-fn pool() -> &'static Pool {
-    static POOL: OnceLock<Pool> = OnceLock::new();
-    POOL.get_or_init(|| Mutex::new((HashMap::new(), 0)))
+impl<T> WeakPool<T> {
+    pub fn new() -> WeakPool<T> {
+        WeakPool {
+            map: Mutex::new((HashMap::new(), 0)),
+        }
+    }
+
+    /// The live copy published under `key`, if any.
+    pub fn get(&self, key: &PoolKey) -> Option<Arc<T>> {
+        let pool = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        pool.0.get(key).and_then(Weak::upgrade)
+    }
+
+    /// Publishes copies; forgets dead entries once the map has doubled since the last time.
+    pub fn publish<'a>(&self, entries: impl Iterator<Item = (PoolKey, &'a Arc<T>)>)
+    where
+        T: 'a,
+    {
+        let mut pool = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        let (map, pruned_at) = &mut *pool;
+        for (key, c) in entries {
+            map.insert(key, Arc::downgrade(c));
+        }
+        if map.len() > 64 && map.len() > 2 * *pruned_at {
+            map.retain(|_, w| w.strong_count() > 0);
+            *pruned_at = map.len();
+        }
+    }
+}
+
+impl<T> Default for WeakPool<T> {
+    fn default() -> Self {
+        WeakPool::new()
+    }
+}
+
+fn pool() -> &'static WeakPool<Chunk> {
+    static POOL: OnceLock<WeakPool<Chunk>> = OnceLock::new();
+    POOL.get_or_init(WeakPool::new)
 }
 
 impl ChunkSet {
@@ -458,25 +499,14 @@ impl ChunkSet {
 
     fn pooled(&self, id: i64, version: i64) -> Option<Arc<Chunk>> {
         let scope = self.scope.as_ref()?;
-        let pool = pool().lock().unwrap_or_else(|p| p.into_inner());
-        pool.0
+        pool()
             .get(&(scope.clone(), id, version))
-            .and_then(Weak::upgrade)
             .filter(|c| c.vectors.len() == c.capacity * self.dims)
     }
 
     fn publish<'a>(&self, chunks: impl Iterator<Item = &'a Arc<Chunk>>) {
         let Some(scope) = &self.scope else { return };
-        let mut pool = pool().lock().unwrap_or_else(|p| p.into_inner());
-        let (map, pruned_at) = &mut *pool;
-        for c in chunks {
-            map.insert((scope.clone(), c.id, c.version), Arc::downgrade(c));
-        }
-        // Forget dead entries once the map has doubled since the last time.
-        if map.len() > 64 && map.len() > 2 * *pruned_at {
-            map.retain(|_, w| w.strong_count() > 0);
-            *pruned_at = map.len();
-        }
+        pool().publish(chunks.map(|c| ((scope.clone(), c.id, c.version), c)));
     }
 
     /// The k nearest rows to `query`, nearest first (ties: smaller rowid), among the slots

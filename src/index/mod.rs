@@ -5,6 +5,7 @@
 
 pub mod cache;
 pub mod chunked;
+pub mod codes;
 pub mod hnsw;
 pub mod scan;
 

@@ -26,6 +26,7 @@
 //! entry the graph last applied: its token (never reused) no longer matches, and the graph is
 //! loaded again.
 
+mod exact;
 mod store;
 
 use std::borrow::Cow;
@@ -103,6 +104,8 @@ struct Declaration {
     content_rowid: String,
     /// `hnsw=on`: keep an HNSW graph, with these parameters.
     hnsw: Option<GraphOptions>,
+    /// `codes=on` (the default): keep int8 codes with error bounds for exact search.
+    codes: bool,
 }
 
 fn parse_declaration(table: &str, args: &[&[u8]]) -> rusqlite::Result<Declaration> {
@@ -113,10 +116,20 @@ fn parse_declaration(table: &str, args: &[&[u8]]) -> rusqlite::Result<Declaratio
     let mut content = None;
     let mut content_rowid = "rowid".to_owned();
     let mut hnsw = false;
+    let mut codes = true;
     let mut graph = GraphOptions::default();
     let usage = "declare it as clip_index(embedding float[512] [, metadata_column type ...] \
                  [, metric=cosine|dot|l2] [, content='table'] [, content_rowid='id'] \
-                 [, chunk_size=N] [, hnsw=on [, hnsw_m=16] [, hnsw_ef_construction=128]])";
+                 [, chunk_size=N] [, codes=on|off] [, hnsw=on [, hnsw_m=16] \
+                 [, hnsw_ef_construction=128]])";
+    let switch = |key: &str, value: &str| match value.to_ascii_lowercase().as_str() {
+        "on" | "true" | "1" | "yes" => Ok(true),
+        "off" | "false" | "0" | "no" => Ok(false),
+        _ => Err(err(
+            table,
+            format!("{key} must be 'on' or 'off', found '{value}'"),
+        )),
+    };
     let integer = |key: &str, value: &str, lo: usize, hi: usize| {
         value
             .parse::<usize>()
@@ -158,18 +171,8 @@ fn parse_declaration(table: &str, args: &[&[u8]]) -> rusqlite::Result<Declaratio
                     )
                 }
                 "content" => content = Some(value.into_owned()).filter(|c| !c.is_empty()),
-                "hnsw" => {
-                    hnsw = match value.to_ascii_lowercase().as_str() {
-                        "on" | "true" | "1" | "yes" => true,
-                        "off" | "false" | "0" | "no" => false,
-                        _ => {
-                            return Err(err(
-                                table,
-                                format!("hnsw must be 'on' or 'off', found '{value}'"),
-                            ))
-                        }
-                    }
-                }
+                "hnsw" => hnsw = switch("hnsw", &value)?,
+                "codes" => codes = switch("codes", &value)?,
                 "hnsw_m" => graph.connectivity = integer("hnsw_m", &value, 2, 128)?,
                 "hnsw_ef_construction" => {
                     graph.expansion_add = integer("hnsw_ef_construction", &value, 8, 4096)?
@@ -278,6 +281,7 @@ fn parse_declaration(table: &str, args: &[&[u8]]) -> rusqlite::Result<Declaratio
         content,
         content_rowid,
         hnsw: hnsw.then_some(graph),
+        codes,
     })
 }
 
@@ -315,6 +319,10 @@ pub struct IndexTab {
     names: Option<SharedNames>,
     /// The graph shared with the process's other connections to this table (file databases).
     shared_graph: Option<Arc<Mutex<GraphState>>>,
+    /// The int8 records this connection holds for exact search (`codes=on`).
+    kept: Mutex<exact::KeptCodes>,
+    /// What names the table's chunks across the process's connections (file databases).
+    scope: Option<Arc<str>>,
 }
 
 /// The process's shared graphs, by database file, table and table identity.
@@ -394,6 +402,7 @@ impl IndexTab {
         );
         store.hnsw = decl.hnsw.is_some();
         if creating {
+            store.codes = decl.codes;
             store.create(decl.metric.name())?;
         } else {
             // The stored shape wins: it is what the chunks were written with.
@@ -425,9 +434,14 @@ impl IndexTab {
                     ))
                 }
             }
-            if let Some(c) = stored("capacity")? {
+            let capacity = stored("capacity")?;
+            // Tables made before the codes existed have none: their exact queries scan the
+            // float32 image.
+            let codes = stored("codes")? == Some(1);
+            if let Some(c) = capacity {
                 store.capacity = c as usize;
             }
+            store.codes = codes;
         }
         // Tables made before `identity` existed share nothing (the key would be ambiguous).
         let identity = match store.config("identity")? {
@@ -457,12 +471,14 @@ impl IndexTab {
                 base: ffi::sqlite3_vtab::default(),
                 db: handle,
                 image: Mutex::new(Image {
-                    set: match scope {
-                        Some(scope) => ChunkSet::shared(decl.dims, &scope),
+                    set: match &scope {
+                        Some(scope) => ChunkSet::shared(decl.dims, scope),
                         None => ChunkSet::new(decl.dims),
                     },
                     generation: None,
                 }),
+                kept: Mutex::new(exact::KeptCodes::default()),
+                scope: scope.map(Arc::from),
                 graph: Mutex::new(GraphState::default()),
                 names: names.cloned(),
                 shared_graph: shared,
@@ -1415,6 +1431,15 @@ unsafe impl VTabCursor for IndexCursor<'_> {
                     return Ok(());
                 }
                 let filter = tab.slot_filter(&args, &values)?;
+                if mode == Mode::Exact && tab.store.codes && (k as usize) <= exact::CODES_MAX_K {
+                    if let Some(hits) = tab.search_codes(&query, k as usize, filter.as_ref())? {
+                        self.rows = hits
+                            .into_iter()
+                            .map(|(id, score, distance)| (id, Some((score, distance))))
+                            .collect();
+                        return Ok(());
+                    }
+                }
                 let mut image = tab.image();
                 tab.refresh(&mut image)?;
                 let hits = image

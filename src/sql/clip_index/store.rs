@@ -9,6 +9,7 @@
 //! | `t_chunks` | id, version, free | one small row per chunk; `free` slots left |
 //! | `t_slots` | id, validity, rowids | per chunk: slot bitmap, rowid of each slot (i64 LE) |
 //! | `t_vectors` | id, vectors | per chunk: `capacity x dims` float32 LE, slot-major |
+//! | `t_codes` | id, codes | (`codes=on`, the default) per chunk: one int8 record per slot ([`codes`]) |
 //! | `t_map` | rowid, chunk, slot, metadata... | where each row lives, and its metadata |
 //! | `t_hnsw` | id, data | (`hnsw=on`) the HNSW graph as saved, in parts of at most 64 MiB |
 //! | `t_hnsw_log` | seq, rowid, token | (`hnsw=on`) rows written since the graph was saved |
@@ -30,6 +31,7 @@ use rusqlite::types::{Value, ValueRef};
 use rusqlite::{params, params_from_iter, Connection, OptionalExtension, Statement};
 
 use crate::index::chunked::{bit, bitmap_bytes, first_free, Chunk};
+use crate::index::codes;
 
 /// A value that no earlier write of any process has stored: a per-process random start plus a
 /// counter. Stored as a chunk's version and as the index's generation, it is never reused, so a
@@ -109,6 +111,10 @@ pub struct Store {
     pub metas: Vec<MetaColumn>,
     /// Whether the table keeps an HNSW graph (and so logs every written rowid).
     pub hnsw: bool,
+    /// Whether the table keeps int8 codes with error bounds (`t_codes`) for exact search.
+    pub codes: bool,
+    /// The names of the shadow tables opened as blobs, made once (a write opens several).
+    blob_tables: Vec<(&'static str, String)>,
 }
 
 /// Largest part of a saved graph (SQLite's default limit on a value is 1 GB).
@@ -140,11 +146,16 @@ impl Store {
             statements: StatementCache::default(),
             conn: Box::new(conn),
             schema,
-            table,
             dims,
             capacity,
             metas,
             hnsw: false,
+            codes: false,
+            blob_tables: ["slots", "vectors", "codes", "hnsw"]
+                .into_iter()
+                .map(|suffix| (suffix, format!("{table}_{suffix}")))
+                .collect(),
+            table,
         }
     }
 
@@ -209,6 +220,12 @@ impl Store {
         if self.hnsw {
             self.create_graph_tables()?;
         }
+        if self.codes {
+            self.conn.execute_batch(&format!(
+                "CREATE TABLE {}(id INTEGER PRIMARY KEY, codes BLOB NOT NULL);",
+                self.shadow("codes")
+            ))?;
+        }
         let config = self.shadow("config");
         for (key, value) in [
             ("format", Value::Integer(1)),
@@ -220,6 +237,7 @@ impl Store {
             ("hnsw_rows", Value::Integer(0)),
             ("hnsw_epoch", Value::Integer(0)),
             ("identity", Value::Integer(fresh_version())),
+            ("codes", Value::Integer(i64::from(self.codes))),
         ] {
             self.conn.execute(
                 &format!("INSERT INTO {config}(key, value) VALUES (?1, ?2)"),
@@ -243,7 +261,7 @@ impl Store {
     /// Drops the shadow tables (xDestroy).
     pub fn drop_all(&self) -> Res<()> {
         for suffix in [
-            "config", "chunks", "slots", "vectors", "map", "hnsw", "hnsw_log",
+            "config", "chunks", "slots", "vectors", "codes", "map", "hnsw", "hnsw_log",
         ] {
             self.conn
                 .execute_batch(&format!("DROP TABLE IF EXISTS {};", self.shadow(suffix)))?;
@@ -460,14 +478,16 @@ impl Store {
         .collect()
     }
 
-    fn blob(&self, suffix: &str, column: &str, row: i64, read_only: bool) -> Res<Blob<'_>> {
-        self.conn.blob_open(
-            self.schema.as_str(),
-            self.shadow_name(suffix).as_str(),
-            column,
-            row,
-            read_only,
-        )
+    /// An incremental blob handle on a shadow table's row.
+    pub fn blob(&self, suffix: &str, column: &str, row: i64, read_only: bool) -> Res<Blob<'_>> {
+        let name = self
+            .blob_tables
+            .iter()
+            .find(|(s, _)| *s == suffix)
+            .map(|(_, name)| name.as_str())
+            .expect("a shadow table opened as a blob is in blob_tables");
+        self.conn
+            .blob_open(self.schema.as_str(), name, column, row, read_only)
     }
 
     /// Reads one chunk whole: three blob reads, no row per vector.
@@ -580,6 +600,13 @@ impl Store {
             self.shadow("vectors")
         ))?
         .execute(params![id, (self.capacity * self.dims * 4) as i64])?;
+        if self.codes {
+            self.cached(&format!(
+                "INSERT INTO {}(id, codes) VALUES (?1, zeroblob(?2))",
+                self.shadow("codes")
+            ))?
+            .execute(params![id, self.codes_bytes() as i64])?;
+        }
         Ok(id)
     }
 
@@ -651,7 +678,20 @@ impl Store {
     fn write_vector(&self, chunk: i64, slot: usize, vector: &[f32]) -> Res<()> {
         let bytes: Vec<u8> = vector.iter().flat_map(|x| x.to_le_bytes()).collect();
         self.blob("vectors", "vectors", chunk, false)?
-            .write_at(&bytes, slot * self.dims * 4)
+            .write_at(&bytes, slot * self.dims * 4)?;
+        if self.codes {
+            let size = codes::record_bytes(self.dims);
+            let mut record = vec![0u8; size];
+            codes::encode(vector, &mut record);
+            self.blob("codes", "codes", chunk, false)?
+                .write_at(&record, slot * size)?;
+        }
+        Ok(())
+    }
+
+    /// Bytes of one chunk's codes.
+    pub fn codes_bytes(&self) -> usize {
+        self.capacity * codes::record_bytes(self.dims)
     }
 
     /// Replaces a row's vector in place.
@@ -699,6 +739,13 @@ impl Store {
         validity_blob.read_at_exact(&mut byte, slot / 8)?;
         validity_blob.write_at(&[byte[0] & !(1 << (slot % 8))], slot / 8)?;
         drop(validity_blob);
+        if self.codes {
+            // The record's live flag (see `codes`): the bounded scan skips the slot.
+            self.blob("codes", "codes", chunk, false)?.write_at(
+                &[0u8; 4],
+                slot * codes::record_bytes(self.dims) + codes::LIVE_AT,
+            )?;
+        }
         self.cached(&format!(
             "DELETE FROM {} WHERE rowid = ?1",
             self.shadow("map")
@@ -719,7 +766,10 @@ impl Store {
             })?;
         self.log_change(rowid)?;
         if free as usize >= self.capacity {
-            for suffix in ["chunks", "slots", "vectors"] {
+            for suffix in ["chunks", "slots", "vectors", "codes"] {
+                if suffix == "codes" && !self.codes {
+                    continue;
+                }
                 self.cached(&format!(
                     "DELETE FROM {} WHERE id = ?1",
                     self.shadow(suffix)
@@ -733,7 +783,10 @@ impl Store {
 
     /// Deletes every row (and, with `hnsw=on`, the saved graph: an empty one is saved).
     pub fn delete_all(&self) -> Res<()> {
-        for suffix in ["chunks", "slots", "vectors", "map"] {
+        for suffix in ["chunks", "slots", "vectors", "codes", "map"] {
+            if suffix == "codes" && !self.codes {
+                continue;
+            }
             self.conn
                 .execute(&format!("DELETE FROM {}", self.shadow(suffix)), [])?;
         }
@@ -815,6 +868,9 @@ impl Store {
                     self.capacity
                 ));
             }
+            if self.codes {
+                self.check_codes(&chunk, &mut problems)?;
+            }
             for slot in (0..self.capacity).filter(|&s| chunk.is_valid(s)) {
                 let rowid = chunk.rowids[slot];
                 if self.locate(rowid)? != Some((id, slot)) {
@@ -837,6 +893,53 @@ impl Store {
         }
         problems.truncate(10);
         Ok(problems)
+    }
+}
+
+impl Store {
+    /// A chunk's codes agree with its rows: one record per slot, live exactly where the
+    /// bitmap is set, and each live record the encoding of the stored vector (the exact
+    /// search's bounds are only as true as the records).
+    fn check_codes(&self, chunk: &Chunk, problems: &mut Vec<String>) -> Res<()> {
+        let id = chunk.id;
+        let stored = match self.blob("codes", "codes", id, true) {
+            Ok(b) => self.read_all(&b)?,
+            Err(_) => {
+                problems.push(format!("chunk {id}: no codes in {}", self.shadow("codes")));
+                return Ok(());
+            }
+        };
+        if stored.len() != self.codes_bytes() {
+            problems.push(format!(
+                "chunk {id}: {} bytes of codes, expected {}",
+                stored.len(),
+                self.codes_bytes()
+            ));
+            return Ok(());
+        }
+        let size = codes::record_bytes(self.dims);
+        let mut expected = vec![0u8; size];
+        for (slot, record) in stored.chunks_exact(size).enumerate() {
+            let valid = chunk.is_valid(slot);
+            if codes::live(record) != valid {
+                problems.push(format!(
+                    "chunk {id} slot {slot}: the codes say {}, the bitmap {}",
+                    if codes::live(record) { "live" } else { "empty" },
+                    if valid { "live" } else { "empty" }
+                ));
+                continue;
+            }
+            if valid {
+                codes::encode(chunk.row(slot, self.dims), &mut expected);
+                if record != expected.as_slice() {
+                    problems.push(format!(
+                        "rowid {}: its codes do not match its vector (chunk {id} slot {slot})",
+                        chunk.rowids[slot]
+                    ));
+                }
+            }
+        }
+        Ok(())
     }
 }
 

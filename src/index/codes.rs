@@ -1,0 +1,426 @@
+//! Persisted int8 codes with an error bound per row: an exact top-k that reads a quarter of the
+//! bytes of the float32 vectors.
+//!
+//! Each row gets a fixed-size record (`HEADER + dims` bytes):
+//!
+//! | bytes | what |
+//! |---|---|
+//! | 0..4 | the row's inverse norm, as f32 (the value the exact scan scores with) |
+//! | 4..8 | the int8 scale `s`, f32: element i is about `s * code[i]` |
+//! | 8..12 | `e >= ‖x − s·code‖₂`, f32 rounded up: the quantization error of the whole row |
+//! | 12..16 | `‖x‖₂` computed in f64, f32 rounded up (the inverse can underflow to 0) |
+//! | 16..20 | 1 when the slot holds a row, 0 when it is empty (u32 LE) |
+//! | 20.. | the codes, one i8 per element |
+//!
+//! For a query y quantized the same way (`y = t·q + f`), `x·y = s·t·(code·q) + s·code·f + (x −
+//! s·code)·y`, so by Cauchy–Schwarz `|x·y − s·t·(code·q)| <= e·‖y‖ + (‖x‖ + e)·‖f‖`. Adding a
+//! margin for the float rounding of the exact scan itself (at most `2·d·ε₃₂·‖x‖·‖y‖`, plus
+//! an absolute term for subnormal products; any bound near f32's overflow is widened to
+//! infinity, where the exact scan may itself overflow) gives
+//! a lower and an upper bound on the distance the exact scan would compute. A row is a
+//! candidate when its lower bound is at most the k-th smallest upper bound: at least k rows
+//! are that near, so every row of the exact top-k (ties included) is a candidate. The
+//! candidates are then scored with their float32 vectors and the answer is the exact scan's,
+//! bit for bit.
+//!
+//! On 512-dimensional unit vectors the bound is about ±0.008 in cosine, and a query keeps a few
+//! dozen candidates out of a million.
+
+use crate::index::chunked::bit;
+use crate::index::scan::inv_norm;
+use crate::vector::distance::{norm_f32, Metric};
+use crate::vector::topk::{Hit, TopK};
+use simsimd::SpatialSimilarity;
+
+/// Bytes before a record's codes.
+pub const HEADER: usize = 20;
+
+/// Where the live flag is in a record.
+pub const LIVE_AT: usize = 16;
+
+/// Bytes of one row's record.
+pub fn record_bytes(dims: usize) -> usize {
+    HEADER + dims
+}
+
+/// Writes the record of `row` into `out` (`record_bytes(row.len())` bytes).
+pub fn encode(row: &[f32], out: &mut [u8]) {
+    debug_assert_eq!(out.len(), record_bytes(row.len()));
+    let (head, codes) = out.split_at_mut(HEADER);
+    let (scale, err_sq) = quantize(row, codes);
+    // Rounded up twice: the f64 sum's own rounding (relative ~d·2⁻⁵³) and the cast to f32.
+    let err = (err_sq.sqrt() * (1.0 + 1e-9)) as f32;
+    let err = if err > 0.0 { err.next_up() } else { 0.0 };
+    let norm_sq: f64 = row.iter().map(|&x| f64::from(x) * f64::from(x)).sum();
+    let norm = (norm_sq.sqrt() * (1.0 + 1e-9)) as f32;
+    let norm = if norm > 0.0 { norm.next_up() } else { 0.0 };
+    head[0..4].copy_from_slice(&(inv_norm(row) as f32).to_le_bytes());
+    head[4..8].copy_from_slice(&scale.to_le_bytes());
+    head[8..12].copy_from_slice(&err.to_le_bytes());
+    head[12..16].copy_from_slice(&norm.to_le_bytes());
+    head[16..20].copy_from_slice(&1u32.to_le_bytes());
+}
+
+/// Symmetric int8 codes of `row` into `out` (scale = max |x| / 127, rounded to nearest even,
+/// which vectorizes), and the squared error `Σ (x − scale·code)²` in f64.
+fn quantize(row: &[f32], out: &mut [u8]) -> (f32, f64) {
+    let max = row.iter().fold(0.0f32, |m, x| m.max(x.abs()));
+    if max == 0.0 {
+        out.fill(0);
+        return (0.0, 0.0);
+    }
+    let scale = max / 127.0;
+    let inv = 127.0 / max;
+    // Round to nearest even by adding and subtracting 1.5·2²³ (exact for |v| < 2²²; here
+    // |v| <= 127): unlike `round_ties_even`, it needs no SSE4.1 and vectorizes.
+    const MAGIC: f32 = 12_582_912.0;
+    let code = |x: f32| ((x * inv + MAGIC) - MAGIC).clamp(-127.0, 127.0);
+    // Eight partial sums, so the compiler can keep them in vector lanes.
+    let mut lanes = [0.0f64; 8];
+    let mut rows = row.chunks_exact(8);
+    let mut outs = out.chunks_exact_mut(8);
+    for (xs, os) in (&mut rows).zip(&mut outs) {
+        for i in 0..8 {
+            let c = code(xs[i]);
+            os[i] = c as i8 as u8;
+            let e = f64::from(xs[i]) - f64::from(scale) * f64::from(c);
+            lanes[i] += e * e;
+        }
+    }
+    for (o, &x) in outs.into_remainder().iter_mut().zip(rows.remainder()) {
+        let c = code(x);
+        *o = c as i8 as u8;
+        let e = f64::from(x) - f64::from(scale) * f64::from(c);
+        lanes[0] += e * e;
+    }
+    (scale, lanes.iter().sum())
+}
+
+/// Whether a record holds a row.
+#[inline]
+pub fn live(record: &[u8]) -> bool {
+    record[LIVE_AT] != 0
+}
+
+#[inline]
+fn f32_at(record: &[u8], at: usize) -> f32 {
+    f32::from_le_bytes(record[at..at + 4].try_into().expect("4 bytes"))
+}
+
+/// A query prepared for bounding rows by their records.
+pub struct BoundQuery {
+    metric: Metric,
+    dims: usize,
+    codes: Vec<i8>,
+    scale: f64,
+    /// ‖y − t·q‖, rounded up.
+    err: f64,
+    norm: f64,
+    sq: f64,
+    inv: f64,
+    /// Relative margin for the exact scan's float rounding.
+    gamma: f64,
+}
+
+impl BoundQuery {
+    /// The query's codes and norms. A zero query under cosine has no top-k: the exact scan
+    /// refuses it first, so this is never asked to bound with it.
+    pub fn new(query: &[f32], metric: Metric) -> BoundQuery {
+        let mut bytes = vec![0u8; query.len()];
+        let (scale, err_sq) = quantize(query, &mut bytes);
+        let codes: Vec<i8> = bytes.into_iter().map(|b| b as i8).collect();
+        let norm = norm_f32(query);
+        BoundQuery {
+            metric,
+            dims: query.len(),
+            codes,
+            scale: f64::from(scale),
+            err: err_sq.sqrt() * (1.0 + 1e-9) + f64::MIN_POSITIVE,
+            norm: norm * (1.0 + 1e-9),
+            sq: norm * norm,
+            inv: if norm > 0.0 { 1.0 / norm } else { 0.0 },
+            gamma: (2 * query.len() + 16) as f64 * f64::from(f32::EPSILON),
+        }
+    }
+
+    /// (lower, upper) bounds on the distance the exact scan computes for the row of `record`,
+    /// or `None` when the exact scan skips the row (an all-zero row under cosine).
+    #[inline]
+    pub fn bounds(&self, record: &[u8]) -> Option<(f64, f64)> {
+        let inv = f64::from(f32_at(record, 0));
+        if self.metric == Metric::Cosine && inv == 0.0 {
+            return None;
+        }
+        let scale = f64::from(f32_at(record, 4));
+        let err = f64::from(f32_at(record, 8));
+        let codes: &[i8] = bytemuck_i8(&record[HEADER..HEADER + self.dims]);
+        let dot = i8::dot(&self.codes, codes).unwrap_or_else(|| {
+            codes
+                .iter()
+                .zip(&self.codes)
+                .map(|(&a, &b)| f64::from(i32::from(a) * i32::from(b)))
+                .sum()
+        });
+        let approx = scale * self.scale * dot;
+        let norm = f64::from(f32_at(record, 12));
+        // f32 overflow in the exact scan (a norm or a product past f32::MAX) is possible out
+        // there: no bound.
+        if norm.max(self.norm) > 1e18 {
+            return Some((f64::NEG_INFINITY, f64::INFINITY));
+        }
+        let margin = err * self.norm + (norm + err) * self.err + TINY;
+        Some(match self.metric {
+            Metric::Cosine => {
+                let b = margin + self.gamma * norm * self.norm;
+                let f = inv * self.inv;
+                (1.0 - (approx + b) * f, 1.0 - (approx - b) * f)
+            }
+            Metric::Dot => {
+                let b = margin + self.gamma * norm * self.norm;
+                (-(approx + b), -(approx - b))
+            }
+            Metric::L2 => {
+                let base = norm * norm + self.sq;
+                let slack = self.gamma * (norm + self.norm).powi(2) + TINY;
+                let b = margin + self.gamma * norm * self.norm;
+                (
+                    (base - 2.0 * (approx + b) - slack).max(0.0),
+                    base - 2.0 * (approx - b) + slack,
+                )
+            }
+        })
+    }
+}
+
+/// An absolute margin for rounding among subnormal numbers (each f32 operation errs by at
+/// most 2⁻¹⁵⁰ there; 2⁻¹²⁰ covers 65,536 dimensions with room).
+const TINY: f64 = 7.52316384526264e-37;
+
+fn bytemuck_i8(bytes: &[u8]) -> &[i8] {
+    // SAFETY: i8 and u8 have the same size and alignment, and every bit pattern is valid.
+    unsafe { std::slice::from_raw_parts(bytes.as_ptr().cast::<i8>(), bytes.len()) }
+}
+
+/// The candidates of a bounded scan: every row whose lower bound may still be among the k
+/// best, and the k smallest upper bounds seen.
+pub struct Bounded {
+    upper: TopK,
+    /// (lower bound, key).
+    candidates: Vec<(f64, i64)>,
+    /// The list's length after it was last pruned.
+    pruned_at: usize,
+}
+
+impl Bounded {
+    pub fn new(k: usize) -> Bounded {
+        Bounded {
+            upper: TopK::new(k),
+            candidates: Vec::new(),
+            pruned_at: 0,
+        }
+    }
+
+    /// Bounds the live rows of one chunk's records (`capacity` of them, `allowed` the slots a
+    /// filter keeps), keyed `key_base + slot`. `ceiling` is a cutoff known from elsewhere (the
+    /// k-th smallest upper bound of another part of the rows, or infinity): rows whose lower
+    /// bound exceeds it are not candidates.
+    pub fn scan(
+        &mut self,
+        query: &BoundQuery,
+        records: &[u8],
+        capacity: usize,
+        allowed: Option<&[u8]>,
+        key_base: i64,
+        ceiling: f64,
+    ) {
+        let size = record_bytes(query.dims);
+        for (slot, record) in records.chunks_exact(size).take(capacity).enumerate() {
+            if !live(record) || allowed.is_some_and(|a| !bit(a, slot)) {
+                continue;
+            }
+            let Some((lower, upper)) = query.bounds(record) else {
+                continue;
+            };
+            let threshold = self.upper.threshold().min(ceiling);
+            if lower > threshold {
+                continue;
+            }
+            let key = key_base + slot as i64;
+            if upper < threshold {
+                self.upper.push(Hit {
+                    distance: upper,
+                    id: key,
+                });
+            }
+            self.candidates.push((lower, key));
+        }
+        // Keep the list short: drop what the threshold has since ruled out, whenever the list
+        // has doubled since it was last pruned.
+        if self.candidates.len() > 4096 && self.candidates.len() > 2 * self.pruned_at {
+            let threshold = self.upper.threshold();
+            self.candidates.retain(|c| c.0 <= threshold);
+            self.pruned_at = self.candidates.len();
+        }
+    }
+
+    /// The k-th smallest upper bound seen (infinity before k rows): at least k rows are this
+    /// near.
+    pub fn threshold(&self) -> f64 {
+        self.upper.threshold()
+    }
+
+    /// Folds another scan's candidates into this one.
+    pub fn merge(&mut self, other: Bounded) {
+        self.upper.merge(other.upper);
+        self.candidates.extend(other.candidates);
+    }
+
+    /// The candidates' keys, ascending: every row whose lower bound is at most the k-th
+    /// smallest upper bound.
+    pub fn into_keys(self) -> Vec<i64> {
+        let threshold = self.upper.threshold();
+        let mut keys: Vec<i64> = self
+            .candidates
+            .into_iter()
+            .filter(|c| c.0 <= threshold)
+            .map(|c| c.1)
+            .collect();
+        keys.sort_unstable();
+        keys
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::index::scan::Scorer;
+
+    fn records(rows: &[Vec<f32>]) -> Vec<u8> {
+        let size = record_bytes(rows[0].len());
+        let mut out = vec![0u8; rows.len() * size];
+        for (row, rec) in rows.iter().zip(out.chunks_exact_mut(size)) {
+            encode(row, rec);
+        }
+        out
+    }
+
+    /// The bounds hold the distance the exact scan computes, for every metric, at lengths
+    /// around the SIMD steps, for rows of very different magnitudes, zero rows and one-hot
+    /// rows (where all the error sits in one element).
+    #[test]
+    fn bounds_hold_the_exact_scans_distance() {
+        let mut next = crate::index::scan::tests::uniform(11);
+        for dims in [1usize, 3, 16, 17, 64, 255, 512] {
+            for magnitude in [1e-30f32, 1e-3, 1.0, 1e3, 1e30] {
+                let mut rows: Vec<Vec<f32>> = (0..40)
+                    .map(|_| (0..dims).map(|_| next() * magnitude).collect())
+                    .collect();
+                rows.push(vec![0.0; dims]);
+                let mut one_hot = vec![0.0; dims];
+                one_hot[dims / 2] = magnitude;
+                rows.push(one_hot);
+                let recs = records(&rows);
+                let size = record_bytes(dims);
+                for metric in [Metric::Cosine, Metric::Dot, Metric::L2] {
+                    for _ in 0..5 {
+                        let q: Vec<f32> = (0..dims).map(|_| next()).collect();
+                        let scorer = Scorer::new(&q, metric).unwrap();
+                        let bound = BoundQuery::new(&q, metric);
+                        for (row, rec) in rows.iter().zip(recs.chunks_exact(size)) {
+                            let exact = scorer.distance(row, inv_norm(row));
+                            match (exact, bound.bounds(rec)) {
+                                (None, None) => {}
+                                (Some(d), Some((lo, hi))) => assert!(
+                                    lo <= d && d <= hi,
+                                    "{metric:?} dims {dims} x{magnitude}: {lo} <= {d} <= {hi}"
+                                ),
+                                other => panic!("{metric:?}: exact and bound disagree {other:?}"),
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// The candidates always hold the exact top-k (ties included), and on random 128-d rows
+    /// the bounds are tight enough to leave few of them; the live flag and a filter drop
+    /// rows.
+    #[test]
+    fn candidates_hold_the_exact_top_k_and_are_few() {
+        let mut next = crate::index::scan::tests::uniform(5);
+        let dims = 128;
+        let mut rows: Vec<Vec<f32>> = (0..4000)
+            .map(|_| (0..dims).map(|_| next()).collect())
+            .collect();
+        // Ties: copies of one row.
+        for i in 1..6 {
+            rows[i * 100] = rows[7].clone();
+        }
+        let mut recs = records(&rows);
+        let size = record_bytes(dims);
+        // An empty slot (live flag 0) must never come back.
+        recs[3 * size + LIVE_AT..3 * size + LIVE_AT + 4].fill(0);
+        for metric in [Metric::Cosine, Metric::Dot, Metric::L2] {
+            for trial in 0..6 {
+                let q: Vec<f32> = if trial == 0 {
+                    rows[7].clone()
+                } else {
+                    (0..dims).map(|_| next()).collect()
+                };
+                let scorer = Scorer::new(&q, metric).unwrap();
+                for k in [1usize, 10, 50] {
+                    let mut exact = TopK::new(k);
+                    for (i, row) in rows.iter().enumerate() {
+                        if i == 3 {
+                            continue;
+                        }
+                        if let Some(distance) = scorer.distance(row, inv_norm(row)) {
+                            exact.push(Hit {
+                                distance,
+                                id: i as i64,
+                            });
+                        }
+                    }
+                    let bound = BoundQuery::new(&q, metric);
+                    // Two halves scanned separately and merged, as the workers do.
+                    let half = 2000;
+                    let mut a = Bounded::new(k);
+                    a.scan(&bound, &recs[..half * size], half, None, 0, f64::INFINITY);
+                    let mut b = Bounded::new(k);
+                    b.scan(
+                        &bound,
+                        &recs[half * size..],
+                        half,
+                        None,
+                        half as i64,
+                        a.threshold(),
+                    );
+                    a.merge(b);
+                    let keys = a.into_keys();
+                    assert!(!keys.contains(&3));
+                    for hit in exact.into_sorted() {
+                        assert!(
+                            keys.contains(&hit.id),
+                            "{metric:?} k {k}: {} missing",
+                            hit.id
+                        );
+                    }
+                    assert!(
+                        keys.len() <= 4 * k + 40,
+                        "{metric:?} k {k}: {} candidates",
+                        keys.len()
+                    );
+                }
+            }
+        }
+        // A filter keeps only its slots.
+        let q: Vec<f32> = (0..dims).map(|_| next()).collect();
+        let bound = BoundQuery::new(&q, Metric::Cosine);
+        let mut allowed = vec![0u8; 4000 / 8];
+        allowed[1] = 0b0000_0100; // slot 10
+        let mut f = Bounded::new(5);
+        f.scan(&bound, &recs, 4000, Some(&allowed), 0, f64::INFINITY);
+        assert_eq!(f.into_keys(), vec![10]);
+    }
+}
