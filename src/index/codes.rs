@@ -120,6 +120,10 @@ pub struct BoundQuery {
     inv: f64,
     /// Relative margin for the exact scan's float rounding.
     gamma: f64,
+    /// `128 · Σ q`: what the VNNI kernel's unsigned view of the codes adds to each dot.
+    offset: i32,
+    /// Whether the CPU has AVX-512 VNNI (the four-rows-at-a-time kernel).
+    vnni: bool,
 }
 
 impl BoundQuery {
@@ -130,6 +134,7 @@ impl BoundQuery {
         let (scale, err_sq) = quantize(query, &mut bytes);
         let codes: Vec<i8> = bytes.into_iter().map(|b| b as i8).collect();
         let norm = norm_f32(query);
+        let offset = 128 * codes.iter().map(|&c| i32::from(c)).sum::<i32>();
         BoundQuery {
             metric,
             dims: query.len(),
@@ -140,27 +145,57 @@ impl BoundQuery {
             sq: norm * norm,
             inv: if norm > 0.0 { 1.0 / norm } else { 0.0 },
             gamma: (2 * query.len() + 16) as f64 * f64::from(f32::EPSILON),
+            offset,
+            vnni: vnni(),
         }
+    }
+
+    /// The int8 dot products of the query with `rows` records of `records` into `out`.
+    pub fn dots(&self, records: &[u8], rows: usize, out: &mut Vec<i32>) {
+        let size = record_bytes(self.dims);
+        assert!(records.len() >= rows * size);
+        out.clear();
+        out.resize(rows, 0);
+        #[cfg(target_arch = "x86_64")]
+        if self.vnni {
+            // SAFETY: the CPU has the features (checked in `vnni`); `records` holds `rows`
+            // records (asserted above), `out` has `rows` entries.
+            unsafe { dots_vnni(&self.codes, records, size, rows, self.offset, out) };
+            return;
+        }
+        for (o, record) in out.iter_mut().zip(records.chunks_exact(size)) {
+            *o = self.dot(record) as i32;
+        }
+    }
+
+    /// One record's int8 dot product (simsimd's kernel, or plain arithmetic).
+    fn dot(&self, record: &[u8]) -> f64 {
+        let codes: &[i8] = bytemuck_i8(&record[HEADER..HEADER + self.dims]);
+        i8::dot(&self.codes, codes).unwrap_or_else(|| {
+            codes
+                .iter()
+                .zip(&self.codes)
+                .map(|(&a, &b)| f64::from(i32::from(a) * i32::from(b)))
+                .sum()
+        })
     }
 
     /// (lower, upper) bounds on the distance the exact scan computes for the row of `record`,
     /// or `None` when the exact scan skips the row (an all-zero row under cosine).
     #[inline]
     pub fn bounds(&self, record: &[u8]) -> Option<(f64, f64)> {
+        self.bounds_with(record, self.dot(record))
+    }
+
+    /// [`BoundQuery::bounds`] given the record's int8 dot product with the query.
+    #[inline]
+    pub fn bounds_with(&self, record: &[u8], dot: f64) -> Option<(f64, f64)> {
         let inv = f64::from(f32_at(record, 0));
         if self.metric == Metric::Cosine && inv == 0.0 {
             return None;
         }
         let scale = f64::from(f32_at(record, 4));
         let err = f64::from(f32_at(record, 8));
-        let codes: &[i8] = bytemuck_i8(&record[HEADER..HEADER + self.dims]);
-        let dot = i8::dot(&self.codes, codes).unwrap_or_else(|| {
-            codes
-                .iter()
-                .zip(&self.codes)
-                .map(|(&a, &b)| f64::from(i32::from(a) * i32::from(b)))
-                .sum()
-        });
         let approx = scale * self.scale * dot;
         let norm = f64::from(f32_at(record, 12));
         // f32 overflow in the exact scan (a norm or a product past f32::MAX) is possible out
@@ -196,6 +231,102 @@ impl BoundQuery {
 /// most 2⁻¹⁵⁰ there; 2⁻¹²⁰ covers 65,536 dimensions with room).
 const TINY: f64 = 7.52316384526264e-37;
 
+/// Whether the four-rows-at-a-time AVX-512 VNNI kernel can run (checked once).
+fn vnni() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *HAS.get_or_init(|| {
+            is_x86_feature_detected!("avx512f")
+                && is_x86_feature_detected!("avx512bw")
+                && is_x86_feature_detected!("avx512vnni")
+        })
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+/// `out[r] = Σ code_r[i] · q[i]` for `rows` records of `size` bytes, four rows at a time: each
+/// 64-byte block of the query is loaded once for four rows, and the four accumulators are
+/// independent (a one-row kernel waits on each load in turn). `vpdpbusd` multiplies unsigned
+/// by signed bytes, so the codes are read as `code + 128` (xor 0x80) and `offset = 128 · Σ q`
+/// is taken off.
+///
+/// # Safety
+/// The CPU must have AVX-512 F, BW and VNNI; `records` must hold `rows * size` bytes, each
+/// record's codes `q.len()` bytes from `HEADER`; `out` must have `rows` entries.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+unsafe fn dots_vnni(
+    q: &[i8],
+    records: &[u8],
+    size: usize,
+    rows: usize,
+    offset: i32,
+    out: &mut [i32],
+) {
+    use std::arch::x86_64::*;
+    let d = q.len();
+    let blocks = d / 64;
+    let tail = d % 64;
+    let tail_mask: __mmask64 = if tail == 0 { 0 } else { (1u64 << tail) - 1 };
+    let flip = _mm512_set1_epi8(-128);
+    let qp = q.as_ptr();
+    let load_q = |b: usize| _mm512_loadu_si512(qp.add(b * 64).cast());
+    let load_tail_q = || _mm512_maskz_loadu_epi8(tail_mask, qp.add(blocks * 64).cast());
+    // A code block of the row at `p`, as unsigned bytes (masked: absent bytes read as zero,
+    // then 128, times a zero query byte).
+    let code =
+        |p: *const u8, b: usize| _mm512_xor_si512(_mm512_loadu_si512(p.add(b * 64).cast()), flip);
+    let code_tail = |p: *const u8| {
+        _mm512_xor_si512(
+            _mm512_maskz_loadu_epi8(tail_mask, p.add(blocks * 64).cast()),
+            flip,
+        )
+    };
+    let base = records.as_ptr();
+    let mut r = 0;
+    while r + 4 <= rows {
+        let p0 = base.add(r * size + HEADER);
+        let (p1, p2, p3) = (p0.add(size), p0.add(2 * size), p0.add(3 * size));
+        let mut a0 = _mm512_setzero_si512();
+        let mut a1 = _mm512_setzero_si512();
+        let mut a2 = _mm512_setzero_si512();
+        let mut a3 = _mm512_setzero_si512();
+        for b in 0..blocks {
+            let qv = load_q(b);
+            a0 = _mm512_dpbusd_epi32(a0, code(p0, b), qv);
+            a1 = _mm512_dpbusd_epi32(a1, code(p1, b), qv);
+            a2 = _mm512_dpbusd_epi32(a2, code(p2, b), qv);
+            a3 = _mm512_dpbusd_epi32(a3, code(p3, b), qv);
+        }
+        if tail > 0 {
+            let qv = load_tail_q();
+            a0 = _mm512_dpbusd_epi32(a0, code_tail(p0), qv);
+            a1 = _mm512_dpbusd_epi32(a1, code_tail(p1), qv);
+            a2 = _mm512_dpbusd_epi32(a2, code_tail(p2), qv);
+            a3 = _mm512_dpbusd_epi32(a3, code_tail(p3), qv);
+        }
+        out[r] = _mm512_reduce_add_epi32(a0) - offset;
+        out[r + 1] = _mm512_reduce_add_epi32(a1) - offset;
+        out[r + 2] = _mm512_reduce_add_epi32(a2) - offset;
+        out[r + 3] = _mm512_reduce_add_epi32(a3) - offset;
+        r += 4;
+    }
+    while r < rows {
+        let p0 = base.add(r * size + HEADER);
+        let mut a0 = _mm512_setzero_si512();
+        for b in 0..blocks {
+            a0 = _mm512_dpbusd_epi32(a0, code(p0, b), load_q(b));
+        }
+        if tail > 0 {
+            a0 = _mm512_dpbusd_epi32(a0, code_tail(p0), load_tail_q());
+        }
+        out[r] = _mm512_reduce_add_epi32(a0) - offset;
+        r += 1;
+    }
+}
+
 fn bytemuck_i8(bytes: &[u8]) -> &[i8] {
     // SAFETY: i8 and u8 have the same size and alignment, and every bit pattern is valid.
     unsafe { std::slice::from_raw_parts(bytes.as_ptr().cast::<i8>(), bytes.len()) }
@@ -209,6 +340,8 @@ pub struct Bounded {
     candidates: Vec<(f64, i64)>,
     /// The list's length after it was last pruned.
     pruned_at: usize,
+    /// A chunk's dot products (reused).
+    dots: Vec<i32>,
 }
 
 impl Bounded {
@@ -217,6 +350,7 @@ impl Bounded {
             upper: TopK::new(k),
             candidates: Vec::new(),
             pruned_at: 0,
+            dots: Vec::new(),
         }
     }
 
@@ -234,11 +368,13 @@ impl Bounded {
         ceiling: f64,
     ) {
         let size = record_bytes(query.dims);
-        for (slot, record) in records.chunks_exact(size).take(capacity).enumerate() {
+        let rows = capacity.min(records.len() / size);
+        query.dots(records, rows, &mut self.dots);
+        for (slot, record) in records.chunks_exact(size).take(rows).enumerate() {
             if !live(record) || allowed.is_some_and(|a| !bit(a, slot)) {
                 continue;
             }
-            let Some((lower, upper)) = query.bounds(record) else {
+            let Some((lower, upper)) = query.bounds_with(record, f64::from(self.dots[slot])) else {
                 continue;
             };
             let threshold = self.upper.threshold().min(ceiling);
@@ -337,6 +473,51 @@ mod tests {
                                 other => panic!("{metric:?}: exact and bound disagree {other:?}"),
                             }
                         }
+                    }
+                }
+            }
+        }
+    }
+
+    /// The chunk kernel (VNNI, four rows at a time, where the CPU has it) gives the plain
+    /// integer dot products: lengths around the 64-byte block, row counts around 4, extreme
+    /// codes.
+    #[test]
+    fn chunk_dot_products_match_plain_arithmetic() {
+        let mut next = crate::index::scan::tests::uniform(3);
+        for dims in [1usize, 63, 64, 65, 128, 200, 512, 513] {
+            for rows in [1usize, 3, 4, 5, 9] {
+                let data: Vec<Vec<f32>> = (0..rows)
+                    .map(|r| {
+                        (0..dims)
+                            .map(|i| match r {
+                                0 => 1.0,
+                                1 => {
+                                    if i % 2 == 0 {
+                                        -1.0
+                                    } else {
+                                        1.0
+                                    }
+                                }
+                                _ => next(),
+                            })
+                            .collect()
+                    })
+                    .collect();
+                let recs = records(&data);
+                let size = record_bytes(dims);
+                for fill in [None, Some(1.0f32), Some(-1.0)] {
+                    let q: Vec<f32> = (0..dims).map(|_| fill.unwrap_or_else(&mut next)).collect();
+                    let bound = BoundQuery::new(&q, Metric::Dot);
+                    let mut out = Vec::new();
+                    bound.dots(&recs, rows, &mut out);
+                    for (r, rec) in recs.chunks_exact(size).enumerate() {
+                        let want: i32 = rec[HEADER..]
+                            .iter()
+                            .zip(&bound.codes)
+                            .map(|(&c, &q)| i32::from(c as i8) * i32::from(q))
+                            .sum();
+                        assert_eq!(out[r], want, "dims {dims} rows {rows} row {r}");
                     }
                 }
             }
