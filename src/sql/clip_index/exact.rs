@@ -32,12 +32,18 @@ pub(super) struct CodeChunk {
     bytes: Vec<u8>,
 }
 
-/// The chunks' records this connection holds, by chunk id, and its stream buffers.
+/// The chunks' records this connection holds, by chunk id, its stream buffers, and the
+/// stored (id, version) list with the index generation it was read at (a query reads the list
+/// again only when the generation moved, as the float32 image does).
 #[derive(Default)]
 pub(super) struct KeptCodes {
     chunks: HashMap<i64, Arc<CodeChunk>>,
     buffers: Vec<Vec<u8>>,
+    versions: Option<(i64, Versions)>,
 }
+
+/// Every chunk's (id, version), ordered by id.
+type Versions = Arc<[(i64, i64)]>;
 
 fn pool() -> &'static WeakPool<CodeChunk> {
     static POOL: OnceLock<WeakPool<CodeChunk>> = OnceLock::new();
@@ -85,8 +91,16 @@ impl IndexTab {
         }
         let capacity = self.store.capacity;
         let chunk_bytes = self.store.codes_bytes();
-        let stored = self.store.chunk_versions()?;
         let mut kept = self.kept_codes();
+        let generation = self.store.generation()?;
+        let stored = match &kept.versions {
+            Some((g, list)) if *g == generation => list.clone(),
+            _ => {
+                let list: Versions = self.store.chunk_versions()?.into();
+                kept.versions = Some((generation, list.clone()));
+                list
+            }
+        };
         let mut held: HashMap<i64, Arc<CodeChunk>> = HashMap::with_capacity(stored.len());
         let mut memory: Vec<(usize, i64, Arc<CodeChunk>)> = Vec::new();
         let mut stream: Vec<(usize, i64, i64)> = Vec::new();
@@ -170,16 +184,28 @@ impl IndexTab {
                 let mut kept_here: Vec<(usize, i64, Arc<CodeChunk>)> = Vec::new();
                 let mut streamed: Vec<(usize, i64, usize)> = Vec::new();
                 for (i, &(pos, id, version)) in batch.iter().enumerate() {
-                    let target = &mut buf[i * chunk_bytes..(i + 1) * chunk_bytes];
+                    // A chunk to keep is read straight into its own copy; the others into
+                    // the batch's buffer.
+                    let keep = keep_left >= chunk_bytes;
+                    let mut own = if keep {
+                        vec![0u8; chunk_bytes]
+                    } else {
+                        Vec::new()
+                    };
+                    let target = if keep {
+                        &mut own[..]
+                    } else {
+                        &mut buf[i * chunk_bytes..(i + 1) * chunk_bytes]
+                    };
                     if let Err(e) = self.read_codes(&mut blob, id, target) {
                         failure = Some(e);
                         break;
                     }
-                    if keep_left >= chunk_bytes {
+                    if keep {
                         keep_left -= chunk_bytes;
                         let c = Arc::new(CodeChunk {
                             version,
-                            bytes: target.to_vec(),
+                            bytes: own,
                         });
                         fresh.push((id, c.clone()));
                         kept_here.push((pos, id, c));
@@ -216,14 +242,16 @@ impl IndexTab {
             kept.chunks = held;
             return Err(e);
         }
-        held.extend(fresh);
+        // Only the chunks read by this query are new to the pool; the others came from it or
+        // were published when they were read.
         if let Some(scope) = &self.scope {
-            let scope = scope.clone();
             pool().publish(
-                held.iter()
+                fresh
+                    .iter()
                     .map(|(id, c)| ((scope.clone(), *id, c.version), c)),
             );
         }
+        held.extend(fresh);
         kept.chunks = held;
         drop(kept);
 

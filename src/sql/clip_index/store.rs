@@ -689,6 +689,13 @@ impl Store {
         Ok(())
     }
 
+    /// The shadow tables with one row per chunk.
+    fn chunk_tables(&self) -> impl Iterator<Item = &'static str> {
+        ["chunks", "slots", "vectors"]
+            .into_iter()
+            .chain(self.codes.then_some("codes"))
+    }
+
     /// Bytes of one chunk's codes.
     pub fn codes_bytes(&self) -> usize {
         self.capacity * codes::record_bytes(self.dims)
@@ -766,10 +773,7 @@ impl Store {
             })?;
         self.log_change(rowid)?;
         if free as usize >= self.capacity {
-            for suffix in ["chunks", "slots", "vectors", "codes"] {
-                if suffix == "codes" && !self.codes {
-                    continue;
-                }
+            for suffix in self.chunk_tables() {
                 self.cached(&format!(
                     "DELETE FROM {} WHERE id = ?1",
                     self.shadow(suffix)
@@ -783,10 +787,7 @@ impl Store {
 
     /// Deletes every row (and, with `hnsw=on`, the saved graph: an empty one is saved).
     pub fn delete_all(&self) -> Res<()> {
-        for suffix in ["chunks", "slots", "vectors", "codes", "map"] {
-            if suffix == "codes" && !self.codes {
-                continue;
-            }
+        for suffix in self.chunk_tables().chain(["map"]) {
             self.conn
                 .execute(&format!("DELETE FROM {}", self.shadow(suffix)), [])?;
         }
