@@ -177,7 +177,7 @@ const SERIAL_BELOW: usize = 1 << 16;
 
 /// Runs `f(row_index, row)` over the rows of `buf` on rayon's threads, in chunks big enough to
 /// be worth a task.
-fn par_rows(buf: &mut [f32], width: usize, f: impl Fn(usize, &mut [f32]) + Sync) {
+pub(super) fn par_rows(buf: &mut [f32], width: usize, f: impl Fn(usize, &mut [f32]) + Sync) {
     if width == 0 {
         return;
     }
@@ -211,7 +211,7 @@ fn add_assign(y: &mut [f32], b: &[f32]) {
 
 /// Sum of a slice in 16 independent lanes (vectorizes; f32 addition is not reassociated).
 #[inline(always)]
-fn lane_sum(x: &[f32], f: impl Fn(f32) -> f32) -> f32 {
+pub(super) fn lane_sum(x: &[f32], f: impl Fn(f32) -> f32) -> f32 {
     let mut acc = [0f32; 16];
     let chunks = x.chunks_exact(16);
     let tail = chunks.remainder();
@@ -259,7 +259,7 @@ impl Norm {
     "x86_64+avx2+fma",
     "aarch64+neon"
 ))]
-fn norm_row(x: &[f32], w: &[f32], b: &[f32], eps: f32, out: &mut [f32]) {
+pub(super) fn norm_row(x: &[f32], w: &[f32], b: &[f32], eps: f32, out: &mut [f32]) {
     let n = x.len() as f32;
     let mean = lane_sum(x, |v| v) / n;
     let var = lane_sum(x, |v| (v - mean) * (v - mean)) / n;
@@ -274,7 +274,7 @@ fn norm_row(x: &[f32], w: &[f32], b: &[f32], eps: f32, out: &mut [f32]) {
 /// arguments give about 1e-38 instead of 0 (a softmax weight or sigmoid that small is 0 in
 /// every sum it enters).
 #[inline(always)]
-fn exp(x: f32) -> f32 {
+pub(super) fn exp(x: f32) -> f32 {
     let x = x.clamp(-87.3, 88.3);
     let n = (x * std::f32::consts::LOG2_E + 0.5).floor();
     let r = x - n * 0.693_359_4 + n * 2.121_944_4e-4;
@@ -289,7 +289,7 @@ fn exp(x: f32) -> f32 {
 /// erf to about 5e-7 in f32 (Abramowitz and Stegun 7.1.26: 1.5e-7 in exact arithmetic),
 /// vectorizable.
 #[inline(always)]
-fn erf(x: f32) -> f32 {
+pub(super) fn erf(x: f32) -> f32 {
     let a = x.abs();
     let t = 1.0 / (1.0 + 0.327_591_1 * a);
     let poly = ((((1.061_405_4 * t - 1.453_152_1) * t + 1.421_413_8) * t - 0.284_496_74) * t
@@ -369,7 +369,7 @@ fn attend(
     "x86_64+avx2+fma",
     "aarch64+neon"
 ))]
-fn softmax_row(row: &mut [f32], visible: usize) {
+pub(super) fn softmax_row(row: &mut [f32], visible: usize) {
     let (s, masked) = row.split_at_mut(visible);
     masked.fill(0.0);
     let max = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);

@@ -26,6 +26,12 @@ const MR: usize = 6;
 /// Measured here (Zen 4) against 8, 12 and 16: 8 and 12 lost ~5% on 77- or 50-row products, 16
 /// ~20%.
 const MR_WIDE: usize = 10;
+/// Rows per tile of the AVX-512 kernel over two panels (32 columns, 2R accumulators): each
+/// broadcast value of x feeds two multiply-adds, so a core with two full-width FMA units (Intel
+/// Xeon) is not held back by its load ports, as the one-panel tile is there.
+const MR_PAIR: usize = 14;
+/// Depth of one pass over a pair of panels: 2 x 256 x 16 f32, 32 KiB, as one panel's [`KC`].
+const KC_PAIR: usize = 256;
 /// Depth of one pass over a panel: a 512 x 16 block of f32, 32 KiB, which the row tiles of a
 /// task read in turn from L1 and L2 (256, half of L1, measured no faster here).
 const KC: usize = 512;
@@ -102,12 +108,17 @@ impl Packed {
     }
 
     /// Packs the f32 weight `W[j][kk] = at(kk, j)`, (n, k), read from wherever `at` finds it.
-    pub fn from_fn(n: usize, k: usize, at: impl Fn(usize, usize) -> f32) -> Packed {
+    pub fn from_fn(n: usize, k: usize, at: impl Fn(usize, usize) -> f32 + Sync) -> Packed {
         Packed::pack(n, k, Precision::F32, at)
     }
 
     /// Panels of `W[j][kk] = at(kk, j)`, zero-padded to whole panels.
-    fn pack(n: usize, k: usize, precision: Precision, at: impl Fn(usize, usize) -> f32) -> Packed {
+    fn pack(
+        n: usize,
+        k: usize,
+        precision: Precision,
+        at: impl Fn(usize, usize) -> f32 + Sync,
+    ) -> Packed {
         let lines = lines(k, precision);
         let panels = match precision {
             Precision::F32 => Panels::F32(fill_panels(n, lines, &at)),
@@ -142,7 +153,7 @@ impl Packed {
         y_stride: usize,
     ) {
         let kernel = Kernel::detect(self.precision());
-        let strides = (x_stride, y_stride);
+        let strides = (x_stride, 1, y_stride);
         self.product_with(kernel, x, m, y, 0..self.n, true, strides, Start::Keep, None)
     }
 
@@ -168,8 +179,17 @@ impl Packed {
     ) {
         assert!(self.splits_at(cols.start) && cols.start <= cols.end && cols.end <= self.n);
         let kernel = Kernel::detect(self.precision());
-        let strides = (self.k, cols.len());
+        let strides = (self.k, 1, cols.len());
         self.product_with(kernel, x, m, y, cols, false, strides, start, finish)
+    }
+
+    /// [`Packed::product`] over all columns, with x given transposed: `xt` is (k, m) row-major
+    /// (a training step's dW = dYᵀ·X reads dY so, without a transposed copy). f32 only.
+    pub fn product_transposed(&self, xt: &[f32], m: usize, y: &mut [f32], start: Start) {
+        assert_eq!(self.precision(), Precision::F32);
+        let kernel = Kernel::detect(Precision::F32);
+        let strides = (1, m, self.n);
+        self.product_with(kernel, xt, m, y, 0..self.n, false, strides, start, None)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -181,13 +201,20 @@ impl Packed {
         y: &mut [f32],
         cols: Range<usize>,
         serial: bool,
-        (x_rows, y_rows): (usize, usize),
+        (x_rows, x_step, y_rows): (usize, usize, usize),
         start: Start,
         finish: Option<&Finish<'_>>,
     ) {
+        // x's value (r, kk) is x[r * x_rows + kk * x_step]: rows in place (x_step 1), or x
+        // transposed (x_rows 1, x_step m; f32 only: the bf16 conversion reads rows).
         let (k, width) = (self.k, cols.len());
-        assert!(x_rows >= k && y_rows >= width);
-        assert!(m == 0 || (x.len() >= (m - 1) * x_rows + k && y.len() >= (m - 1) * y_rows + width));
+        assert!(y_rows >= width && (x_step == 1 || self.precision() == Precision::F32));
+        assert!(
+            m == 0
+                || k == 0
+                || (x.len() > (m - 1) * x_rows + (k - 1) * x_step
+                    && y.len() >= (m - 1) * y_rows + width)
+        );
         assert_eq!(kernel.precision(), self.precision());
         if let Start::Fill(b) | Start::Add(b) = start {
             assert_eq!(b.len(), width);
@@ -243,10 +270,16 @@ impl Packed {
             let (rc, g) = (task / groups, task % groups);
             let rows = rc * row_chunk..((rc + 1) * row_chunk).min(m);
             let panel_range = first + g * per_group..first + ((g + 1) * per_group).min(panels);
-            // The blocks of weights this task streams, in order: (first line, panel).
+            // The blocks of weights this task streams, in order: (first line, panel), each
+            // block one panel or, for a kernel with a two-panel tile, two (the last may be one).
+            let (kc, step) = if kernel.pairs() {
+                (KC_PAIR, 2)
+            } else {
+                (KC, 1)
+            };
             let blocks: Vec<(usize, usize)> = (0..lines)
-                .step_by(KC)
-                .flat_map(|l0| panel_range.clone().map(move |p| (l0, p)))
+                .step_by(kc)
+                .flat_map(|l0| panel_range.clone().step_by(step).map(move |p| (l0, p)))
                 .collect();
             // SAFETY (all the pointer arithmetic below): panel p's lines l0..l0 + depth lie
             // inside the panels (p < n / NR rounded up, l0 + depth <= lines); x holds m rows
@@ -270,10 +303,13 @@ impl Packed {
             if let Start::Add(_) = start {
                 segments(&|seg| start.apply(seg, c0));
             }
-            let tiles = rows.len().div_ceil(kernel.max_rows());
             for (b, &(l0, p)) in blocks.iter().enumerate() {
-                let depth = KC.min(lines - l0);
+                let depth = kc.min(lines - l0);
                 let col = p * NR - cols.start;
+                let pair = step == 2 && p + 1 < panel_range.end;
+                let tiles = rows
+                    .len()
+                    .div_ceil(if pair { MR_PAIR } else { kernel.max_rows() });
                 let panel = block_at(l0, p);
                 // Where the tiles' accumulators start: y, or for the first block of a product
                 // started from zero or a bias, that row of values (stride 0).
@@ -291,7 +327,7 @@ impl Packed {
                 // tile of a block streams it, the others share the next block's lines out.
                 let next = blocks
                     .get(b + 1)
-                    .map(|&(l1, q)| (block_at(l1, q), KC.min(lines - l1)));
+                    .map(|&(l1, q)| (block_at(l1, q), kc.min(lines - l1)));
                 let mut r = rows.start;
                 for t in 0..tiles {
                     // Heights as even as possible (50 rows: 5 x 10, not 4 x 12 + 2): a short
@@ -312,16 +348,21 @@ impl Packed {
                     // l0..l0+depth.
                     unsafe {
                         kernel.run(Tile {
-                            x: x_at.get().add(r * x_stride + l0 * per_line).cast_const(),
+                            x: x_at
+                                .get()
+                                .add(r * x_stride + l0 * per_line * x_step)
+                                .cast_const(),
                             x_stride,
+                            x_step,
                             panel,
+                            panel_stride: lines * NR,
                             depth,
                             y: out.get().add(r * y_rows + col),
                             y_stride: y_rows,
                             from: from.wrapping_add((r - rows.start) * from_stride),
                             from_stride,
                             rows: tile,
-                            cols: NR.min(width - col),
+                            cols: (if pair { 2 * NR } else { NR }).min(width - col),
                             ahead,
                             ahead_lines,
                         });
@@ -384,19 +425,34 @@ fn lines(k: usize, precision: Precision) -> usize {
 
 /// `n.div_ceil(NR)` panels of `lines` lines, `value(line, column)` in the columns below n and
 /// zero in the padding.
-fn fill_panels<T: Copy + Default>(
+fn fill_panels<T: Copy + Default + Send>(
     n: usize,
     lines: usize,
-    value: impl Fn(usize, usize) -> T,
+    value: impl Fn(usize, usize) -> T + Sync,
 ) -> Vec<T> {
     let mut panels = vec![T::default(); n.div_ceil(NR) * lines * NR];
-    for (p, panel) in panels.chunks_exact_mut(lines * NR).enumerate() {
+    let fill = |p: usize, panel: &mut [T]| {
         let lanes = NR.min(n - p * NR);
         for (l, line) in panel.chunks_exact_mut(NR).enumerate() {
             for (lane, v) in line[..lanes].iter_mut().enumerate() {
                 *v = value(l, p * NR + lane);
             }
         }
+    };
+    if lines == 0 {
+        return panels;
+    }
+    // A training step packs every weight and activation it multiplies (up to 20 MB): in
+    // parallel when there is enough of it.
+    if panels.len() < SERIAL_BELOW {
+        for (p, panel) in panels.chunks_exact_mut(lines * NR).enumerate() {
+            fill(p, panel);
+        }
+    } else {
+        panels
+            .par_chunks_exact_mut(lines * NR)
+            .enumerate()
+            .for_each(|(p, panel)| fill(p, panel));
     }
     panels
 }
@@ -481,7 +537,7 @@ impl SendPtr {
 }
 
 /// `cols` zeros, where a product started from zero starts its accumulators.
-static ZEROS: [f32; NR] = [0.0; NR];
+static ZEROS: [f32; 2 * NR] = [0.0; 2 * NR];
 
 /// One register tile: `y[0..rows, 0..cols] = from + x[0..rows, 0..depth] · panel[0..depth, 0..cols]`,
 /// `rows` ≤ the kernel's [`Kernel::max_rows`], `cols` ≤ [`NR`] (the panel is always [`NR`]
@@ -490,7 +546,12 @@ static ZEROS: [f32; NR] = [0.0; NR];
 struct Tile {
     x: *const f32,
     x_stride: usize,
+    /// From one value of a row of x to the next (1, or m when x is transposed; always 1 for
+    /// the bf16 kernels, whose x is converted rows).
+    x_step: usize,
     panel: *const f32,
+    /// From a panel to the next (a two-panel tile's second panel, `cols` > [`NR`]).
+    panel_stride: usize,
     depth: usize,
     y: *mut f32,
     y_stride: usize,
@@ -594,7 +655,16 @@ impl Kernel {
         }
     }
 
-    /// The tallest tile the kernel runs.
+    /// Whether the kernel has a two-panel tile (run for `cols` > [`NR`]).
+    fn pairs(self) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        if self == Kernel::Avx512 {
+            return true;
+        }
+        false
+    }
+
+    /// The tallest one-panel tile the kernel runs.
     fn max_rows(self) -> usize {
         match self {
             #[cfg(target_arch = "x86_64")]
@@ -629,7 +699,24 @@ impl Kernel {
                 }
             };
         }
+        macro_rules! by_rows_pair {
+            ($f:ident) => {
+                match t.rows {
+                    14 => $f::<14>(t),
+                    13 => $f::<13>(t),
+                    12 => $f::<12>(t),
+                    11 => $f::<11>(t),
+                    10 => $f::<10>(t),
+                    9 => $f::<9>(t),
+                    8 => $f::<8>(t),
+                    7 => $f::<7>(t),
+                    _ => by_rows!($f),
+                }
+            };
+        }
         match self {
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx512 if t.cols > NR => by_rows_pair!(tile_avx512_pair),
             #[cfg(target_arch = "x86_64")]
             Kernel::Avx512 => by_rows_wide!(tile_avx512),
             #[cfg(target_arch = "x86_64")]
@@ -665,7 +752,7 @@ unsafe fn tile_portable<const R: usize>(t: Tile) {
     for kk in 0..t.depth {
         let b = std::slice::from_raw_parts(t.panel.add(kk * NR), NR);
         for (r, acc) in acc.iter_mut().enumerate() {
-            let a = *t.x.add(r * t.x_stride + kk);
+            let a = *t.x.add(r * t.x_stride + kk * t.x_step);
             for (acc, &b) in acc.iter_mut().zip(b) {
                 *acc += a * b;
             }
@@ -686,7 +773,7 @@ unsafe fn tile_avx2<const R: usize>(t: Tile) {
         let (b0, b1) = (_mm256_loadu_ps(b), _mm256_loadu_ps(b.add(8)));
         #[allow(clippy::needless_range_loop)]
         for r in 0..R {
-            let a = _mm256_broadcast_ss(&*t.x.add(r * t.x_stride + kk));
+            let a = _mm256_broadcast_ss(&*t.x.add(r * t.x_stride + kk * t.x_step));
             acc[r][0] = _mm256_fmadd_ps(a, b0, acc[r][0]);
             acc[r][1] = _mm256_fmadd_ps(a, b1, acc[r][1]);
         }
@@ -803,11 +890,55 @@ unsafe fn tile_avx512<const R: usize>(t: Tile) {
         let b = _mm512_loadu_ps(t.panel.add(kk * NR));
         #[allow(clippy::needless_range_loop)]
         for r in 0..R {
-            let a = _mm512_set1_ps(*t.x.add(r * t.x_stride + kk));
+            let a = _mm512_set1_ps(*t.x.add(r * t.x_stride + kk * t.x_step));
             acc[r] = _mm512_fmadd_ps(a, b, acc[r]);
         }
     });
     avx512_store(t, mask, &acc);
+}
+
+/// The AVX-512 tile over two adjacent panels: `R` rows x 32 columns in 2R accumulators, each
+/// row's value broadcast once for both panels (`cols` > [`NR`]; the second panel may be narrow).
+/// A plain depth loop, as the bf16 AVX2 tile's, keeps the 2R accumulators in registers.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn tile_avx512_pair<const R: usize>(t: Tile) {
+    use std::arch::x86_64::*;
+    let high = t.cols - NR;
+    let mask: __mmask16 = if high == NR { !0 } else { (1u16 << high) - 1 };
+    let (mut lo, mut hi) = ([_mm512_setzero_ps(); R], [_mm512_setzero_ps(); R]);
+    #[allow(clippy::needless_range_loop)]
+    for r in 0..R {
+        let from = t.from.add(r * t.from_stride);
+        lo[r] = _mm512_loadu_ps(from);
+        hi[r] = _mm512_maskz_loadu_ps(mask, from.add(NR));
+    }
+    let second = t.panel.add(t.panel_stride);
+    let ahead = t.ahead_lines.min(t.depth);
+    for l in 0..t.depth {
+        _mm_prefetch::<_MM_HINT_T0>(t.panel.wrapping_add((l + PREFETCH) * NR).cast());
+        _mm_prefetch::<_MM_HINT_T0>(second.wrapping_add((l + PREFETCH) * NR).cast());
+        if l < ahead {
+            _mm_prefetch::<_MM_HINT_T1>(t.ahead.add(l * NR).cast());
+            _mm_prefetch::<_MM_HINT_T1>(t.ahead.wrapping_add(t.panel_stride + l * NR).cast());
+        }
+        let (b0, b1) = (
+            _mm512_loadu_ps(t.panel.add(l * NR)),
+            _mm512_loadu_ps(second.add(l * NR)),
+        );
+        #[allow(clippy::needless_range_loop)]
+        for r in 0..R {
+            let a = _mm512_set1_ps(*t.x.add(r * t.x_stride + l * t.x_step));
+            lo[r] = _mm512_fmadd_ps(a, b0, lo[r]);
+            hi[r] = _mm512_fmadd_ps(a, b1, hi[r]);
+        }
+    }
+    #[allow(clippy::needless_range_loop)]
+    for r in 0..R {
+        let y = t.y.add(r * t.y_stride);
+        _mm512_storeu_ps(y, lo[r]);
+        _mm512_mask_storeu_ps(y.add(NR), mask, hi[r]);
+    }
 }
 
 /// The lane mask of the tile's columns, and its rows of y loaded through it.
@@ -981,7 +1112,7 @@ mod tests {
         }
         for kernel in kernels {
             let mut y = start.to_vec();
-            let strides = (k, n);
+            let strides = (k, 1, n);
             packed.product_with(
                 kernel,
                 x,
@@ -1015,7 +1146,7 @@ mod tests {
                     _ => -7.0,
                 })
                 .collect();
-            let strides = (xs, ys);
+            let strides = (xs, 1, ys);
             let serial = m % 2 == 1;
             packed.product_with(
                 kernel,
@@ -1037,6 +1168,21 @@ mod tests {
                     got.to_bits(),
                     want.to_bits(),
                     "{kernel:?} strided m{m} k{k} n{n} at {i}"
+                );
+            }
+            // x transposed ((k, m) row-major): the same values, bit for bit.
+            if precision == Precision::F32 {
+                let xt: Vec<f32> = (0..k * m).map(|i| x[(i % m) * k + i / m]).collect();
+                let mut got = start.to_vec();
+                let strides = (1, m, n);
+                let serial = m % 4 == 1;
+                let run = |y: &mut [f32]| {
+                    packed.product_with(kernel, &xt, m, y, 0..n, serial, strides, Start::Keep, None)
+                };
+                run(&mut got);
+                assert!(
+                    got.iter().zip(&y).all(|(a, b)| a.to_bits() == b.to_bits()),
+                    "{kernel:?} transposed x m{m} k{k} n{n}"
                 );
             }
             // Started from zero, from a bias and from y plus a bias, finished by a function
@@ -1061,7 +1207,7 @@ mod tests {
                     &mut got,
                     0..n,
                     m % 3 == 0,
-                    (k, n),
+                    (k, 1, n),
                     init,
                     Some(&finish),
                 );
@@ -1092,7 +1238,7 @@ mod tests {
                     &mut part,
                     16..n,
                     false,
-                    (k, n - 16),
+                    (k, 1, n - 16),
                     Start::Keep,
                     None,
                 );

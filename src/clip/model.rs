@@ -3,26 +3,43 @@
 //! misspelling, ...), so any HuggingFace CLIP checkpoint loads as it is.
 //!
 //! Built for inference, the towers are [`super::fast::FastClip`]: fused passes over plain
-//! buffers. Built for training (`differentiable`), they are candle modules whose layer norm and
-//! softmax are composed of elementary ops: candle's fused layer norm and softmax have no
-//! backward pass, so gradients would silently stop at every layer norm.
+//! buffers. Built for training (`differentiable`), they are candle modules whose linear layers,
+//! layer norms, activations and attention are the custom ops of [`super::train_ops`], each with
+//! a hand-written backward pass on the inference path's kernels (candle's own fused layer norm
+//! and softmax have no backward pass, and its composed ones and its matmul cost ~2x the time).
 
-use candle_core::{DType, Device, IndexOp, Module, Result, Tensor, D};
-use candle_nn::{linear, linear_no_bias, Linear, VarBuilder};
+use candle_core::{DType, Device, IndexOp, Result, Tensor};
+use candle_nn::VarBuilder;
 
 use super::config::{Activation, ClipConfig, TowerConfig};
 use super::fast::{pool_index, FastClip};
 use super::matmul::Precision;
+use super::train_ops::{activate, attention, layer_norm, linear};
 
-fn activate(act: Activation, xs: &Tensor) -> Result<Tensor> {
-    match act {
-        Activation::QuickGelu => xs * candle_nn::ops::sigmoid(&(xs * 1.702)?)?,
-        Activation::Gelu => xs.gelu_erf(),
-        Activation::GeluTanh => xs.gelu(),
+/// transformers' `nn.Linear`: weight (out, in), optional bias.
+struct Linear {
+    weight: Tensor,
+    bias: Option<Tensor>,
+}
+
+impl Linear {
+    fn new(inputs: usize, outputs: usize, bias: bool, vb: VarBuilder) -> Result<Linear> {
+        Ok(Linear {
+            weight: vb.get((outputs, inputs), "weight")?,
+            bias: if bias {
+                Some(vb.get(outputs, "bias")?)
+            } else {
+                None
+            },
+        })
+    }
+
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        linear(xs, &self.weight, self.bias.as_ref())
     }
 }
 
-/// transformers' `nn.LayerNorm` (weight and bias), composed of differentiable ops.
+/// transformers' `nn.LayerNorm` (weight and bias).
 struct Norm {
     weight: Tensor,
     bias: Tensor,
@@ -39,13 +56,7 @@ impl Norm {
     }
 
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let size = xs.dim(D::Minus1)? as f64;
-        let centred = xs.broadcast_sub(&(xs.sum_keepdim(D::Minus1)? / size)?)?;
-        let variance = (centred.sqr()?.sum_keepdim(D::Minus1)? / size)?;
-        centred
-            .broadcast_div(&(variance + self.eps)?.sqrt()?)?
-            .broadcast_mul(&self.weight)?
-            .broadcast_add(&self.bias)
+        layer_norm(xs, &self.weight, &self.bias, self.eps)
     }
 }
 
@@ -55,7 +66,6 @@ struct Attention {
     v_proj: Linear,
     out_proj: Linear,
     heads: usize,
-    head_dim: usize,
     scale: f64,
 }
 
@@ -64,34 +74,24 @@ impl Attention {
         let h = c.hidden_size;
         let head_dim = h / c.num_attention_heads;
         Ok(Attention {
-            q_proj: linear(h, h, vb.pp("q_proj"))?,
-            k_proj: linear(h, h, vb.pp("k_proj"))?,
-            v_proj: linear(h, h, vb.pp("v_proj"))?,
-            out_proj: linear(h, h, vb.pp("out_proj"))?,
+            q_proj: Linear::new(h, h, true, vb.pp("q_proj"))?,
+            k_proj: Linear::new(h, h, true, vb.pp("k_proj"))?,
+            v_proj: Linear::new(h, h, true, vb.pp("v_proj"))?,
+            out_proj: Linear::new(h, h, true, vb.pp("out_proj"))?,
             heads: c.num_attention_heads,
-            head_dim,
             scale: (head_dim as f64).powf(-0.5),
         })
     }
 
-    /// (batch, seq, hidden) -> (batch, heads, seq, head_dim)
-    fn split(&self, xs: &Tensor, b: usize, s: usize) -> Result<Tensor> {
-        xs.reshape((b, s, self.heads, self.head_dim))?
-            .transpose(1, 2)?
-            .contiguous()
-    }
-
-    fn forward(&self, xs: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
-        let (b, s, h) = xs.dims3()?;
-        let q = self.split(&(self.q_proj.forward(xs)? * self.scale)?, b, s)?;
-        let k = self.split(&self.k_proj.forward(xs)?, b, s)?;
-        let v = self.split(&self.v_proj.forward(xs)?, b, s)?;
-        let mut weights = q.matmul(&k.t()?)?;
-        if let Some(mask) = mask {
-            weights = weights.broadcast_add(mask)?;
-        }
-        let weights = candle_nn::ops::softmax(&weights, D::Minus1)?;
-        let out = weights.matmul(&v)?.transpose(1, 2)?.reshape((b, s, h))?;
+    /// q, k and v come from one product with the three weights stacked (their gradients
+    /// flow back through the concatenation to each projection).
+    fn forward(&self, xs: &Tensor, causal: bool) -> Result<Tensor> {
+        let projections = [&self.q_proj, &self.k_proj, &self.v_proj];
+        let weight = Tensor::cat(&projections.map(|p| &p.weight), 0)?;
+        let biases: Vec<&Tensor> = projections.iter().filter_map(|p| p.bias.as_ref()).collect();
+        let bias = Tensor::cat(&biases, 0)?;
+        let qkv = linear(xs, &weight, Some(&bias))?;
+        let out = attention(&qkv, self.heads, causal, self.scale)?;
         self.out_proj.forward(&out)
     }
 }
@@ -111,17 +111,17 @@ impl EncoderLayer {
         Ok(EncoderLayer {
             self_attn: Attention::new(vb.pp("self_attn"), c)?,
             layer_norm1: Norm::new(h, eps, vb.pp("layer_norm1"))?,
-            fc1: linear(h, i, vb.pp("mlp").pp("fc1"))?,
-            fc2: linear(i, h, vb.pp("mlp").pp("fc2"))?,
+            fc1: Linear::new(h, i, true, vb.pp("mlp").pp("fc1"))?,
+            fc2: Linear::new(i, h, true, vb.pp("mlp").pp("fc2"))?,
             layer_norm2: Norm::new(h, eps, vb.pp("layer_norm2"))?,
             act: c.activation,
         })
     }
 
-    fn forward(&self, xs: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+    fn forward(&self, xs: &Tensor, causal: bool) -> Result<Tensor> {
         let xs = (self
             .self_attn
-            .forward(&self.layer_norm1.forward(xs)?, mask)?
+            .forward(&self.layer_norm1.forward(xs)?, causal)?
             + xs)?;
         let mlp = self.fc2.forward(&activate(
             self.act,
@@ -144,10 +144,10 @@ impl Encoder {
         Ok(Encoder { layers })
     }
 
-    fn forward(&self, xs: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+    fn forward(&self, xs: &Tensor, causal: bool) -> Result<Tensor> {
         let mut xs = xs.clone();
         for layer in &self.layers {
-            xs = layer.forward(&xs, mask)?;
+            xs = layer.forward(&xs, causal)?;
         }
         Ok(xs)
     }
@@ -200,19 +200,11 @@ impl TextTransformer {
             .index_select(&Tensor::from_vec(padded, b * s, device)?, 0)?
             .reshape((b, s, h))?
             .broadcast_add(&self.position_embedding.narrow(0, 0, s)?)?;
-        let mask = causal_mask(s, device)?;
-        let xs = self.encoder.forward(&xs, Some(&mask))?;
+        let xs = self.encoder.forward(&xs, true)?;
         let xs = self.final_layer_norm.forward(&xs)?;
         xs.reshape((b * s, h))?
             .index_select(&Tensor::from_vec(pooled, b, device)?, 0)
     }
-}
-
-fn causal_mask(s: usize, device: &Device) -> Result<Tensor> {
-    let mask: Vec<f32> = (0..s)
-        .flat_map(|i| (0..s).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 }))
-        .collect();
-    Tensor::from_slice(&mask, (s, s), device)
 }
 
 /// `vision_model`: patch embedding (a strided convolution, done as patchify + matmul), class
@@ -261,7 +253,7 @@ impl VisionTransformer {
             .reshape((b, c, g, p, g, p))?
             .permute((0, 2, 4, 1, 3, 5))?
             .reshape((b, g * g, c * p * p))?;
-        let patches = patches.broadcast_matmul(&self.patch_weight.t()?)?;
+        let patches = linear(&patches, &self.patch_weight, None)?;
         let h = self.class_embedding.dim(0)?;
         let class = self
             .class_embedding
@@ -269,12 +261,12 @@ impl VisionTransformer {
             .broadcast_as((b, 1, h))?;
         let xs = Tensor::cat(&[&class, &patches], 1)?.broadcast_add(&self.position_embedding)?;
         let xs = self.pre_layrnorm.forward(&xs)?;
-        let xs = self.encoder.forward(&xs, None)?;
+        let xs = self.encoder.forward(&xs, false)?;
         self.post_layernorm.forward(&xs.i((.., 0, ..))?)
     }
 }
 
-/// The differentiable towers (candle modules, for training).
+/// The differentiable towers (candle modules on the ops of `train_ops`, for training).
 struct CandleTowers {
     text_model: TextTransformer,
     vision_model: VisionTransformer,
@@ -301,7 +293,7 @@ impl ClipModel {
         ClipModel::build(vb, c, false)
     }
 
-    /// `differentiable`: candle modules whose every op has a backward pass (for training);
+    /// `differentiable`: candle modules whose every op has a backward pass (for training, CPU);
     /// otherwise the fused inference towers.
     pub fn build(vb: VarBuilder, c: &ClipConfig, differentiable: bool) -> Result<ClipModel> {
         ClipModel::build_in(vb, c, differentiable, Precision::F32)
@@ -323,14 +315,16 @@ impl ClipModel {
             Towers::Candle(Box::new(CandleTowers {
                 text_model: TextTransformer::new(vb.pp("text_model"), c)?,
                 vision_model: VisionTransformer::new(vb.pp("vision_model"), c)?,
-                text_projection: linear_no_bias(
+                text_projection: Linear::new(
                     c.text.tower.hidden_size,
                     c.projection_dim,
+                    false,
                     vb.pp("text_projection"),
                 )?,
-                visual_projection: linear_no_bias(
+                visual_projection: Linear::new(
                     c.vision.tower.hidden_size,
                     c.projection_dim,
+                    false,
                     vb.pp("visual_projection"),
                 )?,
             }))

@@ -660,8 +660,8 @@ impl Trainer {
                 *g = (&*g / count).map_err(fail)?;
             }
         }
-        let grad_norm = clip_grad_norm(&mut grads, self.options.max_grad_norm)?;
-        self.optimizer.step(&grads, lr)?;
+        let (grad_norm, coef) = clip_grad_norm(&grads, self.options.max_grad_norm)?;
+        self.optimizer.step(&grads, lr, coef)?;
         if let Some(var) = &self.logit_scale_var {
             let clamped = var.as_tensor().clamp(0.0, MAX_LOGIT_SCALE).map_err(fail)?;
             var.set(&clamped).map_err(fail)?;

@@ -1,0 +1,859 @@
+//! The differentiable model's heavy ops as candle custom ops with hand-written backward passes:
+//! linear layers (forward, dX and dW on the packed kernels of [`super::matmul`]), layer norm,
+//! the activations and softmax attention, each fused into one pass where candle would run a
+//! chain of elementary ops (and its own, AVX2-only, matmul).
+//!
+//! Each op's forward is the inference path's arithmetic; each backward recomputes what it
+//! needs from the op's inputs (the layer norm's statistics, the attention weights) instead of
+//! keeping it alive between the passes. A gradient is computed only for an input that needs
+//! one (`track_op`): a frozen layer costs no dW. The tests check every op, forward and
+//! backward, against the same function composed of candle's own differentiable ops.
+
+use candle_core::{
+    bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Storage, Tensor,
+};
+use multiversion::multiversion;
+use rayon::prelude::*;
+
+use super::config::Activation;
+use super::fast::{erf, exp, lane_sum, norm_row, par_rows, softmax_row};
+use super::matmul::{Packed, Start};
+
+/// The f32 values of a contiguous CPU storage.
+fn values<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f32]> {
+    let CpuStorage::F32(v) = s else {
+        bail!(
+            "{op}: expected f32 values, got {:?}",
+            candle_core::backend::BackendStorage::dtype(s)
+        )
+    };
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&v[a..b]),
+        None => bail!("{op}: expected a contiguous input"),
+    }
+}
+
+/// Runs `f` on the values of `t` (made contiguous first if it is not).
+fn with_values<R>(t: &Tensor, op: &str, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
+    let t = t.contiguous()?;
+    let (storage, layout) = t.storage_and_layout();
+    let Storage::Cpu(s) = &*storage else {
+        bail!("{op}: CPU tensors only")
+    };
+    Ok(f(values(s, layout, op)?))
+}
+
+fn tensor(v: Vec<f32>, shape: &Shape) -> Result<Tensor> {
+    Tensor::from_vec(v, shape.clone(), &candle_core::Device::Cpu)
+}
+
+/// `(rows, cols)` row-major into `(cols, rows)`, in blocks that stay in cache.
+fn transpose(x: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    const B: usize = 32;
+    let mut out = vec![0f32; rows * cols];
+    out.par_chunks_mut(B * rows)
+        .enumerate()
+        .for_each(|(cb, block)| {
+            let c0 = cb * B;
+            let width = block.len() / rows.max(1);
+            for r0 in (0..rows).step_by(B) {
+                for r in r0..(r0 + B).min(rows) {
+                    for c in 0..width {
+                        block[c * rows + r] = x[r * cols + c0 + c];
+                    }
+                }
+            }
+        });
+    out
+}
+
+/// Column sums of `(rows, cols)`.
+fn column_sums(x: &[f32], cols: usize) -> Vec<f32> {
+    if cols == 0 {
+        return Vec::new();
+    }
+    let rows = x.len() / cols;
+    let per_task = rows.div_ceil(4 * rayon::current_num_threads()).max(1);
+    x.par_chunks(per_task * cols)
+        .map(|chunk| {
+            let mut acc = vec![0f32; cols];
+            for row in chunk.chunks_exact(cols) {
+                add_row(&mut acc, row);
+            }
+            acc
+        })
+        .reduce(
+            || vec![0f32; cols],
+            |mut a, b| {
+                add_row(&mut a, &b);
+                a
+            },
+        )
+}
+
+#[multiversion(targets(
+    "x86_64+avx512f+avx512bw+avx512vl+avx512dq+fma",
+    "x86_64+avx2+fma",
+    "aarch64+neon"
+))]
+fn add_row(acc: &mut [f32], row: &[f32]) {
+    for (a, v) in acc.iter_mut().zip(row) {
+        *a += v;
+    }
+}
+
+// ----------------------------------------------------------------------------------------------
+// Linear layers
+// ----------------------------------------------------------------------------------------------
+
+/// `y = x·Wᵀ + b` for x (..., k), W (n, k) as HuggingFace stores it, b (n).
+struct LinearOp;
+
+fn linear_dims(x: &Layout, w: &Layout) -> Result<(usize, usize, usize, Shape)> {
+    let (n, k) = w.shape().dims2()?;
+    let dims = x.shape().dims();
+    if dims.last() != Some(&k) {
+        bail!("linear: input {:?} does not end in {k}", x.shape())
+    }
+    let mut out = dims.to_vec();
+    *out.last_mut().expect("checked above") = n;
+    Ok((x.shape().elem_count() / k.max(1), n, k, Shape::from(out)))
+}
+
+fn linear_fwd(x: &[f32], w: &[f32], b: Option<&[f32]>, m: usize, n: usize, k: usize) -> Vec<f32> {
+    let packed = Packed::from_rows(w, n, k);
+    let mut y = vec![0f32; m * n];
+    let start = match b {
+        Some(b) => Start::Fill(b),
+        None => Start::Zero,
+    };
+    packed.product(x, m, &mut y, 0..n, start, None);
+    y
+}
+
+type Grads3 = (Option<Tensor>, Option<Tensor>, Option<Tensor>);
+
+fn linear_bwd(x: &Tensor, w: &Tensor, b: Option<&Tensor>, dy: &Tensor) -> Result<Grads3> {
+    let (n, k) = w.dims2()?;
+    let m = x.elem_count() / k.max(1);
+    let dy = dy.contiguous()?;
+    let (storage, layout) = dy.storage_and_layout();
+    let Storage::Cpu(s) = &*storage else {
+        bail!("linear: CPU tensors only")
+    };
+    let dy_v = values(s, layout, "linear")?;
+    let dx = if x.track_op() {
+        // dX (m, k) = dY (m, n) · W: W read as the (k, n) "weight" whose row j is column j of W.
+        let g = with_values(w, "linear", |w| {
+            let packed = Packed::from_fn(k, n, |kk, j| w[kk * k + j]);
+            let mut dx = vec![0f32; m * k];
+            packed.product(dy_v, m, &mut dx, 0..k, Start::Zero, None);
+            dx
+        })?;
+        Some(tensor(g, x.shape())?)
+    } else {
+        None
+    };
+    let dw = if w.track_op() {
+        // dW (n, k) = dYᵀ (n, m) · X (m, k), dY read in place as the transposed operand.
+        let g = with_values(x, "linear", |x| {
+            let packed = Packed::from_fn(k, m, |kk, j| x[kk * k + j]);
+            let mut dw = vec![0f32; n * k];
+            packed.product_transposed(dy_v, n, &mut dw, Start::Zero);
+            dw
+        })?;
+        Some(tensor(g, w.shape())?)
+    } else {
+        None
+    };
+    let db = match b {
+        Some(b) if b.track_op() => Some(tensor(column_sums(dy_v, n), b.shape())?),
+        _ => None,
+    };
+    Ok((dx, dw, db))
+}
+
+impl CustomOp3 for LinearOp {
+    fn name(&self) -> &'static str {
+        "archaeclip-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+        bs: &CpuStorage,
+        bl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (m, n, k, shape) = linear_dims(xl, wl)?;
+        let b = values(bs, bl, "linear")?;
+        if b.len() != n {
+            bail!("linear: bias of {} values for {n} outputs", b.len())
+        }
+        let (x, w) = (values(xs, xl, "linear")?, values(ws, wl, "linear")?);
+        Ok((CpuStorage::F32(linear_fwd(x, w, Some(b), m, n, k)), shape))
+    }
+
+    fn bwd(&self, x: &Tensor, w: &Tensor, b: &Tensor, _: &Tensor, dy: &Tensor) -> Result<Grads3> {
+        linear_bwd(x, w, Some(b), dy)
+    }
+}
+
+impl CustomOp2 for LinearOp {
+    fn name(&self) -> &'static str {
+        "archaeclip-linear-no-bias"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (m, n, k, shape) = linear_dims(xl, wl)?;
+        let (x, w) = (values(xs, xl, "linear")?, values(ws, wl, "linear")?);
+        Ok((CpuStorage::F32(linear_fwd(x, w, None, m, n, k)), shape))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (dx, dw, _) = linear_bwd(x, w, None, dy)?;
+        Ok((dx, dw))
+    }
+}
+
+/// `x·Wᵀ + b` (transformers' `nn.Linear`), differentiable.
+pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+    let (x, w) = (x.contiguous()?, w.contiguous()?);
+    match b {
+        Some(b) => x.apply_op3(&w, &b.contiguous()?, LinearOp),
+        None => x.apply_op2(&w, LinearOp),
+    }
+}
+
+// ----------------------------------------------------------------------------------------------
+// Layer norm
+// ----------------------------------------------------------------------------------------------
+
+struct LayerNormOp {
+    eps: f32,
+}
+
+/// Mean and 1/sqrt(variance + eps) of a row, as [`norm_row`] computes them.
+#[inline(always)]
+fn row_stats(x: &[f32], eps: f32) -> (f32, f32) {
+    let n = x.len() as f32;
+    let mean = lane_sum(x, |v| v) / n;
+    let var = lane_sum(x, |v| (v - mean) * (v - mean)) / n;
+    (mean, 1.0 / (var + eps).sqrt())
+}
+
+/// One row of the layer norm's backward pass: writes dX, adds this row's dW and dB.
+#[multiversion(targets(
+    "x86_64+avx512f+avx512bw+avx512vl+avx512dq+fma",
+    "x86_64+avx2+fma",
+    "aarch64+neon"
+))]
+fn norm_row_bwd(
+    x: &[f32],
+    dy: &[f32],
+    w: &[f32],
+    eps: f32,
+    dx: &mut [f32],
+    dw: &mut [f32],
+    db: &mut [f32],
+) {
+    let (mean, inv) = row_stats(x, eps);
+    let n = x.len() as f32;
+    let mut g_sum = [0f32; 16];
+    let mut gx_sum = [0f32; 16];
+    for (i, ((&x, &dy), &w)) in x.iter().zip(dy).zip(w).enumerate() {
+        let xhat = (x - mean) * inv;
+        let g = dy * w;
+        g_sum[i % 16] += g;
+        gx_sum[i % 16] += g * xhat;
+    }
+    let c1 = g_sum.iter().sum::<f32>() / n;
+    let c2 = gx_sum.iter().sum::<f32>() / n;
+    for (((((&x, &dy), &w), dx), dw), db) in x
+        .iter()
+        .zip(dy)
+        .zip(w)
+        .zip(dx.iter_mut())
+        .zip(dw.iter_mut())
+        .zip(db.iter_mut())
+    {
+        let xhat = (x - mean) * inv;
+        *dx = inv * (dy * w - c1 - xhat * c2);
+        *dw += dy * xhat;
+        *db += dy;
+    }
+}
+
+impl CustomOp3 for LayerNormOp {
+    fn name(&self) -> &'static str {
+        "archaeclip-layer-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+        bs: &CpuStorage,
+        bl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (x, w, b) = (
+            values(xs, xl, "layer_norm")?,
+            values(ws, wl, "layer_norm")?,
+            values(bs, bl, "layer_norm")?,
+        );
+        let h = w.len();
+        if h == 0 || b.len() != h || xl.shape().dims().last() != Some(&h) {
+            bail!("layer_norm: input {:?} against {h} weights", xl.shape())
+        }
+        let mut out = vec![0f32; x.len()];
+        par_rows(&mut out, h, |i, row| {
+            norm_row(&x[i * h..(i + 1) * h], w, b, self.eps, row)
+        });
+        Ok((CpuStorage::F32(out), xl.shape().clone()))
+    }
+
+    fn bwd(&self, x: &Tensor, w: &Tensor, b: &Tensor, _: &Tensor, dy: &Tensor) -> Result<Grads3> {
+        let h = w.elem_count();
+        let dy = dy.contiguous()?;
+        let (dx, dw, db) = with_values(x, "layer_norm", |x| {
+            with_values(w, "layer_norm", |w| {
+                with_values(&dy, "layer_norm", |dy| {
+                    let rows = x.len() / h;
+                    let mut dx = vec![0f32; x.len()];
+                    let per_task = rows.div_ceil(4 * rayon::current_num_threads()).max(1);
+                    let (dw, db) = dx
+                        .par_chunks_mut(per_task * h)
+                        .enumerate()
+                        .map(|(c, chunk)| {
+                            let (mut dw, mut db) = (vec![0f32; h], vec![0f32; h]);
+                            for (i, dx) in chunk.chunks_exact_mut(h).enumerate() {
+                                let at = (c * per_task + i) * h;
+                                let (xr, dyr) = (&x[at..at + h], &dy[at..at + h]);
+                                norm_row_bwd(xr, dyr, w, self.eps, dx, &mut dw, &mut db);
+                            }
+                            (dw, db)
+                        })
+                        .reduce(
+                            || (vec![0f32; h], vec![0f32; h]),
+                            |(mut dw, mut db), (w2, b2)| {
+                                add_row(&mut dw, &w2);
+                                add_row(&mut db, &b2);
+                                (dw, db)
+                            },
+                        );
+                    (dx, dw, db)
+                })
+            })
+        })???;
+        let grad = |t: &Tensor, v: Vec<f32>| -> Result<Option<Tensor>> {
+            if t.track_op() {
+                Ok(Some(tensor(v, t.shape())?))
+            } else {
+                Ok(None)
+            }
+        };
+        Ok((grad(x, dx)?, grad(w, dw)?, grad(b, db)?))
+    }
+}
+
+/// transformers' `nn.LayerNorm` over the last dimension, differentiable.
+pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
+    let op = LayerNormOp { eps: eps as f32 };
+    x.contiguous()?
+        .apply_op3(&w.contiguous()?, &b.contiguous()?, op)
+}
+
+// ----------------------------------------------------------------------------------------------
+// Activations
+// ----------------------------------------------------------------------------------------------
+
+struct ActivationOp(Activation);
+
+#[multiversion(targets(
+    "x86_64+avx512f+avx512bw+avx512vl+avx512dq+fma",
+    "x86_64+avx2+fma",
+    "aarch64+neon"
+))]
+fn act_fwd(x: &[f32], y: &mut [f32], act: Activation) {
+    match act {
+        Activation::QuickGelu => {
+            for (y, &v) in y.iter_mut().zip(x) {
+                *y = v / (1.0 + exp(-1.702 * v));
+            }
+        }
+        Activation::Gelu => {
+            for (y, &v) in y.iter_mut().zip(x) {
+                *y = 0.5 * v * (1.0 + erf(v * std::f32::consts::FRAC_1_SQRT_2));
+            }
+        }
+        Activation::GeluTanh => {
+            for (y, &v) in y.iter_mut().zip(x) {
+                let u = 0.797_884_6 * (v + 0.044_715 * v * v * v);
+                *y = 0.5 * v * (2.0 - 2.0 / (exp(2.0 * u) + 1.0));
+            }
+        }
+    }
+}
+
+/// `dx = dy · act'(x)`.
+#[multiversion(targets(
+    "x86_64+avx512f+avx512bw+avx512vl+avx512dq+fma",
+    "x86_64+avx2+fma",
+    "aarch64+neon"
+))]
+fn act_bwd(x: &[f32], dy: &[f32], dx: &mut [f32], act: Activation) {
+    match act {
+        Activation::QuickGelu => {
+            for ((dx, &v), &g) in dx.iter_mut().zip(x).zip(dy) {
+                let s = 1.0 / (1.0 + exp(-1.702 * v));
+                *dx = g * (s + 1.702 * v * s * (1.0 - s));
+            }
+        }
+        Activation::Gelu => {
+            // d/dv [v Φ(v)] = Φ(v) + v φ(v)
+            for ((dx, &v), &g) in dx.iter_mut().zip(x).zip(dy) {
+                let cdf = 0.5 * (1.0 + erf(v * std::f32::consts::FRAC_1_SQRT_2));
+                let pdf = 0.398_942_3 * exp(-0.5 * v * v);
+                *dx = g * (cdf + v * pdf);
+            }
+        }
+        Activation::GeluTanh => {
+            for ((dx, &v), &g) in dx.iter_mut().zip(x).zip(dy) {
+                let u = 0.797_884_6 * (v + 0.044_715 * v * v * v);
+                let t = 1.0 - 2.0 / (exp(2.0 * u) + 1.0);
+                let du = 0.797_884_6 * (1.0 + 3.0 * 0.044_715 * v * v);
+                *dx = g * (0.5 * (1.0 + t) + 0.5 * v * (1.0 - t * t) * du);
+            }
+        }
+    }
+}
+
+/// Runs `f(input piece, output piece)` over matching pieces of `out`, in parallel.
+fn par_pieces(x: &[f32], out: &mut [f32], f: impl Fn(usize, &mut [f32]) + Sync) {
+    const PIECE: usize = 1 << 14;
+    if x.len() < 4 * PIECE {
+        f(0, out);
+        return;
+    }
+    out.par_chunks_mut(PIECE)
+        .enumerate()
+        .for_each(|(i, o)| f(i * PIECE, o));
+}
+
+impl CustomOp1 for ActivationOp {
+    fn name(&self) -> &'static str {
+        "archaeclip-activation"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = values(s, l, "activation")?;
+        let mut y = vec![0f32; x.len()];
+        par_pieces(x, &mut y, |at, o| act_fwd(&x[at..at + o.len()], o, self.0));
+        Ok((CpuStorage::F32(y), l.shape().clone()))
+    }
+
+    fn bwd(&self, x: &Tensor, _: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
+        if !x.track_op() {
+            return Ok(None);
+        }
+        let dx = with_values(x, "activation", |x| {
+            with_values(dy, "activation", |dy| {
+                let mut dx = vec![0f32; x.len()];
+                par_pieces(x, &mut dx, |at, o| {
+                    let n = o.len();
+                    act_bwd(&x[at..at + n], &dy[at..at + n], o, self.0)
+                });
+                dx
+            })
+        })??;
+        Ok(Some(tensor(dx, x.shape())?))
+    }
+}
+
+/// The MLP's activation, differentiable.
+pub fn activate(act: Activation, x: &Tensor) -> Result<Tensor> {
+    x.contiguous()?.apply_op1(ActivationOp(act))
+}
+
+// ----------------------------------------------------------------------------------------------
+// Attention
+// ----------------------------------------------------------------------------------------------
+
+/// Softmax attention over fused projections: input (batch, seq, 3·hidden) holding each
+/// position's q, k and v (q not yet scaled), output (batch, seq, hidden) with the heads side
+/// by side, as transformers' CLIPAttention before `out_proj`.
+struct AttentionOp {
+    heads: usize,
+    causal: bool,
+    scale: f32,
+}
+
+/// One sequence's view: `qkv` rows of 3·h values; head `col..col + d`.
+struct Seq<'a> {
+    qkv: &'a [f32],
+    s: usize,
+    h: usize,
+}
+
+impl Seq<'_> {
+    fn q(&self, pos: usize, col: usize, i: usize) -> f32 {
+        self.qkv[pos * 3 * self.h + col + i]
+    }
+    fn k(&self, pos: usize, col: usize, i: usize) -> f32 {
+        self.qkv[pos * 3 * self.h + self.h + col + i]
+    }
+    fn v(&self, pos: usize, col: usize, i: usize) -> f32 {
+        self.qkv[pos * 3 * self.h + 2 * self.h + col + i]
+    }
+}
+
+impl AttentionOp {
+    fn dims(&self, shape: &Shape) -> Result<(usize, usize, usize, usize)> {
+        let (b, s, h3) = shape.dims3()?;
+        if h3 % 3 != 0 || self.heads == 0 || (h3 / 3) % self.heads != 0 {
+            bail!("attention: {shape:?} is not (batch, seq, 3 x heads x head size)")
+        }
+        let h = h3 / 3;
+        Ok((b, s, h, h / self.heads))
+    }
+
+    /// The attention weights of one head: (s, s), row i the softmax of query i's scores.
+    fn weights(&self, seq: &Seq, col: usize, d: usize) -> Vec<f32> {
+        let s = seq.s;
+        let keys = Packed::from_fn(s, d, |kk, j| seq.k(j, col, kk));
+        let mut p = vec![0f32; s * s];
+        keys.accumulate_serial_strided(&seq.qkv[col..], 3 * seq.h, s, &mut p, s);
+        for (i, row) in p.chunks_exact_mut(s).enumerate() {
+            for v in row.iter_mut() {
+                *v *= self.scale;
+            }
+            softmax_row(row, if self.causal { i + 1 } else { s });
+        }
+        p
+    }
+}
+
+impl CustomOp1 for AttentionOp {
+    fn name(&self) -> &'static str {
+        "archaeclip-attention"
+    }
+
+    fn cpu_fwd(&self, st: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let qkv = values(st, l, "attention")?;
+        let (b, s, h, d) = self.dims(l.shape())?;
+        let mut out = vec![0f32; b * s * h];
+        if s > 0 && h > 0 {
+            out.par_chunks_mut(s * h).enumerate().for_each(|(n, out)| {
+                let seq = Seq {
+                    qkv: &qkv[n * s * 3 * h..(n + 1) * s * 3 * h],
+                    s,
+                    h,
+                };
+                for col in (0..h).step_by(d) {
+                    let p = self.weights(&seq, col, d);
+                    let values = Packed::from_fn(d, s, |kk, j| seq.v(kk, col, j));
+                    values.accumulate_serial_strided(&p, s, s, &mut out[col..], h);
+                }
+            });
+        }
+        Ok((CpuStorage::F32(out), Shape::from((b, s, h))))
+    }
+
+    fn bwd(&self, qkv: &Tensor, _: &Tensor, dout: &Tensor) -> Result<Option<Tensor>> {
+        if !qkv.track_op() {
+            return Ok(None);
+        }
+        let (b, s, h, d) = self.dims(qkv.shape())?;
+        let grad = with_values(qkv, "attention", |qkv| {
+            with_values(dout, "attention", |dout| {
+                let mut g = vec![0f32; b * s * 3 * h];
+                if s == 0 || h == 0 {
+                    return g;
+                }
+                g.par_chunks_mut(s * 3 * h).enumerate().for_each(|(n, g)| {
+                    let seq = Seq {
+                        qkv: &qkv[n * s * 3 * h..(n + 1) * s * 3 * h],
+                        s,
+                        h,
+                    };
+                    let dout = &dout[n * s * h..(n + 1) * s * h];
+                    for col in (0..h).step_by(d) {
+                        self.head_bwd(&seq, dout, col, d, g);
+                    }
+                });
+                g
+            })
+        })??;
+        Ok(Some(tensor(grad, qkv.shape())?))
+    }
+}
+
+impl AttentionOp {
+    /// One head's gradient into `g` (the sequence's (s, 3h) rows): with P the weights and dO
+    /// this head's output gradient, dV = Pᵀ·dO, dP = dO·Vᵀ, dS = P ⊙ (dP − rowsum(dP ⊙ P)),
+    /// dQ = scale·dS·K, dK = scale·dSᵀ·Q.
+    fn head_bwd(&self, seq: &Seq, dout: &[f32], col: usize, d: usize, g: &mut [f32]) {
+        let (s, h) = (seq.s, seq.h);
+        let p = self.weights(seq, col, d);
+        // dV (s, d) = Pᵀ (s, s) · dO (s, d)
+        let pt = transpose(&p, s, s);
+        let d_out = Packed::from_fn(d, s, |kk, j| dout[kk * h + col + j]);
+        d_out.accumulate_serial_strided(&pt, s, s, &mut g[2 * h + col..], 3 * h);
+        // dP (s, s) = dO (s, d) · Vᵀ
+        let values = Packed::from_fn(s, d, |kk, j| seq.v(j, col, kk));
+        let mut ds = vec![0f32; s * s];
+        values.accumulate_serial_strided(&dout[col..], h, s, &mut ds, s);
+        for (dp, p) in ds.chunks_exact_mut(s).zip(p.chunks_exact(s)) {
+            let dot: f32 = dp.iter().zip(p).map(|(a, b)| a * b).sum();
+            for (dp, &p) in dp.iter_mut().zip(p) {
+                *dp = self.scale * p * (*dp - dot);
+            }
+        }
+        // dQ (s, d) = dS (s, s) · K (s, d)
+        let keys = Packed::from_fn(d, s, |kk, j| seq.k(kk, col, j));
+        keys.accumulate_serial_strided(&ds, s, s, &mut g[col..], 3 * h);
+        // dK (s, d) = dSᵀ (s, s) · Q (s, d)
+        let dst = transpose(&ds, s, s);
+        let queries = Packed::from_fn(d, s, |kk, j| seq.q(kk, col, j));
+        queries.accumulate_serial_strided(&dst, s, s, &mut g[h + col..], 3 * h);
+    }
+}
+
+/// Multi-head softmax attention (causal for the text tower) over fused q/k/v projections
+/// (batch, seq, 3·hidden), differentiable; `scale` multiplies the scores.
+pub fn attention(qkv: &Tensor, heads: usize, causal: bool, scale: f64) -> Result<Tensor> {
+    let op = AttentionOp {
+        heads,
+        causal,
+        scale: scale as f32,
+    };
+    qkv.contiguous()?.apply_op1(op)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var, D};
+
+    fn rand(shape: &[usize], seed: u64) -> Var {
+        let mut state = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+        let n: usize = shape.iter().product();
+        let v: Vec<f32> = (0..n)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                (state >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
+            })
+            .collect();
+        Var::from_tensor(&Tensor::from_vec(v, shape, &Device::Cpu).unwrap()).unwrap()
+    }
+
+    /// The largest |a − b| / (1 + |b|) over two tensors of one shape.
+    fn diff(a: &Tensor, b: &Tensor) -> f32 {
+        assert_eq!(a.dims(), b.dims());
+        let (a, b) = (
+            a.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            b.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+        );
+        a.iter()
+            .zip(&b)
+            .map(|(a, b)| (a - b).abs() / (1.0 + b.abs()))
+            .fold(0.0, f32::max)
+    }
+
+    /// Checks `fused` against `composed` (candle's own ops) on the same inputs: the outputs, and
+    /// the gradient of every input for a loss that weights each output differently.
+    fn check(
+        inputs: &[Var],
+        fused: impl Fn(&[Tensor]) -> Tensor,
+        composed: impl Fn(&[Tensor]) -> Tensor,
+        tol: f32,
+    ) {
+        let ts: Vec<Tensor> = inputs.iter().map(|v| v.as_tensor().clone()).collect();
+        let (a, b) = (fused(&ts), composed(&ts));
+        assert!(diff(&a, &b) < tol, "forward differs by {}", diff(&a, &b));
+        let weights = rand(a.dims(), 99);
+        let la = (&a * weights.as_tensor()).unwrap().sum_all().unwrap();
+        let lb = (&b * weights.as_tensor()).unwrap().sum_all().unwrap();
+        let (ga, gb) = (la.backward().unwrap(), lb.backward().unwrap());
+        for (i, v) in inputs.iter().enumerate() {
+            let (x, y) = (ga.get(v).unwrap(), gb.get(v).unwrap());
+            let nonzero = y
+                .abs()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(nonzero > 0.0, "input {i}: the reference gradient is zero");
+            assert!(
+                diff(x, y) < tol,
+                "input {i}: gradients differ by {}",
+                diff(x, y)
+            );
+        }
+    }
+
+    #[test]
+    fn linear_matches_candle_forward_and_backward() {
+        // Odd sizes: partial panels, one row, rows of one value.
+        for (m, n, k) in [(1, 1, 1), (3, 17, 5), (37, 40, 33), (130, 70, 96)] {
+            let (x, w, b) = (rand(&[m, k], 1), rand(&[n, k], 2), rand(&[n], 3));
+            check(
+                &[x.clone(), w.clone(), b.clone()],
+                |t| linear(&t[0], &t[1], Some(&t[2])).unwrap(),
+                |t| {
+                    t[0].matmul(&t[1].t().unwrap())
+                        .unwrap()
+                        .broadcast_add(&t[2])
+                        .unwrap()
+                },
+                1e-5,
+            );
+            check(
+                &[x, w],
+                |t| linear(&t[0], &t[1], None).unwrap(),
+                |t| t[0].matmul(&t[1].t().unwrap()).unwrap(),
+                1e-5,
+            );
+        }
+        // A batch of sequences (rank 3).
+        let (x, w) = (rand(&[2, 5, 8], 4), rand(&[6, 8], 5));
+        check(
+            &[x, w],
+            |t| linear(&t[0], &t[1], None).unwrap(),
+            |t| t[0].broadcast_matmul(&t[1].t().unwrap()).unwrap(),
+            1e-5,
+        );
+    }
+
+    #[test]
+    fn frozen_inputs_get_no_gradient() {
+        let x = rand(&[4, 6], 1);
+        let w = Tensor::ones((3, 6), candle_core::DType::F32, &Device::Cpu).unwrap();
+        let b = rand(&[3], 2);
+        let y = linear(x.as_tensor(), &w, Some(b.as_tensor())).unwrap();
+        let grads = y.sum_all().unwrap().backward().unwrap();
+        assert!(grads.get(&w).is_none());
+        assert!(grads.get(x.as_tensor()).is_some() && grads.get(b.as_tensor()).is_some());
+    }
+
+    #[test]
+    fn layer_norm_matches_candle_forward_and_backward() {
+        for (rows, h) in [(1, 2), (3, 7), (50, 40), (9, 768)] {
+            let x = rand(&[rows, h], 7);
+            let (w, b) = (rand(&[h], 8), rand(&[h], 9));
+            let eps = 1e-5;
+            check(
+                &[x, w, b],
+                |t| layer_norm(&t[0], &t[1], &t[2], eps).unwrap(),
+                |t| {
+                    let size = h as f64;
+                    let c = t[0]
+                        .broadcast_sub(&(t[0].sum_keepdim(D::Minus1).unwrap() / size).unwrap())
+                        .unwrap();
+                    let var = (c.sqr().unwrap().sum_keepdim(D::Minus1).unwrap() / size).unwrap();
+                    c.broadcast_div(&(var + eps).unwrap().sqrt().unwrap())
+                        .unwrap()
+                        .broadcast_mul(&t[1])
+                        .unwrap()
+                        .broadcast_add(&t[2])
+                        .unwrap()
+                },
+                2e-5,
+            );
+        }
+    }
+
+    #[test]
+    fn activations_match_candle_forward_and_backward() {
+        for act in [
+            Activation::QuickGelu,
+            Activation::Gelu,
+            Activation::GeluTanh,
+        ] {
+            // Enough values for the parallel path, spread over [-8, 8].
+            let x = rand(&[70_001], 11);
+            let x8 = Var::from_tensor(&(x.as_tensor() * 8.0).unwrap()).unwrap();
+            check(
+                &[x8],
+                |t| activate(act, &t[0]).unwrap(),
+                |t| match act {
+                    Activation::QuickGelu => (&t[0]
+                        * candle_nn::ops::sigmoid(&(&t[0] * 1.702).unwrap()).unwrap())
+                    .unwrap(),
+                    Activation::Gelu => t[0].gelu_erf().unwrap(),
+                    Activation::GeluTanh => t[0].gelu().unwrap(),
+                },
+                2e-5,
+            );
+        }
+    }
+
+    fn composed_attention(qkv: &Tensor, heads: usize, causal: bool, scale: f64) -> Tensor {
+        let (b, s, h3) = qkv.dims3().unwrap();
+        let h = h3 / 3;
+        let split = |i: usize| {
+            qkv.narrow(2, i * h, h)
+                .unwrap()
+                .reshape((b, s, heads, h / heads))
+                .unwrap()
+                .transpose(1, 2)
+                .unwrap()
+                .contiguous()
+                .unwrap()
+        };
+        let (q, k, v) = (split(0), split(1), split(2));
+        let mut w = (q.matmul(&k.t().unwrap()).unwrap() * scale).unwrap();
+        if causal {
+            let mask: Vec<f32> = (0..s)
+                .flat_map(|i| (0..s).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 }))
+                .collect();
+            let mask = Tensor::from_vec(mask, (s, s), &Device::Cpu).unwrap();
+            w = w.broadcast_add(&mask).unwrap();
+        }
+        let w = candle_nn::ops::softmax(&w, D::Minus1).unwrap();
+        w.matmul(&v)
+            .unwrap()
+            .transpose(1, 2)
+            .unwrap()
+            .reshape((b, s, h))
+            .unwrap()
+    }
+
+    #[test]
+    fn attention_matches_candle_forward_and_backward() {
+        for (b, s, heads, d, causal) in [
+            (1, 1, 1, 1, false),
+            (2, 5, 2, 3, true),
+            (3, 17, 4, 16, false),
+            (2, 50, 3, 64, true),
+        ] {
+            let qkv = rand(&[b, s, 3 * heads * d], 21);
+            let scale = (d as f64).powf(-0.5);
+            check(
+                &[qkv],
+                |t| attention(&t[0], heads, causal, scale).unwrap(),
+                |t| composed_attention(&t[0], heads, causal, scale),
+                2e-5,
+            );
+        }
+    }
+}
