@@ -109,18 +109,40 @@ fn add_row(acc: &mut [f32], row: &[f32]) {
 /// `y = x·Wᵀ + b` for x (..., k), W (n, k) as HuggingFace stores it, b (n).
 struct LinearOp;
 
-fn linear_dims(x: &Layout, w: &Layout) -> Result<(usize, usize, usize, Shape)> {
-    let (n, k) = w.shape().dims2()?;
-    let dims = x.shape().dims();
+/// The forward pass of [`LinearOp`] on storages: x (..., k), W (n, k), b (n) if given.
+fn linear_fwd(
+    (xs, xl): (&CpuStorage, &Layout),
+    (ws, wl): (&CpuStorage, &Layout),
+    bias: Option<(&CpuStorage, &Layout)>,
+) -> Result<(CpuStorage, Shape)> {
+    let (n, k) = wl.shape().dims2()?;
+    let dims = xl.shape().dims();
     if dims.last() != Some(&k) {
-        bail!("linear: input {:?} does not end in {k}", x.shape())
+        bail!("linear: input {:?} does not end in {k}", xl.shape())
     }
     let mut out = dims.to_vec();
     *out.last_mut().expect("checked above") = n;
-    Ok((x.shape().elem_count() / k.max(1), n, k, Shape::from(out)))
+    let m = xl.shape().elem_count() / k.max(1);
+    let (x, w) = (values(xs, xl, "linear")?, values(ws, wl, "linear")?);
+    let b = match bias {
+        Some((bs, bl)) => Some(values(bs, bl, "linear")?),
+        None => None,
+    };
+    if let Some(b) = b.filter(|b| b.len() != n) {
+        bail!("linear: bias of {} values for {n} outputs", b.len())
+    }
+    let y = linear_product(x, w, b, m, n, k);
+    Ok((CpuStorage::F32(y), Shape::from(out)))
 }
 
-fn linear_fwd(x: &[f32], w: &[f32], b: Option<&[f32]>, m: usize, n: usize, k: usize) -> Vec<f32> {
+fn linear_product(
+    x: &[f32],
+    w: &[f32],
+    b: Option<&[f32]>,
+    m: usize,
+    n: usize,
+    k: usize,
+) -> Vec<f32> {
     let packed = Packed::from_rows(w, n, k);
     let mut y = vec![0f32; m * n];
     let start = match b {
@@ -187,13 +209,7 @@ impl CustomOp3 for LinearOp {
         bs: &CpuStorage,
         bl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (m, n, k, shape) = linear_dims(xl, wl)?;
-        let b = values(bs, bl, "linear")?;
-        if b.len() != n {
-            bail!("linear: bias of {} values for {n} outputs", b.len())
-        }
-        let (x, w) = (values(xs, xl, "linear")?, values(ws, wl, "linear")?);
-        Ok((CpuStorage::F32(linear_fwd(x, w, Some(b), m, n, k)), shape))
+        linear_fwd((xs, xl), (ws, wl), Some((bs, bl)))
     }
 
     fn bwd(&self, x: &Tensor, w: &Tensor, b: &Tensor, _: &Tensor, dy: &Tensor) -> Result<Grads3> {
@@ -213,9 +229,7 @@ impl CustomOp2 for LinearOp {
         ws: &CpuStorage,
         wl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (m, n, k, shape) = linear_dims(xl, wl)?;
-        let (x, w) = (values(xs, xl, "linear")?, values(ws, wl, "linear")?);
-        Ok((CpuStorage::F32(linear_fwd(x, w, None, m, n, k)), shape))
+        linear_fwd((xs, xl), (ws, wl), None)
     }
 
     fn bwd(
