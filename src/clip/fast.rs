@@ -203,7 +203,7 @@ pub(super) fn par_rows(buf: &mut [f32], width: usize, f: impl Fn(usize, &mut [f3
     "x86_64+avx2+fma",
     "aarch64+neon"
 ))]
-fn add_assign(y: &mut [f32], b: &[f32]) {
+pub(super) fn add_assign(y: &mut [f32], b: &[f32]) {
     for (y, b) in y.iter_mut().zip(b) {
         *y += b;
     }
@@ -260,13 +260,19 @@ impl Norm {
     "aarch64+neon"
 ))]
 pub(super) fn norm_row(x: &[f32], w: &[f32], b: &[f32], eps: f32, out: &mut [f32]) {
-    let n = x.len() as f32;
-    let mean = lane_sum(x, |v| v) / n;
-    let var = lane_sum(x, |v| (v - mean) * (v - mean)) / n;
-    let inv = 1.0 / (var + eps).sqrt();
+    let (mean, inv) = row_stats(x, eps);
     for (((o, &v), &w), &b) in out.iter_mut().zip(x).zip(w).zip(b) {
         *o = (v - mean) * inv * w + b;
     }
+}
+
+/// A row's mean and 1/sqrt(variance + eps), as layer norm uses them.
+#[inline(always)]
+pub(super) fn row_stats(x: &[f32], eps: f32) -> (f32, f32) {
+    let n = x.len() as f32;
+    let mean = lane_sum(x, |v| v) / n;
+    let var = lane_sum(x, |v| (v - mean) * (v - mean)) / n;
+    (mean, 1.0 / (var + eps).sqrt())
 }
 
 /// `exp` to about 1 ulp (Cephes' expf: a degree-6 polynomial on the reduced argument), written
@@ -303,6 +309,25 @@ pub(super) fn erf(x: f32) -> f32 {
     }
 }
 
+/// quick_gelu: `v · sigmoid(1.702 v)`.
+#[inline(always)]
+pub(super) fn quick_gelu(v: f32) -> f32 {
+    v / (1.0 + exp(-1.702 * v))
+}
+
+/// The exact (erf) GELU.
+#[inline(always)]
+pub(super) fn gelu(v: f32) -> f32 {
+    0.5 * v * (1.0 + erf(v * std::f32::consts::FRAC_1_SQRT_2))
+}
+
+/// GELU with the tanh approximation; tanh(u) = 1 - 2 / (exp(2u) + 1).
+#[inline(always)]
+pub(super) fn gelu_tanh(v: f32) -> f32 {
+    let u = 0.797_884_6 * (v + 0.044_715 * v * v * v);
+    0.5 * v * (2.0 - 2.0 / (exp(2.0 * u) + 1.0))
+}
+
 /// `y = act(y + b)` over one row.
 #[multiversion(targets(
     "x86_64+avx512f+avx512bw+avx512vl+avx512dq+fma",
@@ -313,22 +338,17 @@ fn bias_act_row(y: &mut [f32], b: &[f32], act: Activation) {
     match act {
         Activation::QuickGelu => {
             for (y, b) in y.iter_mut().zip(b) {
-                let v = *y + b;
-                *y = v / (1.0 + exp(-1.702 * v));
+                *y = quick_gelu(*y + b);
             }
         }
         Activation::Gelu => {
             for (y, b) in y.iter_mut().zip(b) {
-                let v = *y + b;
-                *y = 0.5 * v * (1.0 + erf(v * std::f32::consts::FRAC_1_SQRT_2));
+                *y = gelu(*y + b);
             }
         }
         Activation::GeluTanh => {
             for (y, b) in y.iter_mut().zip(b) {
-                let v = *y + b;
-                let u = 0.797_884_6 * (v + 0.044_715 * v * v * v);
-                // tanh(u) = 1 - 2 / (exp(2u) + 1)
-                *y = 0.5 * v * (2.0 - 2.0 / (exp(2.0 * u) + 1.0));
+                *y = gelu_tanh(*y + b);
             }
         }
     }

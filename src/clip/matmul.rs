@@ -541,7 +541,7 @@ static ZEROS: [f32; 2 * NR] = [0.0; 2 * NR];
 
 /// One register tile: `y[0..rows, 0..cols] = from + x[0..rows, 0..depth] · panel[0..depth, 0..cols]`,
 /// `rows` ≤ the kernel's [`Kernel::max_rows`], `cols` ≤ [`NR`] (the panel is always [`NR`]
-/// wide).
+/// wide), or for a two-panel tile `rows` ≤ [`MR_PAIR`] and [`NR`] < `cols` ≤ 2·[`NR`].
 #[derive(Clone, Copy)]
 struct Tile {
     x: *const f32,
@@ -1176,10 +1176,18 @@ mod tests {
                 let mut got = start.to_vec();
                 let strides = (1, m, n);
                 let serial = m % 4 == 1;
-                let run = |y: &mut [f32]| {
-                    packed.product_with(kernel, &xt, m, y, 0..n, serial, strides, Start::Keep, None)
-                };
-                run(&mut got);
+                let y_t = &mut got;
+                packed.product_with(
+                    kernel,
+                    &xt,
+                    m,
+                    y_t,
+                    0..n,
+                    serial,
+                    strides,
+                    Start::Keep,
+                    None,
+                );
                 assert!(
                     got.iter().zip(&y).all(|(a, b)| a.to_bits() == b.to_bits()),
                     "{kernel:?} transposed x m{m} k{k} n{n}"

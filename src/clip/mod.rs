@@ -11,7 +11,7 @@ pub mod model;
 pub mod preprocess;
 pub mod registry;
 pub mod tokenizer;
-mod train_ops;
+pub(crate) mod train_ops;
 
 /// A candle error as one line for an SQL error message: without the backtrace candle captures
 /// when `RUST_BACKTRACE` is set (dozens of lines of frames), contexts joined by ": ".

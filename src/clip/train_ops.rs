@@ -16,7 +16,9 @@ use multiversion::multiversion;
 use rayon::prelude::*;
 
 use super::config::Activation;
-use super::fast::{erf, exp, lane_sum, norm_row, par_rows, softmax_row};
+use super::fast::{
+    add_assign, erf, exp, gelu, gelu_tanh, norm_row, par_rows, quick_gelu, row_stats, softmax_row,
+};
 use super::matmul::{Packed, Start};
 
 /// The f32 values of a contiguous CPU storage.
@@ -33,8 +35,9 @@ fn values<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f32]> {
     }
 }
 
-/// Runs `f` on the values of `t` (made contiguous first if it is not).
-fn with_values<R>(t: &Tensor, op: &str, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
+/// Runs `f` on the values of `t` (made contiguous first if it is not); `op` names the caller
+/// in errors.
+pub(crate) fn with_values<R>(t: &Tensor, op: &str, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
     let t = t.contiguous()?;
     let (storage, layout) = t.storage_and_layout();
     let Storage::Cpu(s) = &*storage else {
@@ -47,23 +50,15 @@ fn tensor(v: Vec<f32>, shape: &Shape) -> Result<Tensor> {
     Tensor::from_vec(v, shape.clone(), &candle_core::Device::Cpu)
 }
 
-/// `(rows, cols)` row-major into `(cols, rows)`, in blocks that stay in cache.
+/// `(rows, cols)` row-major into `(cols, rows)` (one head's attention matrices, at most
+/// 77 x 77, inside a parallel task).
 fn transpose(x: &[f32], rows: usize, cols: usize) -> Vec<f32> {
-    const B: usize = 32;
     let mut out = vec![0f32; rows * cols];
-    out.par_chunks_mut(B * rows)
-        .enumerate()
-        .for_each(|(cb, block)| {
-            let c0 = cb * B;
-            let width = block.len() / rows.max(1);
-            for r0 in (0..rows).step_by(B) {
-                for r in r0..(r0 + B).min(rows) {
-                    for c in 0..width {
-                        block[c * rows + r] = x[r * cols + c0 + c];
-                    }
-                }
-            }
-        });
+    for (r, row) in x.chunks_exact(cols).enumerate() {
+        for (c, &v) in row.iter().enumerate() {
+            out[c * rows + r] = v;
+        }
+    }
     out
 }
 
@@ -78,28 +73,17 @@ fn column_sums(x: &[f32], cols: usize) -> Vec<f32> {
         .map(|chunk| {
             let mut acc = vec![0f32; cols];
             for row in chunk.chunks_exact(cols) {
-                add_row(&mut acc, row);
+                add_assign(&mut acc, row);
             }
             acc
         })
         .reduce(
             || vec![0f32; cols],
             |mut a, b| {
-                add_row(&mut a, &b);
+                add_assign(&mut a, &b);
                 a
             },
         )
-}
-
-#[multiversion(targets(
-    "x86_64+avx512f+avx512bw+avx512vl+avx512dq+fma",
-    "x86_64+avx2+fma",
-    "aarch64+neon"
-))]
-fn add_row(acc: &mut [f32], row: &[f32]) {
-    for (a, v) in acc.iter_mut().zip(row) {
-        *a += v;
-    }
 }
 
 // ----------------------------------------------------------------------------------------------
@@ -131,18 +115,6 @@ fn linear_fwd(
     if let Some(b) = b.filter(|b| b.len() != n) {
         bail!("linear: bias of {} values for {n} outputs", b.len())
     }
-    let y = linear_product(x, w, b, m, n, k);
-    Ok((CpuStorage::F32(y), Shape::from(out)))
-}
-
-fn linear_product(
-    x: &[f32],
-    w: &[f32],
-    b: Option<&[f32]>,
-    m: usize,
-    n: usize,
-    k: usize,
-) -> Vec<f32> {
     let packed = Packed::from_rows(w, n, k);
     let mut y = vec![0f32; m * n];
     let start = match b {
@@ -150,7 +122,7 @@ fn linear_product(
         None => Start::Zero,
     };
     packed.product(x, m, &mut y, 0..n, start, None);
-    y
+    Ok((CpuStorage::F32(y), Shape::from(out)))
 }
 
 type Grads3 = (Option<Tensor>, Option<Tensor>, Option<Tensor>);
@@ -261,15 +233,6 @@ struct LayerNormOp {
     eps: f32,
 }
 
-/// Mean and 1/sqrt(variance + eps) of a row, as [`norm_row`] computes them.
-#[inline(always)]
-fn row_stats(x: &[f32], eps: f32) -> (f32, f32) {
-    let n = x.len() as f32;
-    let mean = lane_sum(x, |v| v) / n;
-    let var = lane_sum(x, |v| (v - mean) * (v - mean)) / n;
-    (mean, 1.0 / (var + eps).sqrt())
-}
-
 /// One row of the layer norm's backward pass: writes dX, adds this row's dW and dB.
 #[multiversion(targets(
     "x86_64+avx512f+avx512bw+avx512vl+avx512dq+fma",
@@ -366,8 +329,8 @@ impl CustomOp3 for LayerNormOp {
                         .reduce(
                             || (vec![0f32; h], vec![0f32; h]),
                             |(mut dw, mut db), (w2, b2)| {
-                                add_row(&mut dw, &w2);
-                                add_row(&mut db, &b2);
+                                add_assign(&mut dw, &w2);
+                                add_assign(&mut db, &b2);
                                 (dw, db)
                             },
                         );
@@ -408,18 +371,17 @@ fn act_fwd(x: &[f32], y: &mut [f32], act: Activation) {
     match act {
         Activation::QuickGelu => {
             for (y, &v) in y.iter_mut().zip(x) {
-                *y = v / (1.0 + exp(-1.702 * v));
+                *y = quick_gelu(v);
             }
         }
         Activation::Gelu => {
             for (y, &v) in y.iter_mut().zip(x) {
-                *y = 0.5 * v * (1.0 + erf(v * std::f32::consts::FRAC_1_SQRT_2));
+                *y = gelu(v);
             }
         }
         Activation::GeluTanh => {
             for (y, &v) in y.iter_mut().zip(x) {
-                let u = 0.797_884_6 * (v + 0.044_715 * v * v * v);
-                *y = 0.5 * v * (2.0 - 2.0 / (exp(2.0 * u) + 1.0));
+                *y = gelu_tanh(v);
             }
         }
     }
