@@ -104,12 +104,59 @@ impl Packed {
     /// [`Packed::from_rows`] at `precision`.
     pub fn from_rows_in(w: &[f32], n: usize, k: usize, precision: Precision) -> Packed {
         assert_eq!(w.len(), n * k);
+        #[cfg(target_arch = "x86_64")]
+        if precision == Precision::F32 && Kernel::detect(precision) == Kernel::Avx512 {
+            return Packed {
+                panels: Panels::F32(panels_from_rows_avx512(w, n, k)),
+                k,
+                n,
+            };
+        }
         Packed::pack(n, k, precision, |kk, j| w[j * k + kk])
     }
 
     /// Packs the f32 weight `W[j][kk] = at(kk, j)`, (n, k), read from wherever `at` finds it.
     pub fn from_fn(n: usize, k: usize, at: impl Fn(usize, usize) -> f32 + Sync) -> Packed {
         Packed::pack(n, k, Precision::F32, at)
+    }
+
+    /// Packs the f32 weight given transposed: `wt` is Wᵀ, (k, n) row-major (a training step's
+    /// W for dX = dY·W, and its activations X for dW = dYᵀ·X). Line kk of every panel comes
+    /// from row kk of `wt`, so this reads `wt` in order, a block of rows per task; packing one
+    /// panel at a time instead read a cache line from each of k rows, pages apart (39 MB took
+    /// 32 ms).
+    pub fn from_transposed(wt: &[f32], n: usize, k: usize) -> Packed {
+        assert_eq!(wt.len(), n * k);
+        const BLOCK: usize = 64;
+        let mut panels = vec![0f32; n.div_ceil(NR) * k * NR];
+        // blocks[b][p]: lines b·BLOCK.. of panel p.
+        let mut blocks: Vec<Vec<&mut [f32]>> = (0..k.div_ceil(BLOCK)).map(|_| Vec::new()).collect();
+        if k > 0 {
+            for panel in panels.chunks_exact_mut(k * NR) {
+                for (b, lines) in panel.chunks_mut(BLOCK * NR).enumerate() {
+                    blocks[b].push(lines);
+                }
+            }
+        }
+        let fill = |(b, block): (usize, Vec<&mut [f32]>)| {
+            for (p, lines) in block.into_iter().enumerate() {
+                let (c0, c1) = (p * NR, ((p + 1) * NR).min(n));
+                for (l, line) in lines.chunks_exact_mut(NR).enumerate() {
+                    let row = (b * BLOCK + l) * n;
+                    line[..c1 - c0].copy_from_slice(&wt[row + c0..row + c1]);
+                }
+            }
+        };
+        if n * k < SERIAL_BELOW {
+            blocks.into_iter().enumerate().for_each(fill);
+        } else {
+            blocks.into_par_iter().enumerate().for_each(fill);
+        }
+        Packed {
+            panels: Panels::F32(panels),
+            k,
+            n,
+        }
     }
 
     /// Panels of `W[j][kk] = at(kk, j)`, zero-padded to whole panels.
@@ -208,7 +255,9 @@ impl Packed {
         // x's value (r, kk) is x[r * x_rows + kk * x_step]: rows in place (x_step 1), or x
         // transposed (x_rows 1, x_step m; f32 only: the bf16 conversion reads rows).
         let (k, width) = (self.k, cols.len());
-        assert!(y_rows >= width && (x_step == 1 || self.precision() == Precision::F32));
+        assert!(
+            y_rows >= width && (x_step == 1 || (x_rows == 1 && self.precision() == Precision::F32))
+        );
         assert!(
             m == 0
                 || k == 0
@@ -303,8 +352,28 @@ impl Packed {
             if let Start::Add(_) = start {
                 segments(&|seg| start.apply(seg, c0));
             }
+            // x read transposed (dW's dYᵀ) is copied per block of lines into rows of this
+            // task's rows (one line of them contiguous): read in place, each of a tile's lines
+            // is a cache line of its own, m values apart, which no prefetcher follows.
+            let transposed = x_step != 1;
+            let mut copy = Vec::new();
+            let mut copied = usize::MAX;
             for (b, &(l0, p)) in blocks.iter().enumerate() {
                 let depth = kc.min(lines - l0);
+                if transposed && copied != l0 {
+                    copy.clear();
+                    for l in l0..l0 + depth {
+                        // SAFETY: line l's values for rows `rows` lie inside x (asserted above:
+                        // x_rows is 1 here).
+                        copy.extend_from_slice(unsafe {
+                            std::slice::from_raw_parts(
+                                x_at.get().add(l * x_step + rows.start).cast_const(),
+                                rows.len(),
+                            )
+                        });
+                    }
+                    copied = l0;
+                }
                 let col = p * NR - cols.start;
                 let pair = step == 2 && p + 1 < panel_range.end;
                 let tiles = rows
@@ -347,11 +416,17 @@ impl Packed {
                     // inside y (asserted above), and reads x rows r..r+tile, lines
                     // l0..l0+depth.
                     unsafe {
+                        let (x, x_stride, x_step) = if transposed {
+                            (copy.as_ptr().add(r - rows.start), 1, rows.len())
+                        } else {
+                            (
+                                x_at.get().add(r * x_stride + l0 * per_line).cast_const(),
+                                x_stride,
+                                1,
+                            )
+                        };
                         kernel.run(Tile {
-                            x: x_at
-                                .get()
-                                .add(r * x_stride + l0 * per_line * x_step)
-                                .cast_const(),
+                            x,
                             x_stride,
                             x_step,
                             panel,
@@ -420,6 +495,87 @@ fn lines(k: usize, precision: Precision) -> usize {
     match precision {
         Precision::F32 => k,
         Precision::Bf16 => k.div_ceil(2),
+    }
+}
+
+/// The f32 panels of `w` (n, k) row-major: a panel is the transpose of its [`NR`] rows of w,
+/// taken 16 x 16 values at a time in registers. Gathering one value of each of 16 rows per
+/// line, as [`fill_panels`] does, cost a training step's forward pass 0.25-0.5 s for its
+/// ~500 MB of weights (ViT-B/32, 2 threads).
+#[cfg(target_arch = "x86_64")]
+fn panels_from_rows_avx512(w: &[f32], n: usize, k: usize) -> Vec<f32> {
+    let mut panels = vec![0f32; n.div_ceil(NR) * k * NR];
+    let fill = |p: usize, panel: &mut [f32]| {
+        let lanes = NR.min(n - p * NR);
+        let rows = &w[p * NR * k..(p * NR + lanes) * k];
+        let whole = if lanes == NR { k / NR * NR } else { 0 };
+        for l0 in (0..whole).step_by(NR) {
+            // SAFETY: avx512f was detected (Kernel::Avx512); the 16 rows' values l0..l0+16
+            // lie inside `rows` (l0 + 16 <= k, 16 rows of k) and lines l0..l0+16 inside
+            // `panel` (k lines of NR).
+            unsafe {
+                transpose16_avx512(rows.as_ptr().add(l0), k, panel.as_mut_ptr().add(l0 * NR))
+            };
+        }
+        for (l, line) in panel.chunks_exact_mut(NR).enumerate().skip(whole) {
+            for (lane, v) in line[..lanes].iter_mut().enumerate() {
+                *v = rows[lane * k + l];
+            }
+        }
+    };
+    if k == 0 {
+        return panels;
+    }
+    if panels.len() < SERIAL_BELOW {
+        for (p, panel) in panels.chunks_exact_mut(k * NR).enumerate() {
+            fill(p, panel);
+        }
+    } else {
+        panels
+            .par_chunks_exact_mut(k * NR)
+            .enumerate()
+            .for_each(|(p, panel)| fill(p, panel));
+    }
+    panels
+}
+
+/// Writes the transpose of the 16 x 16 block at `src` (rows `stride` values apart) to `dst`,
+/// 256 values, its line l being column l of the block. Four rounds over the 16 registers, one
+/// per bit of the row and column numbers: round b swaps bit b of the row with bit b of the
+/// column (`VPERMT2PS` picks each lane from either of a pair of rows 2^b apart).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn transpose16_avx512(src: *const f32, stride: usize, dst: *mut f32) {
+    use std::arch::x86_64::*;
+    let mut r = [_mm512_setzero_ps(); 16];
+    for (i, r) in r.iter_mut().enumerate() {
+        *r = _mm512_loadu_ps(src.add(i * stride));
+    }
+    for d in [8usize, 4, 2, 1] {
+        // Lane j of row i (bit d clear) and of row i + d, from lanes of rows i (index < 16)
+        // and i + d (index 16..32).
+        let (mut lo, mut hi) = ([0i32; 16], [0i32; 16]);
+        for j in 0..16 {
+            let (lo_j, hi_j) = if j & d == 0 {
+                (j, j + d)
+            } else {
+                (16 + j - d, 16 + j)
+            };
+            lo[j] = lo_j as i32;
+            hi[j] = hi_j as i32;
+        }
+        let (lo, hi) = (
+            _mm512_loadu_si512(lo.as_ptr().cast()),
+            _mm512_loadu_si512(hi.as_ptr().cast()),
+        );
+        for i in (0..16).filter(|i| i & d == 0) {
+            let (a, b) = (r[i], r[i + d]);
+            r[i] = _mm512_permutex2var_ps(a, lo, b);
+            r[i + d] = _mm512_permutex2var_ps(a, hi, b);
+        }
+    }
+    for (i, r) in r.iter().enumerate() {
+        _mm512_storeu_ps(dst.add(i * NR), *r);
     }
 }
 
@@ -1073,6 +1229,10 @@ mod tests {
             let wt: Vec<f32> = (0..k * n).map(|i| w[(i % n) * k + i / n]).collect();
             assert_eq!(
                 Packed::from_fn(n, k, |kk, j| wt[kk * n + j]).panels,
+                Packed::from_rows(&w, n, k).panels
+            );
+            assert_eq!(
+                Packed::from_transposed(&wt, n, k).panels,
                 Packed::from_rows(&w, n, k).panels
             );
             for precision in [Precision::F32, Precision::Bf16] {

@@ -139,7 +139,7 @@ fn linear_bwd(x: &Tensor, w: &Tensor, b: Option<&Tensor>, dy: &Tensor) -> Result
     let dx = if x.track_op() {
         // dX (m, k) = dY (m, n) · W: W read as the (k, n) "weight" whose row j is column j of W.
         let g = with_values(w, "linear", |w| {
-            let packed = Packed::from_fn(k, n, |kk, j| w[kk * k + j]);
+            let packed = Packed::from_transposed(w, k, n);
             let mut dx = vec![0f32; m * k];
             packed.product(dy_v, m, &mut dx, 0..k, Start::Zero, None);
             dx
@@ -151,7 +151,7 @@ fn linear_bwd(x: &Tensor, w: &Tensor, b: Option<&Tensor>, dy: &Tensor) -> Result
     let dw = if w.track_op() {
         // dW (n, k) = dYᵀ (n, m) · X (m, k), dY read in place as the transposed operand.
         let g = with_values(x, "linear", |x| {
-            let packed = Packed::from_fn(k, m, |kk, j| x[kk * k + j]);
+            let packed = Packed::from_transposed(x, k, m);
             let mut dw = vec![0f32; n * k];
             packed.product_transposed(dy_v, n, &mut dw, Start::Zero);
             dw
