@@ -523,19 +523,7 @@ fn panels_from_rows_avx512(w: &[f32], n: usize, k: usize) -> Vec<f32> {
             }
         }
     };
-    if k == 0 {
-        return panels;
-    }
-    if panels.len() < SERIAL_BELOW {
-        for (p, panel) in panels.chunks_exact_mut(k * NR).enumerate() {
-            fill(p, panel);
-        }
-    } else {
-        panels
-            .par_chunks_exact_mut(k * NR)
-            .enumerate()
-            .for_each(|(p, panel)| fill(p, panel));
-    }
+    each_panel(&mut panels, k, fill);
     panels
 }
 
@@ -595,11 +583,16 @@ fn fill_panels<T: Copy + Default + Send>(
             }
         }
     };
+    each_panel(&mut panels, lines, fill);
+    panels
+}
+
+/// Runs `fill(p, panel)` on each panel of `lines` lines. A training step packs every weight
+/// and activation it multiplies (up to 40 MB): in parallel when there is enough of it.
+fn each_panel<T: Send>(panels: &mut [T], lines: usize, fill: impl Fn(usize, &mut [T]) + Sync) {
     if lines == 0 {
-        return panels;
+        return;
     }
-    // A training step packs every weight and activation it multiplies (up to 20 MB): in
-    // parallel when there is enough of it.
     if panels.len() < SERIAL_BELOW {
         for (p, panel) in panels.chunks_exact_mut(lines * NR).enumerate() {
             fill(p, panel);
@@ -610,7 +603,6 @@ fn fill_panels<T: Copy + Default + Send>(
             .enumerate()
             .for_each(|(p, panel)| fill(p, panel));
     }
-    panels
 }
 
 /// `v` rounded to the nearest bfloat16, ties to even (as `VCVTNEPS2BF16` rounds); NaN stays NaN.
