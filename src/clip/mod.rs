@@ -5,7 +5,10 @@ pub mod config;
 pub mod embed;
 pub mod fast;
 pub mod load;
-mod matmul;
+/// The packed f32/bf16 product kernels. Public for `benches/products.rs` only: not a stable
+/// API.
+#[doc(hidden)]
+pub mod matmul;
 pub use matmul::Precision;
 pub mod model;
 pub mod preprocess;
