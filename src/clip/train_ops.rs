@@ -149,7 +149,7 @@ fn linear_bwd(x: &Tensor, w: &Tensor, b: Option<&Tensor>, dy: &Tensor) -> Result
         None
     };
     let dw = if w.track_op() {
-        // dW (n, k) = dYᵀ (n, m) · X (m, k), dY read in place as the transposed operand.
+        // dW (n, k) = dYᵀ (n, m) · X (m, k), dY read transposed (no transposed copy of it).
         let g = with_values(x, "linear", |x| {
             let packed = Packed::from_transposed(x, k, m);
             let mut dw = vec![0f32; n * k];
