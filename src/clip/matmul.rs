@@ -42,6 +42,8 @@ const PREFETCH: usize = 32;
 const SERIAL_BELOW: usize = 1 << 16;
 /// Rows per task when there are many.
 const MC: usize = 96;
+/// Values after each row of a copied block of x (see `restride` in `product_with`).
+const RESTRIDE_PAD: usize = 16;
 
 /// The arithmetic of the linear layers' products.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -303,6 +305,10 @@ impl Packed {
             Panels::F32(_) => x_rows,
             Panels::Bf16(_) => lines * per_line,
         };
+        // (See `restride` below.)
+        let copy_rows = matches!(self.panels, Panels::F32(_))
+            && x_step == 1
+            && (x_rows * std::mem::size_of::<f32>()).is_multiple_of(4096);
         let (x_at, panels_at) = (SendPtr(x_at.cast_mut()), SendPtr(panels_at.cast_mut()));
         let first = cols.start / NR;
         let panels = cols.end.div_ceil(NR) - first;
@@ -355,7 +361,13 @@ impl Packed {
             // x read transposed (dW's dYᵀ) is copied per block of lines into rows of this
             // task's rows (one line of them contiguous): read in place, each of a tile's lines
             // is a cache line of its own, m values apart, which no prefetcher follows.
+            // Rows of x a multiple of 4 KB apart (k = 1024, 2048, 3072: fc2's input, fc1's dY)
+            // are copied too, per block of lines, into rows KC + 16 values apart: in place, a
+            // tile's 14 rows would all fall in one of L1's 64 sets (12 ways) and evict each
+            // other's lines. (At 2 KB apart, k = 512, they share two sets, and the copy costs
+            // more than it saves.)
             let transposed = x_step != 1;
+            let restride = !transposed && copy_rows;
             let mut copy = Vec::new();
             let mut copied = usize::MAX;
             for (b, &(l0, p)) in blocks.iter().enumerate() {
@@ -371,6 +383,21 @@ impl Packed {
                                 rows.len(),
                             )
                         });
+                    }
+                    copied = l0;
+                }
+                if restride && copied != l0 {
+                    copy.clear();
+                    for r in rows.clone() {
+                        // SAFETY: row r's values at lines l0..l0 + depth lie inside x (asserted
+                        // above; x_step is 1 here).
+                        copy.extend_from_slice(unsafe {
+                            std::slice::from_raw_parts(
+                                x_at.get().add(r * x_stride + l0 * per_line).cast_const(),
+                                depth * per_line,
+                            )
+                        });
+                        copy.resize(copy.len() + RESTRIDE_PAD, 0.0);
                     }
                     copied = l0;
                 }
@@ -418,6 +445,9 @@ impl Packed {
                     unsafe {
                         let (x, x_stride, x_step) = if transposed {
                             (copy.as_ptr().add(r - rows.start), 1, rows.len())
+                        } else if restride {
+                            let stride = depth * per_line + RESTRIDE_PAD;
+                            (copy.as_ptr().add((r - rows.start) * stride), stride, 1)
                         } else {
                             (
                                 x_at.get().add(r * x_stride + l0 * per_line).cast_const(),
@@ -1203,6 +1233,8 @@ mod tests {
             (1, 1, 1),
             (5, 7, 3),
             (12, 512, 40),
+            // rows of x 8 KB apart: copied per block of lines (`restride`)
+            (211, 2048, 70),
             (13, 1100, 33),
             (50, 64, 768),
             (200, 96, 17),
