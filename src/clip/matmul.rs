@@ -14,6 +14,7 @@
 //! shape, pairs multiplied by `VDPBF16PS`) and AVX2/FMA (6 x 16, for f32 and for bf16 widened
 //! to f32); elsewhere portable versions of the same loops.
 
+use std::mem::MaybeUninit;
 use std::ops::Range;
 
 use rayon::prelude::*;
@@ -130,22 +131,38 @@ impl Packed {
     pub fn from_transposed(wt: &[f32], n: usize, k: usize) -> Packed {
         assert_eq!(wt.len(), n * k);
         const BLOCK: usize = 64;
-        let mut panels = vec![0f32; n.div_ceil(NR) * k * NR];
+        // Not zeroed first (39 MB for a batch's X): every value is written below, padding
+        // included.
+        let len = n.div_ceil(NR) * k * NR;
+        let mut panels: Vec<f32> = Vec::with_capacity(len);
+        let uninit = &mut panels.spare_capacity_mut()[..len];
         // blocks[b][p]: lines b·BLOCK.. of panel p.
-        let mut blocks: Vec<Vec<&mut [f32]>> = (0..k.div_ceil(BLOCK)).map(|_| Vec::new()).collect();
+        let mut blocks: Vec<Vec<&mut [MaybeUninit<f32>]>> =
+            (0..k.div_ceil(BLOCK)).map(|_| Vec::new()).collect();
         if k > 0 {
-            for panel in panels.chunks_exact_mut(k * NR) {
+            for panel in uninit.chunks_exact_mut(k * NR) {
                 for (b, lines) in panel.chunks_mut(BLOCK * NR).enumerate() {
                     blocks[b].push(lines);
                 }
             }
         }
-        let fill = |(b, block): (usize, Vec<&mut [f32]>)| {
+        let fill = |(b, block): (usize, Vec<&mut [MaybeUninit<f32>]>)| {
             for (p, lines) in block.into_iter().enumerate() {
                 let (c0, c1) = (p * NR, ((p + 1) * NR).min(n));
                 for (l, line) in lines.chunks_exact_mut(NR).enumerate() {
                     let row = (b * BLOCK + l) * n;
-                    line[..c1 - c0].copy_from_slice(&wt[row + c0..row + c1]);
+                    let values = &wt[row + c0..row + c1];
+                    // SAFETY: the line has NR slots, at least as many as there are values.
+                    // (A whole line is a copy of constant size: inlined, not a call to memcpy.)
+                    unsafe {
+                        let to = line.as_mut_ptr().cast::<f32>();
+                        if values.len() == NR {
+                            std::ptr::copy_nonoverlapping(values.as_ptr(), to, NR);
+                        } else {
+                            std::ptr::copy_nonoverlapping(values.as_ptr(), to, values.len());
+                            std::ptr::write_bytes(to.add(values.len()), 0, NR - values.len());
+                        }
+                    }
                 }
             }
         };
@@ -154,6 +171,9 @@ impl Packed {
         } else {
             blocks.into_par_iter().enumerate().for_each(fill);
         }
+        // SAFETY: the blocks cover every line of every panel, and `fill` writes all NR values
+        // of each line.
+        unsafe { panels.set_len(len) };
         Packed {
             panels: Panels::F32(panels),
             k,
@@ -241,6 +261,57 @@ impl Packed {
         self.product_with(kernel, xt, m, y, 0..self.n, false, strides, start, None)
     }
 
+    /// `y (m, n) = x (m, k) · Wᵀ` (+ `bias`) into a new output: [`Packed::product`] over all
+    /// columns without first zeroing the output (every value is written once the product ends).
+    pub fn product_new(&self, x: &[f32], m: usize, bias: Option<&[f32]>) -> Vec<f32> {
+        let start = bias.map_or(Start::Zero, Start::Fill);
+        let strides = (self.k, 1, self.n);
+        self.product_new_with(x, m, strides, start)
+    }
+
+    /// [`Packed::product_transposed`] into a new output, started from zeros.
+    pub fn product_transposed_new(&self, xt: &[f32], m: usize) -> Vec<f32> {
+        assert_eq!(self.precision(), Precision::F32);
+        self.product_new_with(xt, m, (1, m, self.n), Start::Zero)
+    }
+
+    fn product_new_with(
+        &self,
+        x: &[f32],
+        m: usize,
+        strides: (usize, usize, usize),
+        start: Start,
+    ) -> Vec<f32> {
+        let len = m * self.n;
+        let kernel = Kernel::detect(self.precision());
+        if self.k == 0 {
+            let mut y = vec![0f32; len];
+            self.product_with(kernel, x, m, &mut y, 0..self.n, false, strides, start, None);
+            return y;
+        }
+        assert!(matches!(start, Start::Zero | Start::Fill(_)));
+        let mut y: Vec<f32> = Vec::with_capacity(len);
+        // SAFETY: with k > 0 and a start that is not read from y (zeros or a bias), the
+        // product's tiles cover every (row, column) of y (m rows of n) and each tile's first
+        // block of lines writes its values before a later block reads them back.
+        unsafe {
+            let out = y.spare_capacity_mut().as_mut_ptr().cast::<f32>();
+            self.product_raw(
+                kernel,
+                x,
+                m,
+                (out, len),
+                0..self.n,
+                false,
+                strides,
+                start,
+                None,
+            );
+            y.set_len(len);
+        }
+        y
+    }
+
     #[allow(clippy::too_many_arguments)]
     fn product_with(
         &self,
@@ -248,6 +319,44 @@ impl Packed {
         x: &[f32],
         m: usize,
         y: &mut [f32],
+        cols: Range<usize>,
+        serial: bool,
+        strides: (usize, usize, usize),
+        start: Start,
+        finish: Option<&Finish<'_>>,
+    ) {
+        let (k, width, y_rows) = (self.k, cols.len(), strides.2);
+        if k == 0 && m > 0 && width > 0 {
+            assert!(y_rows >= width && y.len() >= (m - 1) * y_rows + width);
+            if let Start::Fill(b) | Start::Add(b) = start {
+                assert_eq!(b.len(), width);
+            }
+            for row in y.chunks_mut(y_rows).take(m) {
+                let row = &mut row[..width];
+                start.apply(row, 0);
+                if let Some(f) = finish {
+                    f(row, 0);
+                }
+            }
+            return;
+        }
+        let y = (y.as_mut_ptr(), y.len());
+        // SAFETY: y is initialized.
+        unsafe { self.product_raw(kernel, x, m, y, cols, serial, strides, start, finish) }
+    }
+
+    /// The product on `y` given as (pointer, length), k > 0.
+    ///
+    /// SAFETY: y's values that `start` or `finish` read, or that a block of lines after the
+    /// first accumulates onto, are initialized: all of y, unless `start` is `Zero` or `Fill`
+    /// and there is no `finish` (then the first block writes before anything reads).
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn product_raw(
+        &self,
+        kernel: Kernel,
+        x: &[f32],
+        m: usize,
+        (y_ptr, y_len): (*mut f32, usize),
         cols: Range<usize>,
         serial: bool,
         (x_rows, x_step, y_rows): (usize, usize, usize),
@@ -258,29 +367,20 @@ impl Packed {
         // transposed (x_rows 1, x_step m; f32 only: the bf16 conversion reads rows).
         let (k, width) = (self.k, cols.len());
         assert!(
-            y_rows >= width && (x_step == 1 || (x_rows == 1 && self.precision() == Precision::F32))
+            k > 0
+                && y_rows >= width
+                && (x_step == 1 || (x_rows == 1 && self.precision() == Precision::F32))
         );
         assert!(
             m == 0
-                || k == 0
                 || (x.len() > (m - 1) * x_rows + (k - 1) * x_step
-                    && y.len() >= (m - 1) * y_rows + width)
+                    && y_len >= (m - 1) * y_rows + width)
         );
         assert_eq!(kernel.precision(), self.precision());
         if let Start::Fill(b) | Start::Add(b) = start {
             assert_eq!(b.len(), width);
         }
         if m == 0 || width == 0 {
-            return;
-        }
-        if k == 0 {
-            for row in y.chunks_mut(y_rows).take(m) {
-                let row = &mut row[..width];
-                start.apply(row, 0);
-                if let Some(f) = finish {
-                    f(row, 0);
-                }
-            }
             return;
         }
         let threads = if serial || m * width * k < SERIAL_BELOW {
@@ -320,7 +420,7 @@ impl Packed {
             .div_ceil((8 * threads).div_ceil(row_chunks).max(1))
             .clamp(1, 16);
         let groups = panels.div_ceil(per_group);
-        let out = SendPtr(y.as_mut_ptr());
+        let out = SendPtr(y_ptr);
         let task = |task: usize| {
             let (rc, g) = (task / groups, task % groups);
             let rows = rc * row_chunk..((rc + 1) * row_chunk).min(m);
@@ -1255,6 +1355,9 @@ mod tests {
                 Packed::from_fn(n, k, |kk, j| wt[kk * n + j]).panels,
                 Packed::from_rows(&w, n, k).panels
             );
+            // (from_transposed does not zero its panels first: NaNs freed just before would
+            // show in padding it left unwritten.)
+            drop(vec![f32::NAN; n.div_ceil(NR) * k * NR]);
             assert_eq!(
                 Packed::from_transposed(&wt, n, k).panels,
                 Packed::from_rows(&w, n, k).panels
@@ -1278,6 +1381,33 @@ mod tests {
                 let packed = Packed::from_rows_in(&w, n, k, precision);
                 assert_eq!((packed.n_out(), packed.precision()), (n, precision));
                 check(&packed, precision, &x, (m, k, n), &start, &want);
+                // Into a new output, never zeroed: a block of NaNs is freed first so that the
+                // allocator likely hands it back, and any value read before it is written shows.
+                let bias: Vec<f32> = (0..n).map(|j| 0.5 - j as f32).collect();
+                let xt: Vec<f32> = (0..k * m).map(|i| x[(i % m) * k + i / m]).collect();
+                let fresh = |f: &dyn Fn() -> Vec<f32>| {
+                    drop(vec![f32::NAN; m * n]);
+                    f()
+                };
+                let mut outputs = vec![
+                    (fresh(&|| packed.product_new(&x, m, None)), false),
+                    (fresh(&|| packed.product_new(&x, m, Some(&bias))), true),
+                ];
+                if precision == Precision::F32 {
+                    outputs.push((fresh(&|| packed.product_transposed_new(&xt, m)), false));
+                }
+                for (got, biased) in outputs {
+                    assert_eq!(got.len(), m * n);
+                    for (i, &got) in got.iter().enumerate() {
+                        let b = if biased { bias[i % n] as f64 } else { 0.0 };
+                        let want = want[i] - start[i] as f64 + b;
+                        let tol = 1e-5 * (k as f64).sqrt() * want.abs().max(1.0);
+                        assert!(
+                            (got as f64 - want).abs() <= tol,
+                            "new output m{m} k{k} n{n} at {i}: {got} vs {want}"
+                        );
+                    }
+                }
             }
         }
     }

@@ -19,7 +19,7 @@ use super::config::Activation;
 use super::fast::{
     add_assign, erf, exp, gelu, gelu_tanh, norm_row, par_rows, quick_gelu, row_stats, softmax_row,
 };
-use super::matmul::{Packed, Start};
+use super::matmul::Packed;
 
 /// The f32 values of a contiguous CPU storage.
 fn values<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f32]> {
@@ -115,13 +115,7 @@ fn linear_fwd(
     if let Some(b) = b.filter(|b| b.len() != n) {
         bail!("linear: bias of {} values for {n} outputs", b.len())
     }
-    let packed = Packed::from_rows(w, n, k);
-    let mut y = vec![0f32; m * n];
-    let start = match b {
-        Some(b) => Start::Fill(b),
-        None => Start::Zero,
-    };
-    packed.product(x, m, &mut y, 0..n, start, None);
+    let y = Packed::from_rows(w, n, k).product_new(x, m, b);
     Ok((CpuStorage::F32(y), Shape::from(out)))
 }
 
@@ -139,10 +133,7 @@ fn linear_bwd(x: &Tensor, w: &Tensor, b: Option<&Tensor>, dy: &Tensor) -> Result
     let dx = if x.track_op() {
         // dX (m, k) = dY (m, n) · W: W read as the (k, n) "weight" whose row j is column j of W.
         let g = with_values(w, "linear", |w| {
-            let packed = Packed::from_transposed(w, k, n);
-            let mut dx = vec![0f32; m * k];
-            packed.product(dy_v, m, &mut dx, 0..k, Start::Zero, None);
-            dx
+            Packed::from_transposed(w, k, n).product_new(dy_v, m, None)
         })?;
         Some(tensor(g, x.shape())?)
     } else {
@@ -151,10 +142,7 @@ fn linear_bwd(x: &Tensor, w: &Tensor, b: Option<&Tensor>, dy: &Tensor) -> Result
     let dw = if w.track_op() {
         // dW (n, k) = dYᵀ (n, m) · X (m, k), dY read transposed (no transposed copy of it).
         let g = with_values(x, "linear", |x| {
-            let packed = Packed::from_transposed(x, k, m);
-            let mut dw = vec![0f32; n * k];
-            packed.product_transposed(dy_v, n, &mut dw, Start::Zero);
-            dw
+            Packed::from_transposed(x, k, m).product_transposed_new(dy_v, n)
         })?;
         Some(tensor(g, w.shape())?)
     } else {
