@@ -326,7 +326,10 @@ impl Packed {
         finish: Option<&Finish<'_>>,
     ) {
         let (k, width, y_rows) = (self.k, cols.len(), strides.2);
-        if k == 0 && m > 0 && width > 0 {
+        if k == 0 {
+            if m == 0 || width == 0 {
+                return;
+            }
             assert!(y_rows >= width && y.len() >= (m - 1) * y_rows + width);
             if let Start::Fill(b) | Start::Add(b) = start {
                 assert_eq!(b.len(), width);
@@ -1320,6 +1323,25 @@ unsafe fn tile_bf16_avx512<const R: usize>(t: Tile) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn products_of_empty_shapes() {
+        // k = 0: y is its start (zeros, or the bias on every row); m = 0: nothing.
+        let bias = [1.0, -2.0, 3.5];
+        let empty = Packed::from_fn(3, 0, |_, _| unreachable!());
+        assert_eq!(
+            empty.product_new(&[], 2, Some(&bias)),
+            [bias, bias].concat()
+        );
+        assert_eq!(empty.product_new(&[], 2, None), [0.0; 6]);
+        assert_eq!(empty.product_transposed_new(&[], 2), [0.0; 6]);
+        assert!(empty.product_new(&[], 0, Some(&bias)).is_empty());
+        let packed = Packed::from_fn(3, 4, |kk, j| (kk + j) as f32);
+        assert!(packed.product_new(&[], 0, None).is_empty());
+        let mut y = vec![7.0; 6];
+        packed.product(&[0.0; 8], 2, &mut y, 0..0, Start::Zero, None);
+        assert_eq!(y, [7.0; 6]);
+    }
 
     /// Every path (full and partial panels, every tile height, odd depths, several depth
     /// blocks, one and many tasks) of every kernel of both precisions that this CPU runs (a
