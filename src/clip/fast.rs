@@ -223,6 +223,43 @@ pub(super) fn lane_sum(x: &[f32], f: impl Fn(f32) -> f32) -> f32 {
     acc.iter().sum::<f32>() + tail.iter().map(|&v| f(v)).sum::<f32>()
 }
 
+/// The largest value of `x` (NaNs skipped, -inf for none), in 16 lanes: a plain fold is a
+/// chain of dependent scalar maxima, which dominated a softmax over 50 scores.
+#[inline(always)]
+pub(super) fn lane_max(x: &[f32]) -> f32 {
+    let mut acc = [f32::NEG_INFINITY; 16];
+    let chunks = x.chunks_exact(16);
+    let tail = chunks.remainder();
+    for c in chunks {
+        for l in 0..16 {
+            acc[l] = if c[l] > acc[l] { c[l] } else { acc[l] };
+        }
+    }
+    acc.iter()
+        .chain(tail)
+        .copied()
+        .fold(f32::NEG_INFINITY, f32::max)
+}
+
+/// `Σ a·b` in 16 lanes (see [`lane_sum`]).
+#[inline(always)]
+pub(super) fn lane_dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 16];
+    let (ca, cb) = (a.chunks_exact(16), b.chunks_exact(16));
+    let tail: f32 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(a, b)| a * b)
+        .sum();
+    for (a, b) in ca.zip(cb) {
+        for l in 0..16 {
+            acc[l] += a[l] * b[l];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
 /// transformers' `nn.LayerNorm` (weight and bias).
 struct Norm {
     weight: Vec<f32>,
@@ -392,7 +429,7 @@ fn attend(
 pub(super) fn softmax_row(row: &mut [f32], visible: usize) {
     let (s, masked) = row.split_at_mut(visible);
     masked.fill(0.0);
-    let max = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let max = lane_max(s);
     for v in s.iter_mut() {
         *v = exp(*v - max);
     }

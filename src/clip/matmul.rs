@@ -107,15 +107,33 @@ impl Packed {
     /// [`Packed::from_rows`] at `precision`.
     pub fn from_rows_in(w: &[f32], n: usize, k: usize, precision: Precision) -> Packed {
         assert_eq!(w.len(), n * k);
+        Packed::from_rows_strided_in(w, k, n, k, precision)
+    }
+
+    /// [`Packed::from_rows`] for rows `stride` values apart: row j of W is
+    /// `w[j * stride..j * stride + k]` (attention's keys of one head, among a sequence's rows
+    /// of q, k and v).
+    pub fn from_rows_strided(w: &[f32], stride: usize, n: usize, k: usize) -> Packed {
+        Packed::from_rows_strided_in(w, stride, n, k, Precision::F32)
+    }
+
+    fn from_rows_strided_in(
+        w: &[f32],
+        stride: usize,
+        n: usize,
+        k: usize,
+        precision: Precision,
+    ) -> Packed {
+        assert!(stride >= k && (n == 0 || w.len() >= (n - 1) * stride + k));
         #[cfg(target_arch = "x86_64")]
         if precision == Precision::F32 && Kernel::detect(precision) == Kernel::Avx512 {
             return Packed {
-                panels: Panels::F32(panels_from_rows_avx512(w, n, k)),
+                panels: Panels::F32(panels_from_rows_avx512(w, stride, n, k)),
                 k,
                 n,
             };
         }
-        Packed::pack(n, k, precision, |kk, j| w[j * k + kk])
+        Packed::pack(n, k, precision, |kk, j| w[j * stride + kk])
     }
 
     /// Packs the f32 weight `W[j][kk] = at(kk, j)`, (n, k), read from wherever `at` finds it.
@@ -130,6 +148,14 @@ impl Packed {
     /// 32 ms).
     pub fn from_transposed(wt: &[f32], n: usize, k: usize) -> Packed {
         assert_eq!(wt.len(), n * k);
+        Packed::from_transposed_strided(wt, n, n, k)
+    }
+
+    /// [`Packed::from_transposed`] for rows of Wᵀ `stride` values apart: line kk of W is
+    /// `wt[kk * stride..kk * stride + n]` (attention's values of one head, among a sequence's
+    /// rows of q, k and v).
+    pub fn from_transposed_strided(wt: &[f32], stride: usize, n: usize, k: usize) -> Packed {
+        assert!(stride >= n && (k == 0 || wt.len() >= (k - 1) * stride + n));
         const BLOCK: usize = 64;
         // Not zeroed first (39 MB for a batch's X): every value is written below, padding
         // included.
@@ -150,7 +176,7 @@ impl Packed {
             for (p, lines) in block.into_iter().enumerate() {
                 let (c0, c1) = (p * NR, ((p + 1) * NR).min(n));
                 for (l, line) in lines.chunks_exact_mut(NR).enumerate() {
-                    let row = (b * BLOCK + l) * n;
+                    let row = (b * BLOCK + l) * stride;
                     let values = &wt[row + c0..row + c1];
                     // SAFETY: the line has NR slots, at least as many as there are values.
                     // (A whole line is a copy of constant size: inlined, not a call to memcpy.)
@@ -636,23 +662,27 @@ fn lines(k: usize, precision: Precision) -> usize {
 /// line, as [`fill_panels`] does, cost a training step's forward pass 0.25-0.5 s for its
 /// ~500 MB of weights (ViT-B/32, 2 threads).
 #[cfg(target_arch = "x86_64")]
-fn panels_from_rows_avx512(w: &[f32], n: usize, k: usize) -> Vec<f32> {
+fn panels_from_rows_avx512(w: &[f32], stride: usize, n: usize, k: usize) -> Vec<f32> {
     let mut panels = vec![0f32; n.div_ceil(NR) * k * NR];
     let fill = |p: usize, panel: &mut [f32]| {
         let lanes = NR.min(n - p * NR);
-        let rows = &w[p * NR * k..(p * NR + lanes) * k];
+        let rows = &w[p * NR * stride..(p * NR + lanes - 1) * stride + k];
         let whole = if lanes == NR { k / NR * NR } else { 0 };
         for l0 in (0..whole).step_by(NR) {
             // SAFETY: avx512f was detected (Kernel::Avx512); the 16 rows' values l0..l0+16
-            // lie inside `rows` (l0 + 16 <= k, 16 rows of k) and lines l0..l0+16 inside
-            // `panel` (k lines of NR).
+            // lie inside `rows` (l0 + 16 <= k, 16 rows `stride` apart, the last one ending at
+            // k) and lines l0..l0+16 inside `panel` (k lines of NR).
             unsafe {
-                transpose16_avx512(rows.as_ptr().add(l0), k, panel.as_mut_ptr().add(l0 * NR))
+                transpose16_avx512(
+                    rows.as_ptr().add(l0),
+                    stride,
+                    panel.as_mut_ptr().add(l0 * NR),
+                )
             };
         }
         for (l, line) in panel.chunks_exact_mut(NR).enumerate().skip(whole) {
             for (lane, v) in line[..lanes].iter_mut().enumerate() {
-                *v = rows[lane * k + l];
+                *v = rows[lane * stride + l];
             }
         }
     };
@@ -1384,6 +1414,27 @@ mod tests {
                 Packed::from_transposed(&wt, n, k).panels,
                 Packed::from_rows(&w, n, k).panels
             );
+            // The same rows a few values apart (the padding between them never read: NaN).
+            let gap = 1 + k % 3;
+            let spread = |v: &[f32], len: usize| -> Vec<f32> {
+                v.chunks(len.max(1))
+                    .flat_map(|row| {
+                        row.iter()
+                            .copied()
+                            .chain([f32::NAN; 3].into_iter().take(gap))
+                    })
+                    .collect()
+            };
+            if k > 0 && n > 0 {
+                assert_eq!(
+                    Packed::from_rows_strided(&spread(&w, k), k + gap, n, k).panels,
+                    Packed::from_rows(&w, n, k).panels
+                );
+                assert_eq!(
+                    Packed::from_transposed_strided(&spread(&wt, n), n + gap, n, k).panels,
+                    Packed::from_rows(&w, n, k).panels
+                );
+            }
             for precision in [Precision::F32, Precision::Bf16] {
                 // bf16 products are exact in f32: the reference is f64 arithmetic on the
                 // rounded values.

@@ -17,7 +17,8 @@ use rayon::prelude::*;
 
 use super::config::Activation;
 use super::fast::{
-    add_assign, erf, exp, gelu, gelu_tanh, norm_row, par_rows, quick_gelu, row_stats, softmax_row,
+    add_assign, erf, exp, gelu, gelu_tanh, lane_dot, norm_row, par_rows, quick_gelu, row_stats,
+    softmax_row,
 };
 use super::matmul::Packed;
 
@@ -475,18 +476,6 @@ struct Seq<'a> {
     h: usize,
 }
 
-impl Seq<'_> {
-    fn q(&self, pos: usize, col: usize, i: usize) -> f32 {
-        self.qkv[pos * 3 * self.h + col + i]
-    }
-    fn k(&self, pos: usize, col: usize, i: usize) -> f32 {
-        self.qkv[pos * 3 * self.h + self.h + col + i]
-    }
-    fn v(&self, pos: usize, col: usize, i: usize) -> f32 {
-        self.qkv[pos * 3 * self.h + 2 * self.h + col + i]
-    }
-}
-
 impl AttentionOp {
     fn dims(&self, shape: &Shape) -> Result<(usize, usize, usize, usize)> {
         let (b, s, h3) = shape.dims3()?;
@@ -500,7 +489,7 @@ impl AttentionOp {
     /// The attention weights of one head: (s, s), row i the softmax of query i's scores.
     fn weights(&self, seq: &Seq, col: usize, d: usize) -> Vec<f32> {
         let s = seq.s;
-        let keys = Packed::from_fn(s, d, |kk, j| seq.k(j, col, kk));
+        let keys = Packed::from_rows_strided(&seq.qkv[seq.h + col..], 3 * seq.h, s, d);
         let mut p = vec![0f32; s * s];
         keys.accumulate_serial_strided(&seq.qkv[col..], 3 * seq.h, s, &mut p, s);
         for (i, row) in p.chunks_exact_mut(s).enumerate() {
@@ -531,7 +520,8 @@ impl CustomOp1 for AttentionOp {
                 };
                 for col in (0..h).step_by(d) {
                     let p = self.weights(&seq, col, d);
-                    let values = Packed::from_fn(d, s, |kk, j| seq.v(kk, col, j));
+                    let values =
+                        Packed::from_transposed_strided(&seq.qkv[2 * h + col..], 3 * h, d, s);
                     values.accumulate_serial_strided(&p, s, s, &mut out[col..], h);
                 }
             });
@@ -577,25 +567,36 @@ impl AttentionOp {
         let p = self.weights(seq, col, d);
         // dV (s, d) = Pᵀ (s, s) · dO (s, d)
         let pt = transpose(&p, s, s);
-        let d_out = Packed::from_fn(d, s, |kk, j| dout[kk * h + col + j]);
+        let d_out = Packed::from_transposed_strided(&dout[col..], h, d, s);
         d_out.accumulate_serial_strided(&pt, s, s, &mut g[2 * h + col..], 3 * h);
         // dP (s, s) = dO (s, d) · Vᵀ
-        let values = Packed::from_fn(s, d, |kk, j| seq.v(j, col, kk));
+        let values = Packed::from_rows_strided(&seq.qkv[2 * h + col..], 3 * h, s, d);
         let mut ds = vec![0f32; s * s];
         values.accumulate_serial_strided(&dout[col..], h, s, &mut ds, s);
         for (dp, p) in ds.chunks_exact_mut(s).zip(p.chunks_exact(s)) {
-            let dot: f32 = dp.iter().zip(p).map(|(a, b)| a * b).sum();
-            for (dp, &p) in dp.iter_mut().zip(p) {
-                *dp = self.scale * p * (*dp - dot);
-            }
+            softmax_row_bwd(dp, p, self.scale);
         }
         // dQ (s, d) = dS (s, s) · K (s, d)
-        let keys = Packed::from_fn(d, s, |kk, j| seq.k(kk, col, j));
+        let keys = Packed::from_transposed_strided(&seq.qkv[h + col..], 3 * h, d, s);
         keys.accumulate_serial_strided(&ds, s, s, &mut g[col..], 3 * h);
         // dK (s, d) = dSᵀ (s, s) · Q (s, d)
         let dst = transpose(&ds, s, s);
-        let queries = Packed::from_fn(d, s, |kk, j| seq.q(kk, col, j));
+        let queries = Packed::from_transposed_strided(&seq.qkv[col..], 3 * h, d, s);
         queries.accumulate_serial_strided(&dst, s, s, &mut g[h + col..], 3 * h);
+    }
+}
+
+/// One row of the scores' gradient from the weights' (`dp`, in place) and the weights `p`:
+/// `scale · p ⊙ (dp − dp·p)`.
+#[multiversion(targets(
+    "x86_64+avx512f+avx512bw+avx512vl+avx512dq+fma",
+    "x86_64+avx2+fma",
+    "aarch64+neon"
+))]
+fn softmax_row_bwd(dp: &mut [f32], p: &[f32], scale: f32) {
+    let dot = lane_dot(dp, p);
+    for (dp, &p) in dp.iter_mut().zip(p) {
+        *dp = scale * p * (*dp - dot);
     }
 }
 
