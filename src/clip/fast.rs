@@ -241,25 +241,6 @@ pub(super) fn lane_max(x: &[f32]) -> f32 {
         .fold(f32::NEG_INFINITY, f32::max)
 }
 
-/// `Σ a·b` in 16 lanes (see [`lane_sum`]).
-#[inline(always)]
-pub(super) fn lane_dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 16];
-    let (ca, cb) = (a.chunks_exact(16), b.chunks_exact(16));
-    let tail: f32 = ca
-        .remainder()
-        .iter()
-        .zip(cb.remainder())
-        .map(|(a, b)| a * b)
-        .sum();
-    for (a, b) in ca.zip(cb) {
-        for l in 0..16 {
-            acc[l] += a[l] * b[l];
-        }
-    }
-    acc.iter().sum::<f32>() + tail
-}
-
 /// transformers' `nn.LayerNorm` (weight and bias).
 struct Norm {
     weight: Vec<f32>,

@@ -17,10 +17,10 @@ use rayon::prelude::*;
 
 use super::config::Activation;
 use super::fast::{
-    add_assign, erf, exp, gelu, gelu_tanh, lane_dot, norm_row, par_rows, quick_gelu, row_stats,
-    softmax_row,
+    add_assign, erf, exp, gelu, gelu_tanh, norm_row, par_rows, quick_gelu, row_stats, softmax_row,
 };
 use super::matmul::Packed;
+use crate::vector::distance::dot_f32;
 
 /// The f32 values of a contiguous CPU storage.
 fn values<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f32]> {
@@ -594,7 +594,7 @@ impl AttentionOp {
     "aarch64+neon"
 ))]
 fn softmax_row_bwd(dp: &mut [f32], p: &[f32], scale: f32) {
-    let dot = lane_dot(dp, p);
+    let dot = dot_f32(dp, p) as f32;
     for (dp, &p) in dp.iter_mut().zip(p) {
         *dp = scale * p * (*dp - dot);
     }
