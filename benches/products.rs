@@ -1,6 +1,7 @@
 //! The linear-layer products of one CLIP training step (ViT-B/32 at batch 32 and 64, the text
-//! tower at ~12-token captions), as `clip::train_ops` runs them: each timing includes packing
-//! the operand into panels and allocating the output, as a step does on every call.
+//! tower at ~12-token captions), as `clip::train_ops` runs them (`product_new`,
+//! `product_transposed_new`): each timing includes packing the operand into panels and
+//! allocating the output (not zeroed), as a step does on every call.
 //!
 //!     cargo bench --locked --bench products            # a table
 //!     cargo bench --locked --bench products -- --json  # one JSON object per line
@@ -8,7 +9,7 @@
 //! `benches/products_bench.py` runs this and torch's matmuls on the same shapes in one
 //! invocation and prints the ratios. Threads: rayon's default (RAYON_NUM_THREADS).
 
-use archaeclip::clip::matmul::{Packed, Start};
+use archaeclip::clip::matmul::Packed;
 use std::hint::black_box;
 use std::time::Instant;
 
@@ -74,9 +75,7 @@ fn main() {
                 "fwd",
                 Box::new(|| {
                     let packed = Packed::from_rows(&w, n, k);
-                    let mut y = vec![0f32; m * n];
-                    packed.product(&x, m, &mut y, 0..n, Start::Zero, None);
-                    black_box(y);
+                    black_box(packed.product_new(&x, m, None));
                 }),
             ),
             // dX (m, k) = dY (m, n) · W
@@ -84,9 +83,7 @@ fn main() {
                 "dX",
                 Box::new(|| {
                     let packed = Packed::from_transposed(&w, k, n);
-                    let mut dx = vec![0f32; m * k];
-                    packed.product(&dy, m, &mut dx, 0..k, Start::Zero, None);
-                    black_box(dx);
+                    black_box(packed.product_new(&dy, m, None));
                 }),
             ),
             // dW (n, k) = dYᵀ (n, m) · X (m, k)
@@ -94,9 +91,7 @@ fn main() {
                 "dW",
                 Box::new(|| {
                     let packed = Packed::from_transposed(&x, k, m);
-                    let mut dw = vec![0f32; n * k];
-                    packed.product_transposed(&dy, n, &mut dw, Start::Zero);
-                    black_box(dw);
+                    black_box(packed.product_transposed_new(&dy, n));
                 }),
             ),
         ];

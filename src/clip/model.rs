@@ -14,7 +14,7 @@ use candle_nn::VarBuilder;
 use super::config::{Activation, ClipConfig, TowerConfig};
 use super::fast::{pool_index, FastClip};
 use super::matmul::Precision;
-use super::train_ops::{activate, attention, layer_norm, linear};
+use super::train_ops::{activate, attention, layer_norm, linear, linear_activate};
 
 /// transformers' `nn.Linear`: weight (out, in), optional bias.
 struct Linear {
@@ -123,10 +123,12 @@ impl EncoderLayer {
             .self_attn
             .forward(&self.layer_norm1.forward(xs)?, causal)?
             + xs)?;
-        let mlp = self.fc2.forward(&activate(
-            self.act,
-            &self.fc1.forward(&self.layer_norm2.forward(&xs)?)?,
-        )?)?;
+        let hidden = self.layer_norm2.forward(&xs)?;
+        let hidden = match &self.fc1.bias {
+            Some(b) => linear_activate(&hidden, &self.fc1.weight, b, self.act)?,
+            None => activate(self.act, &self.fc1.forward(&hidden)?)?,
+        };
+        let mlp = self.fc2.forward(&hidden)?;
         mlp + xs
     }
 }

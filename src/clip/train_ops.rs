@@ -5,7 +5,9 @@
 //!
 //! Each op's forward is the inference path's arithmetic; each backward recomputes what it
 //! needs from the op's inputs (the layer norm's statistics, the attention weights) instead of
-//! keeping it alive between the passes. A gradient is computed only for an input that needs
+//! keeping it alive between the passes. The one exception is fc1 fused with its activation,
+//! which keeps the values before the activation (as candle's graph kept them as the separate
+//! activation's input). A gradient is computed only for an input that needs
 //! one (`track_op`): a frozen layer costs no dW. The tests check every op, forward and
 //! backward, against the same function composed of candle's own differentiable ops.
 
@@ -456,6 +458,70 @@ pub fn activate(act: Activation, x: &Tensor) -> Result<Tensor> {
     x.contiguous()?.apply_op1(ActivationOp(act))
 }
 
+/// `act(x·Wᵀ + b)`, the MLP's fc1 and its activation, as one op: the product starts from the
+/// bias, the activation is one pass over its output, and the values before the activation
+/// are kept in the op for the backward pass (the activation's derivative needs them) instead
+/// of being a node of candle's graph, whose gradient candle would start from a zeros tensor
+/// and add onto (two more passes over a (tokens, 4 x hidden) tensor per layer).
+struct LinearActOp {
+    act: Activation,
+    pre: std::sync::Mutex<Option<Vec<f32>>>,
+}
+
+impl CustomOp3 for LinearActOp {
+    fn name(&self) -> &'static str {
+        "archaeclip-linear-activation"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+        bs: &CpuStorage,
+        bl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (pre, shape) = linear_fwd((xs, xl), (ws, wl), Some((bs, bl)))?;
+        let CpuStorage::F32(pre) = pre else {
+            bail!("linear: expected f32 values")
+        };
+        let mut y = vec![0f32; pre.len()];
+        par_pieces(&pre, &mut y, |at, o| {
+            act_fwd(&pre[at..at + o.len()], o, self.act)
+        });
+        *self.pre.lock().unwrap_or_else(|e| e.into_inner()) = Some(pre);
+        Ok((CpuStorage::F32(y), shape))
+    }
+
+    fn bwd(&self, x: &Tensor, w: &Tensor, b: &Tensor, y: &Tensor, dy: &Tensor) -> Result<Grads3> {
+        let kept = self.pre.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(pre) = kept.as_ref() else {
+            bail!("linear-activation: backward before forward")
+        };
+        let dpre = with_values(dy, "linear-activation", |dy| {
+            let mut dpre = vec![0f32; pre.len()];
+            par_pieces(pre, &mut dpre, |at, o| {
+                let n = o.len();
+                act_bwd(&pre[at..at + n], &dy[at..at + n], o, self.act)
+            });
+            dpre
+        })?;
+        drop(kept);
+        linear_bwd(x, w, Some(b), &tensor(dpre, y.shape())?)
+    }
+}
+
+/// `act(x·Wᵀ + b)` (fc1 and the MLP's activation), differentiable.
+pub fn linear_activate(x: &Tensor, w: &Tensor, b: &Tensor, act: Activation) -> Result<Tensor> {
+    let op = LinearActOp {
+        act,
+        pre: std::sync::Mutex::new(None),
+    };
+    x.contiguous()?
+        .apply_op3(&w.contiguous()?, &b.contiguous()?, op)
+}
+
 // ----------------------------------------------------------------------------------------------
 // Attention
 // ----------------------------------------------------------------------------------------------
@@ -769,6 +835,44 @@ mod tests {
                 },
                 2e-5,
             );
+        }
+    }
+
+    #[test]
+    fn linear_activation_matches_candle_forward_and_backward() {
+        for act in [
+            Activation::QuickGelu,
+            Activation::Gelu,
+            Activation::GeluTanh,
+        ] {
+            // Rank 3, partial panels; and enough outputs for the activation's parallel path.
+            for (dims, n, k) in [(vec![2, 5, 8], 17, 8), (vec![130, 96], 700, 96)] {
+                let x = rand(&dims, 21);
+                let (w, b) = (rand(&[n, k], 22), rand(&[n], 23));
+                // Values of the product spread over about [-8, 8].
+                let w = Var::from_tensor(&(w.as_tensor() * (8.0 / k as f64)).unwrap()).unwrap();
+                let composed_act = |t: &Tensor| match act {
+                    Activation::QuickGelu => {
+                        (t * candle_nn::ops::sigmoid(&(t * 1.702).unwrap()).unwrap()).unwrap()
+                    }
+                    Activation::Gelu => t.gelu_erf().unwrap(),
+                    Activation::GeluTanh => t.gelu().unwrap(),
+                };
+                check(
+                    &[x, w, b],
+                    |t| linear_activate(&t[0], &t[1], &t[2], act).unwrap(),
+                    |t| {
+                        composed_act(
+                            &t[0]
+                                .broadcast_matmul(&t[1].t().unwrap())
+                                .unwrap()
+                                .broadcast_add(&t[2])
+                                .unwrap(),
+                        )
+                    },
+                    2e-5,
+                );
+            }
         }
     }
 
