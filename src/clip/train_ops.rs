@@ -423,6 +423,23 @@ fn par_pieces(x: &[f32], out: &mut [f32], f: impl Fn(usize, &mut [f32]) + Sync) 
         .for_each(|(i, o)| f(i * PIECE, o));
 }
 
+/// `act(x)`, in parallel.
+fn activated(x: &[f32], act: Activation) -> Vec<f32> {
+    let mut y = vec![0f32; x.len()];
+    par_pieces(x, &mut y, |at, o| act_fwd(&x[at..at + o.len()], o, act));
+    y
+}
+
+/// `dy · act'(x)`, in parallel.
+fn activation_grad(x: &[f32], dy: &[f32], act: Activation) -> Vec<f32> {
+    let mut dx = vec![0f32; x.len()];
+    par_pieces(x, &mut dx, |at, o| {
+        let n = o.len();
+        act_bwd(&x[at..at + n], &dy[at..at + n], o, act)
+    });
+    dx
+}
+
 impl CustomOp1 for ActivationOp {
     fn name(&self) -> &'static str {
         "archaeclip-activation"
@@ -430,9 +447,7 @@ impl CustomOp1 for ActivationOp {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = values(s, l, "activation")?;
-        let mut y = vec![0f32; x.len()];
-        par_pieces(x, &mut y, |at, o| act_fwd(&x[at..at + o.len()], o, self.0));
-        Ok((CpuStorage::F32(y), l.shape().clone()))
+        Ok((CpuStorage::F32(activated(x, self.0)), l.shape().clone()))
     }
 
     fn bwd(&self, x: &Tensor, _: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
@@ -440,14 +455,7 @@ impl CustomOp1 for ActivationOp {
             return Ok(None);
         }
         let dx = with_values(x, "activation", |x| {
-            with_values(dy, "activation", |dy| {
-                let mut dx = vec![0f32; x.len()];
-                par_pieces(x, &mut dx, |at, o| {
-                    let n = o.len();
-                    act_bwd(&x[at..at + n], &dy[at..at + n], o, self.0)
-                });
-                dx
-            })
+            with_values(dy, "activation", |dy| activation_grad(x, dy, self.0))
         })??;
         Ok(Some(tensor(dx, x.shape())?))
     }
@@ -486,10 +494,7 @@ impl CustomOp3 for LinearActOp {
         let CpuStorage::F32(pre) = pre else {
             bail!("linear: expected f32 values")
         };
-        let mut y = vec![0f32; pre.len()];
-        par_pieces(&pre, &mut y, |at, o| {
-            act_fwd(&pre[at..at + o.len()], o, self.act)
-        });
+        let y = activated(&pre, self.act);
         *self.pre.lock().unwrap_or_else(|e| e.into_inner()) = Some(pre);
         Ok((CpuStorage::F32(y), shape))
     }
@@ -500,12 +505,7 @@ impl CustomOp3 for LinearActOp {
             bail!("linear-activation: backward before forward")
         };
         let dpre = with_values(dy, "linear-activation", |dy| {
-            let mut dpre = vec![0f32; pre.len()];
-            par_pieces(pre, &mut dpre, |at, o| {
-                let n = o.len();
-                act_bwd(&pre[at..at + n], &dy[at..at + n], o, self.act)
-            });
-            dpre
+            activation_grad(pre, dy, self.act)
         })?;
         drop(kept);
         linear_bwd(x, w, Some(b), &tensor(dpre, y.shape())?)
