@@ -492,7 +492,7 @@ impl CustomOp3 for LinearActOp {
     ) -> Result<(CpuStorage, Shape)> {
         let (pre, shape) = linear_fwd((xs, xl), (ws, wl), Some((bs, bl)))?;
         let CpuStorage::F32(pre) = pre else {
-            bail!("linear: expected f32 values")
+            bail!("linear-activation: expected f32 values")
         };
         let y = activated(&pre, self.act);
         *self.pre.lock().unwrap_or_else(|e| e.into_inner()) = Some(pre);
@@ -826,13 +826,7 @@ mod tests {
             check(
                 &[x8],
                 |t| activate(act, &t[0]).unwrap(),
-                |t| match act {
-                    Activation::QuickGelu => (&t[0]
-                        * candle_nn::ops::sigmoid(&(&t[0] * 1.702).unwrap()).unwrap())
-                    .unwrap(),
-                    Activation::Gelu => t[0].gelu_erf().unwrap(),
-                    Activation::GeluTanh => t[0].gelu().unwrap(),
-                },
+                |t| composed_activation(act, &t[0]),
                 2e-5,
             );
         }
@@ -849,20 +843,16 @@ mod tests {
             for (dims, n, k) in [(vec![2, 5, 8], 17, 8), (vec![130, 96], 700, 96)] {
                 let x = rand(&dims, 21);
                 let (w, b) = (rand(&[n, k], 22), rand(&[n], 23));
-                // Values of the product spread over about [-8, 8].
-                let w = Var::from_tensor(&(w.as_tensor() * (8.0 / k as f64)).unwrap()).unwrap();
-                let composed_act = |t: &Tensor| match act {
-                    Activation::QuickGelu => {
-                        (t * candle_nn::ops::sigmoid(&(t * 1.702).unwrap()).unwrap()).unwrap()
-                    }
-                    Activation::Gelu => t.gelu_erf().unwrap(),
-                    Activation::GeluTanh => t.gelu().unwrap(),
-                };
+                // Products with a standard deviation of about 3 (x and W uniform in [-1, 1):
+                // sqrt(k) / 3 before the scale), so the activation's tails are reached.
+                let scale = 9.0 / (k as f64).sqrt();
+                let w = Var::from_tensor(&(w.as_tensor() * scale).unwrap()).unwrap();
                 check(
                     &[x, w, b],
                     |t| linear_activate(&t[0], &t[1], &t[2], act).unwrap(),
                     |t| {
-                        composed_act(
+                        composed_activation(
+                            act,
                             &t[0]
                                 .broadcast_matmul(&t[1].t().unwrap())
                                 .unwrap()
@@ -873,6 +863,17 @@ mod tests {
                     2e-5,
                 );
             }
+        }
+    }
+
+    /// The activation composed of candle's differentiable ops.
+    fn composed_activation(act: Activation, t: &Tensor) -> Tensor {
+        match act {
+            Activation::QuickGelu => {
+                (t * candle_nn::ops::sigmoid(&(t * 1.702).unwrap()).unwrap()).unwrap()
+            }
+            Activation::Gelu => t.gelu_erf().unwrap(),
+            Activation::GeluTanh => t.gelu().unwrap(),
         }
     }
 
