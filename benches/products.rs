@@ -9,6 +9,7 @@
 //! `benches/products_bench.py` runs this and torch's matmuls on the same shapes in one
 //! invocation and prints the ratios. Threads: rayon's default (RAYON_NUM_THREADS).
 
+use archaeclip::clip::amx::{self, Layout, Operand};
 use archaeclip::clip::matmul::Packed;
 use std::hint::black_box;
 use std::time::Instant;
@@ -58,9 +59,10 @@ fn main() {
     let runs = 7;
     if !json {
         println!(
-            "{:>20} {:>6} {:>10} {:>9}   (median of {runs}, {} threads, packing and output allocation included)",
+            "{:>20} {:>6} {:>9} {:>10} {:>9}   (median of {runs}, {} threads, packing and output allocation included)",
             "rows x in -> out",
             "op",
+            "precision",
             "ms",
             "GFLOP/s",
             rayon::current_num_threads()
@@ -69,41 +71,95 @@ fn main() {
     for (m, k, n) in SHAPES {
         let (x, w, dy) = (values(m * k, 1), values(n * k, 2), values(m * n, 3));
         let flops = 2.0 * (m * k * n) as f64;
-        let ops: [Op; 3] = [
+        let mut ops: Vec<(&str, Op)> = vec![
             // y (m, n) = x (m, k) · Wᵀ
             (
-                "fwd",
-                Box::new(|| {
-                    let packed = Packed::from_rows(&w, n, k);
-                    black_box(packed.product_new(&x, m, None));
-                }),
+                "fp32",
+                (
+                    "fwd",
+                    Box::new(|| {
+                        let packed = Packed::from_rows(&w, n, k);
+                        black_box(packed.product_new(&x, m, None));
+                    }),
+                ),
             ),
             // dX (m, k) = dY (m, n) · W
             (
-                "dX",
-                Box::new(|| {
-                    let packed = Packed::from_transposed(&w, k, n);
-                    black_box(packed.product_new(&dy, m, None));
-                }),
+                "fp32",
+                (
+                    "dX",
+                    Box::new(|| {
+                        let packed = Packed::from_transposed(&w, k, n);
+                        black_box(packed.product_new(&dy, m, None));
+                    }),
+                ),
             ),
             // dW (n, k) = dYᵀ (n, m) · X (m, k)
             (
-                "dW",
-                Box::new(|| {
-                    let packed = Packed::from_transposed(&x, k, m);
-                    black_box(packed.product_transposed_new(&dy, n));
-                }),
+                "fp32",
+                (
+                    "dW",
+                    Box::new(|| {
+                        let packed = Packed::from_transposed(&x, k, m);
+                        black_box(packed.product_transposed_new(&dy, n));
+                    }),
+                ),
             ),
         ];
-        for (op, mut f) in ops {
+        if amx::available() {
+            // The same products on AMX tiles in bf16 (`clip_train`'s precision 'bf16'), both
+            // operands packed per call as the step does.
+            ops.extend([
+                (
+                    "bf16-amx",
+                    (
+                        "fwd",
+                        Box::new(|| {
+                            let (a, b) = (
+                                Operand::a(&x, m, k, Layout::Rows),
+                                Operand::b(&w, k, n, Layout::Transposed),
+                            );
+                            black_box(amx::product(&a, &b, None));
+                        }) as Box<dyn FnMut()>,
+                    ),
+                ),
+                (
+                    "bf16-amx",
+                    (
+                        "dX",
+                        Box::new(|| {
+                            let (a, b) = (
+                                Operand::a(&dy, m, n, Layout::Rows),
+                                Operand::b(&w, n, k, Layout::Rows),
+                            );
+                            black_box(amx::product(&a, &b, None));
+                        }),
+                    ),
+                ),
+                (
+                    "bf16-amx",
+                    (
+                        "dW",
+                        Box::new(|| {
+                            let (a, b) = (
+                                Operand::a(&dy, n, m, Layout::Transposed),
+                                Operand::b(&x, m, k, Layout::Rows),
+                            );
+                            black_box(amx::product(&a, &b, None));
+                        }),
+                    ),
+                ),
+            ]);
+        }
+        for (precision, (op, mut f)) in ops {
             let s = median_s(runs, &mut *f);
             if json {
                 println!(
-                    "{{\"m\": {m}, \"k\": {k}, \"n\": {n}, \"op\": \"{op}\", \"seconds\": {s:e}}}"
+                    "{{\"m\": {m}, \"k\": {k}, \"n\": {n}, \"op\": \"{op}\", \"precision\": \"{precision}\", \"seconds\": {s:e}}}"
                 );
             } else {
                 println!(
-                    "{:>20} {op:>6} {:>10.2} {:>9.1}",
+                    "{:>20} {op:>6} {precision:>9} {:>10.2} {:>9.1}",
                     format!("{m} x {k} -> {n}"),
                     s * 1e3,
                     flops / s / 1e9

@@ -28,7 +28,9 @@ def archaeclip() -> dict:
     out = subprocess.run(["cargo", "bench", "--locked", "--quiet", "--bench", "products", "--", "--json"],
                          cwd=REPO, env=env, check=True, capture_output=True, text=True).stdout
     rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
-    return {(r["m"], r["k"], r["n"], r["op"]): r["seconds"] for r in rows}
+    # float32 rows only: torch's matmuls here are float32 (the AMX bf16 rows are not comparable).
+    return {(r["m"], r["k"], r["n"], r["op"]): r["seconds"] for r in rows
+            if r.get("precision", "fp32") == "fp32"}
 
 
 def torch_median(f) -> float:

@@ -9,6 +9,7 @@ Developer-run (torch and transformers are not CI dependencies), from a venv made
     make build && /tmp/refvenv/bin/python benches/train_bench.py           # batch 32 and 64
     /tmp/refvenv/bin/python benches/train_bench.py --quick                  # smoke run: batch 8, 2 steps
     /tmp/refvenv/bin/python benches/train_bench.py --only torch             # torch half only
+    /tmp/refvenv/bin/python benches/train_bench.py --bf16 --batches 32      # plus both in bf16
 
 Each (engine, batch) runs in a fresh subprocess, so that its peak RSS (getrusage ru_maxrss) is its
 own. Both do the same full fine-tune step (both towers forward, CLIP contrastive loss, backward,
@@ -45,6 +46,7 @@ REPO = os.path.dirname(HERE)
 EXT = os.path.join(REPO, "dist", "archaeclip")
 TOKENIZER_SRC = os.path.join(REPO, "tests", "fixtures", "clip", "models", "tiny-quickgelu")
 THREADS = 2
+ENGINES = ["torch", "archaeclip", "torch-bf16", "archaeclip-bf16"]
 LR = 1e-5
 WEIGHT_DECAY = 0.2
 IMAGE_SIDE = 256
@@ -141,7 +143,9 @@ def archaeclip_available() -> str | None:
 # ----------------------------------------------------------------------------------------------
 
 
-def worker_torch(model_dir: str, db_path: str, batch: int, steps: int) -> dict:
+def worker_torch(model_dir: str, db_path: str, batch: int, steps: int, bf16: bool = False) -> dict:
+    import contextlib
+
     import torch
     from PIL import Image
     from transformers import CLIPImageProcessorPil, CLIPModel, CLIPTokenizer
@@ -166,8 +170,12 @@ def worker_torch(model_dir: str, db_path: str, batch: int, steps: int) -> dict:
 
     def step() -> float:
         opt.zero_grad(set_to_none=True)
-        out = model(input_ids=text["input_ids"], attention_mask=text["attention_mask"], pixel_values=pixels,
-                    return_loss=True)
+        # bf16: torch's CPU autocast (matmuls and linear layers in bf16, on oneDNN; the backward
+        # pass follows the forward's dtypes), the counterpart of archaeclip's precision 'bf16'.
+        mixed = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+        with mixed:
+            out = model(input_ids=text["input_ids"], attention_mask=text["attention_mask"], pixel_values=pixels,
+                        return_loss=True)
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
@@ -183,13 +191,13 @@ def worker_torch(model_dir: str, db_path: str, batch: int, steps: int) -> dict:
         t = time.perf_counter()
         step()
         times.append(time.perf_counter() - t)
-    return {"engine": "torch", "batch": batch, "s_per_step": statistics.median(times), "times": times,
+    return {"engine": "torch-bf16" if bf16 else "torch", "batch": batch, "s_per_step": statistics.median(times), "times": times,
             "warmup_s": warm, "first_loss": first_loss, "mean_tokens": tokens,
             "num_parameters": sum(p.numel() for p in params), "rss_after_load_mib": rss_loaded,
             "rss_end_mib": rss_now_mib(), "peak_rss_mib": peak_rss_mib()}
 
 
-def worker_archaeclip(model_dir: str, db_path: str, batch: int, steps: int) -> dict:
+def worker_archaeclip(model_dir: str, db_path: str, batch: int, steps: int, precision: str = "fp32") -> dict:
     db = sqlite3.connect(db_path)
     db.enable_load_extension(True)
     db.load_extension(EXT)
@@ -199,7 +207,8 @@ def worker_archaeclip(model_dir: str, db_path: str, batch: int, steps: int) -> d
     stmt = f"SELECT image, caption FROM pairs WHERE id <= {n} ORDER BY id"
     sql = ("SELECT kind, step, loss, examples_per_s, elapsed_s FROM clip_train(?, ?, json_object("
            "'output', ?, 'batch_size', ?, 'max_steps', ?, 'lr', ?, 'save_every', 0, 'shuffle', json('false'), "
-           "'save_optimizer', json('false'), 'overwrite', json('true')))")
+           "'save_optimizer', json('false'), 'overwrite', json('true')"
+           + (f", 'precision', '{precision}'" if precision != "fp32" else "") + "))")
     model_arg = "path"
     t0 = time.perf_counter()
     try:
@@ -276,24 +285,32 @@ def main():
     ap.add_argument("--batches", default="32,64", help="comma-separated batch sizes (default 32,64)")
     ap.add_argument("--steps", type=int, default=5, help="timed steps after 1 warm-up step (default 5)")
     ap.add_argument("--only", choices=["torch", "archaeclip"], help="run one engine only")
-    ap.add_argument("--worker", choices=["torch", "archaeclip"], help=argparse.SUPPRESS)
+    ap.add_argument("--bf16", action="store_true",
+                    help="also run both in bf16 mixed precision (torch autocast; archaeclip's precision 'bf16', "
+                         "which needs AMX)")
+    ap.add_argument("--worker", choices=ENGINES, help=argparse.SUPPRESS)
     ap.add_argument("--model-dir", help=argparse.SUPPRESS)
     ap.add_argument("--db", help=argparse.SUPPRESS)
     ap.add_argument("--batch", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
 
     if args.worker:
-        fn = worker_torch if args.worker == "torch" else worker_archaeclip
-        print("RESULT " + json.dumps(fn(args.model_dir, args.db, args.batch, args.steps)), flush=True)
+        a = (args.model_dir, args.db, args.batch, args.steps)
+        r = {"torch": lambda: worker_torch(*a), "archaeclip": lambda: worker_archaeclip(*a),
+             "torch-bf16": lambda: worker_torch(*a, bf16=True),
+             "archaeclip-bf16": lambda: worker_archaeclip(*a, precision="bf16")}[args.worker]()
+        print("RESULT " + json.dumps(r), flush=True)
         return 0
 
     batches = [8] if args.quick else [int(b) for b in args.batches.split(",")]
     steps = 2 if args.quick else args.steps
     engines = [args.only] if args.only else ["torch", "archaeclip"]
+    if args.bf16:
+        engines += [e + "-bf16" for e in engines]
     skip = archaeclip_available() if "archaeclip" in engines else None
     if skip:
         print(f"archaeclip skipped: {skip}")
-        engines.remove("archaeclip")
+        engines = [e for e in engines if not e.startswith("archaeclip")]
 
     root = tempfile.mkdtemp(prefix="train-bench-")
     try:
@@ -312,7 +329,7 @@ def main():
                     print(f"    {r['s_per_step']:.3f} s/step median, fastest {min(r['times']):.3f} (steps: {', '.join(f'{t:.3f}' for t in r['times'])}), "
                           f"first loss {r['first_loss']:.5f}, peak RSS {r['peak_rss_mib']:.0f} MiB, "
                           f"other processes used {r.get('other_load_cores', float('nan')):.2f} cores meanwhile"
-                          + (f", model given as {r['model_arg']}" if e == "archaeclip" else
+                          + (f", model given as {r['model_arg']}" if e.startswith("archaeclip") else
                              f", RSS after loading {r['rss_after_load_mib']:.0f} MiB, at the end {r['rss_end_mib']:.0f} MiB, "
                              f"{r['mean_tokens']} tokens/caption, {r['num_parameters']:,} parameters"), flush=True)
     finally:
@@ -329,22 +346,29 @@ def main():
         return bool(r) and "error" not in r
 
     for b in batches:
-        t, a = results.get(("torch", b)), results.get(("archaeclip", b))
-        sec = [f"{r['s_per_step']:.3f}" if ok(r) else "-" for r in (t, a)]
-        eps = [f"{b / r['s_per_step']:.1f}" if ok(r) else "-" for r in (t, a)]
-        rss = [f"{r['peak_rss_mib']:.0f} MiB" if ok(r) else "-" for r in (t, a)]
-        ratio = f"{t['s_per_step'] / a['s_per_step']:.2f}x" if ok(t) and ok(a) else "-"
-        print(f"{'batch ' + str(b):10}{sec[0]:>14}{sec[1]:>14}{ratio:>8}{eps[0]:>12}{eps[1]:>12}{rss[0]:>11}{rss[1]:>11}")
+        for suffix in ["", "-bf16"] if args.bf16 else [""]:
+            t, a = results.get(("torch" + suffix, b)), results.get(("archaeclip" + suffix, b))
+            sec = [f"{r['s_per_step']:.3f}" if ok(r) else "-" for r in (t, a)]
+            eps = [f"{b / r['s_per_step']:.1f}" if ok(r) else "-" for r in (t, a)]
+            rss = [f"{r['peak_rss_mib']:.0f} MiB" if ok(r) else "-" for r in (t, a)]
+            ratio = f"{t['s_per_step'] / a['s_per_step']:.2f}x" if ok(t) and ok(a) else "-"
+            config = f"batch {b}" + (" bf16" if suffix else "")
+            print(f"{config:10}{sec[0]:>14}{sec[1]:>14}{ratio:>8}{eps[0]:>12}{eps[1]:>12}{rss[0]:>11}{rss[1]:>11}")
+        t, a = results.get(("torch", b)), results.get(("archaeclip-bf16", b))
+        if args.bf16 and ok(t) and ok(a):
+            print(f"  batch {b}: archaeclip bf16 against torch float32: {t['s_per_step'] / a['s_per_step']:.2f}x")
     print("ratio = torch s/step / archaeclip s/step (> 1: archaeclip faster). archaeclip's step time includes "
           "reading, decoding (256x256 JPEG) and preprocessing its batch, on a background thread overlapped with "
           "compute; torch's uses a fixed, already preprocessed batch. Peak RSS is each run's own process "
           "(torch's includes the Python/torch runtime). Timings are only meaningful on an otherwise idle "
           "machine: see 'other processes used N cores' above.")
     for b in batches:
-        t, a = results.get(("torch", b)), results.get(("archaeclip", b))
-        if ok(t) and ok(a):
-            print(f"batch {b}: loss at the initial weights on the same first batch: torch {t['first_loss']:.6f}, "
-                  f"archaeclip {a['first_loss']:.6f} (diff {abs(t['first_loss'] - a['first_loss']):.2e})")
+        for suffix in ["", "-bf16"] if args.bf16 else [""]:
+            t, a = results.get(("torch" + suffix, b)), results.get(("archaeclip" + suffix, b))
+            if ok(t) and ok(a):
+                print(f"batch {b}{suffix}: loss at the initial weights on the same first batch: torch "
+                      f"{t['first_loss']:.6f}, archaeclip {a['first_loss']:.6f} "
+                      f"(diff {abs(t['first_loss'] - a['first_loss']):.2e})")
     return 0
 
 

@@ -696,7 +696,7 @@ fn panels_from_rows_avx512(w: &[f32], stride: usize, n: usize, k: usize) -> Vec<
 /// column (`VPERMT2PS` picks each lane from either of a pair of rows 2^b apart).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn transpose16_avx512(src: *const f32, stride: usize, dst: *mut f32) {
+pub(crate) unsafe fn transpose16_avx512(src: *const f32, stride: usize, dst: *mut f32) {
     use std::arch::x86_64::*;
     let mut r = [_mm512_setzero_ps(); 16];
     for (i, r) in r.iter_mut().enumerate() {

@@ -1,6 +1,10 @@
 //! CLIP inside SQLite: HuggingFace CLIP checkpoints (config, weights), their tokenizer and image
 //! preprocessing, the model itself (candle), and a process-wide registry of loaded models.
 
+/// Products on Intel AMX tiles (bf16 training). Public for `benches/products.rs` only: not a
+/// stable API.
+#[doc(hidden)]
+pub mod amx;
 pub mod config;
 pub mod embed;
 pub mod fast;

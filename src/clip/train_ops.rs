@@ -17,6 +17,7 @@ use candle_core::{
 use multiversion::multiversion;
 use rayon::prelude::*;
 
+use super::amx::{self, Layout as Held, Operand};
 use super::config::Activation;
 use super::fast::{
     add_assign, erf, exp, gelu, gelu_tanh, norm_row, par_rows, quick_gelu, row_stats, softmax_row,
@@ -93,6 +94,37 @@ fn column_sums(x: &[f32], cols: usize) -> Vec<f32> {
 // Linear layers
 // ----------------------------------------------------------------------------------------------
 
+thread_local! {
+    /// Whether this thread's linear layers run their products in bf16 on AMX tiles.
+    static BF16_PRODUCTS: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// While alive, the linear layers' products (forward, dX, dW, fc1's with its activation) on
+/// this thread run in bf16 on AMX tiles ([`super::amx`]) if `on`: `clip_train`'s precision
+/// 'bf16', set around each step's forward and backward passes (candle runs both on the calling
+/// thread). Dropping it restores what was set before.
+pub(crate) struct Bf16Products(bool);
+
+impl Bf16Products {
+    pub(crate) fn set(on: bool) -> Bf16Products {
+        assert!(
+            !on || amx::available(),
+            "bf16 products need AMX (checked by the options)"
+        );
+        Bf16Products(BF16_PRODUCTS.replace(on))
+    }
+}
+
+impl Drop for Bf16Products {
+    fn drop(&mut self) {
+        BF16_PRODUCTS.set(self.0);
+    }
+}
+
+fn bf16_products() -> bool {
+    BF16_PRODUCTS.get()
+}
+
 /// `y = x·Wᵀ + b` for x (..., k), W (n, k) as HuggingFace stores it, b (n).
 struct LinearOp;
 
@@ -118,7 +150,15 @@ fn linear_fwd(
     if let Some(b) = b.filter(|b| b.len() != n) {
         bail!("linear: bias of {} values for {n} outputs", b.len())
     }
-    let y = Packed::from_rows(w, n, k).product_new(x, m, b);
+    let y = if bf16_products() {
+        amx::product(
+            &Operand::a(x, m, k, Held::Rows),
+            &Operand::b(w, k, n, Held::Transposed),
+            b,
+        )
+    } else {
+        Packed::from_rows(w, n, k).product_new(x, m, b)
+    };
     Ok((CpuStorage::F32(y), Shape::from(out)))
 }
 
@@ -133,10 +173,16 @@ fn linear_bwd(x: &Tensor, w: &Tensor, b: Option<&Tensor>, dy: &Tensor) -> Result
         bail!("linear: CPU tensors only")
     };
     let dy_v = values(s, layout, "linear")?;
+    let bf16 = bf16_products();
     let dx = if x.track_op() {
         // dX (m, k) = dY (m, n) · W: W read as the (k, n) "weight" whose row j is column j of W.
         let g = with_values(w, "linear", |w| {
-            Packed::from_transposed(w, k, n).product_new(dy_v, m, None)
+            if bf16 {
+                let dy = Operand::a(dy_v, m, n, Held::Rows);
+                amx::product(&dy, &Operand::b(w, n, k, Held::Rows), None)
+            } else {
+                Packed::from_transposed(w, k, n).product_new(dy_v, m, None)
+            }
         })?;
         Some(tensor(g, x.shape())?)
     } else {
@@ -145,7 +191,12 @@ fn linear_bwd(x: &Tensor, w: &Tensor, b: Option<&Tensor>, dy: &Tensor) -> Result
     let dw = if w.track_op() {
         // dW (n, k) = dYᵀ (n, m) · X (m, k), dY read transposed (no transposed copy of it).
         let g = with_values(x, "linear", |x| {
-            Packed::from_transposed(x, k, m).product_transposed_new(dy_v, n)
+            if bf16 {
+                let dyt = Operand::a(dy_v, n, m, Held::Transposed);
+                amx::product(&dyt, &Operand::b(x, m, k, Held::Rows), None)
+            } else {
+                Packed::from_transposed(x, k, m).product_transposed_new(dy_v, n)
+            }
         })?;
         Some(tensor(g, w.shape())?)
     } else {

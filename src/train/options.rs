@@ -27,6 +27,19 @@ pub enum Schedule {
     Constant,
 }
 
+/// The arithmetic of the linear layers' products in a step (forward, dX and dW).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TrainPrecision {
+    /// float32 throughout, as torch and transformers train by default.
+    #[default]
+    Fp32,
+    /// Mixed precision: the products' inputs rounded to bf16 and their sums kept in float32,
+    /// on AMX tiles; weights, optimizer state, gradients' sums, layer norms, attention and the
+    /// loss stay float32 (what torch's `autocast(dtype=torch.bfloat16)` does to matmuls).
+    Bf16,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TrainOptions {
@@ -51,6 +64,8 @@ pub struct TrainOptions {
     /// Clip the global gradient norm to this (0: no clipping). HF Trainer's default is 1.0.
     pub max_grad_norm: f64,
     pub seed: u64,
+    /// `fp32` (default) or `bf16` (mixed precision on AMX tiles).
+    pub precision: TrainPrecision,
     #[serde(deserialize_with = "flag")]
     pub shuffle: bool,
     /// Rows held for shuffling a streamed epoch (bounded memory: their encoded bytes).
@@ -100,6 +115,7 @@ impl Default for TrainOptions {
             adam_eps: 1e-8,
             max_grad_norm: 1.0,
             seed: 42,
+            precision: TrainPrecision::Fp32,
             shuffle: true,
             shuffle_buffer: 4096,
             freeze: Freeze::None,
@@ -210,6 +226,13 @@ impl TrainOptions {
                     format!("'{init}' is not supported (only 'random')"),
                 ));
             }
+        }
+        if self.precision == TrainPrecision::Bf16 && !crate::clip::amx::available() {
+            return Err(bad(
+                "precision",
+                "'bf16' runs the products on AMX tiles (Intel Xeon 4th generation or later), \
+                 which this CPU (or its OS) does not offer: use 'fp32'",
+            ));
         }
         if self.resume && self.overwrite {
             return Err(bad("overwrite", "cannot be combined with resume"));

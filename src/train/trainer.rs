@@ -22,12 +22,13 @@ use super::data::{
 use super::evaluate::recall;
 use super::export::{self, Base, Checkpoint};
 use super::optim::{clip_grad_norm, learning_rate, AdamW, Grads};
-use super::options::TrainOptions;
+use super::options::{TrainOptions, TrainPrecision};
 use super::params::{Param, Recording, TrainableRule};
 use crate::clip::config::ClipConfig;
 use crate::clip::load::{self, Forward};
 use crate::clip::model::ClipModel;
 use crate::clip::preprocess::PreprocessConfig;
+use crate::clip::train_ops::Bf16Products;
 use crate::error::{Error, Result};
 
 /// open_clip's clamp of the learned temperature.
@@ -402,6 +403,7 @@ impl Trainer {
         source: &mut dyn PairSource,
     ) -> Result<Vec<(String, bool, Option<Tensor>)>> {
         self.start_epoch(source)?;
+        let _products = self.products();
         let loss = if self.cache.is_some() {
             let (features, ids) = self
                 .next_cached()
@@ -607,10 +609,16 @@ impl Trainer {
         Ok(())
     }
 
+    /// The products' precision for this thread while the guard lives (the option `precision`).
+    fn products(&self) -> Bf16Products {
+        Bf16Products::set(self.options.precision == TrainPrecision::Bf16)
+    }
+
     /// One optimizer step over `gradient_accumulation` micro-batches. `false` when the epoch
     /// had no data left.
     fn train_step(&mut self, source: &mut dyn PairSource) -> Result<bool> {
         let started = Instant::now();
+        let _products = self.products();
         let lr = learning_rate(&self.options, self.step, self.total_steps);
         let mut grads = Grads::new();
         let (mut losses, mut pairs, mut micro) = (Vec::new(), 0u64, 0u64);
