@@ -160,6 +160,7 @@ CASES = [
     "SELECT * FROM clip_train('tiny', 'SELECT path, id FROM files', '{\"output\": \"never-written\", \"batch_size\": 1}')",
     "SELECT * FROM clip_train('tiny', 'SELECT path, id FROM files', '{\"output\": \"never-written\", \"epoch\": 3}')",
     "SELECT * FROM clip_train('tiny', 'SELECT path, id FROM files', '{\"output\": \"never-written\", \"freeze\": \"legs\"}')",
+    "SELECT * FROM clip_train('tiny', 'SELECT path, id FROM files', '{\"output\": \"never-written\", \"precision\": \"fp16\"}')",
     "SELECT * FROM clip_train('tiny', 'SELECT path, id FROM files', '{\"output\": \"never-written\", \"validation\": \"SELECT nothing FROM nowhere\"}')",
     "SELECT * FROM clip_train('tiny', 'SELECT path, id FROM files WHERE 0', '{\"output\": \"never-written\"}')",
     "SELECT * FROM clip_train('tiny', 'SELECT path, ''x'' FROM files', '{\"output\": \"tests/fixtures/clip/models\"}')",
