@@ -16,6 +16,8 @@
 use rayon::prelude::*;
 use std::sync::OnceLock;
 
+use super::matmul::SendPtr;
+
 /// Rows (and columns) of a tile.
 const T: usize = 16;
 /// Depths per tile step: one tile row is 32 bf16 values, 64 bytes.
@@ -28,7 +30,7 @@ const KC: usize = 8;
 /// Tiles of B (columns / 16) per task.
 const GROUP: usize = 16;
 /// At most this many 32-row panels of A per task: a task's sums (256 rows x 256 columns,
-/// 256 KiB) stay in L2 at any batch size. (1, 2, 4, 8, 16 and unbounded measured the same
+/// 256 KiB) stay in L2 at any batch size. (2, 4, 8, 16 and unbounded measured the same
 /// within this machine's noise on the step's shapes.)
 const PANELS: usize = 8;
 
@@ -297,16 +299,6 @@ impl Window<'_> {
 thread_local! {
     /// A task's block of sums (reused by the thread's next task).
     static SUMS: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
-}
-
-struct SendPtr(*mut f32);
-// SAFETY: tasks write disjoint blocks of the output.
-unsafe impl Send for SendPtr {}
-unsafe impl Sync for SendPtr {}
-impl SendPtr {
-    fn get(&self) -> *mut f32 {
-        self.0
-    }
 }
 
 /// `A · B` (m, n) as a new row-major matrix, plus `bias` (n values) on every row.

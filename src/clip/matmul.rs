@@ -835,14 +835,15 @@ fn round_row(x: &[f32], out: &mut [u32]) {
 }
 
 #[derive(Clone, Copy)]
-struct SendPtr(*mut f32);
+pub(crate) struct SendPtr(pub(crate) *mut f32);
 // SAFETY: the pointers are the output, written in the disjoint blocks described in
-// `accumulate_with`, and the activations and panels, only read while they live.
+// `accumulate_with` (and by `amx::product`'s tasks), and the activations and panels, only read
+// while they live.
 unsafe impl Send for SendPtr {}
 unsafe impl Sync for SendPtr {}
 
 impl SendPtr {
-    fn get(self) -> *mut f32 {
+    pub(crate) fn get(self) -> *mut f32 {
         self.0
     }
 }
