@@ -8,7 +8,7 @@
 //! a hand-written backward pass on the inference path's kernels (candle's own fused layer norm
 //! and softmax have no backward pass, and its composed ones and its matmul cost ~2x the time).
 
-use candle_core::{DType, Device, IndexOp, Result, Tensor};
+use candle_core::{DType, Device, Result, Tensor};
 use candle_nn::VarBuilder;
 
 use super::config::{Activation, ClipConfig, TowerConfig};
@@ -86,13 +86,17 @@ impl Attention {
     /// q, k and v come from one product with the three weights stacked (their gradients
     /// flow back through the concatenation to each projection).
     fn forward(&self, xs: &Tensor, causal: bool) -> Result<Tensor> {
+        self.out_proj.forward(&self.attend(xs, causal)?)
+    }
+
+    /// The heads' outputs before `out_proj`.
+    fn attend(&self, xs: &Tensor, causal: bool) -> Result<Tensor> {
         let projections = [&self.q_proj, &self.k_proj, &self.v_proj];
         let weight = Tensor::cat(&projections.map(|p| &p.weight), 0)?;
         let biases: Vec<&Tensor> = projections.iter().filter_map(|p| p.bias.as_ref()).collect();
         let bias = Tensor::cat(&biases, 0)?;
         let qkv = linear(xs, &weight, Some(&bias))?;
-        let out = attention(&qkv, self.heads, causal, self.scale)?;
-        self.out_proj.forward(&out)
+        attention(&qkv, self.heads, causal, self.scale)
     }
 }
 
@@ -123,6 +127,27 @@ impl EncoderLayer {
             .self_attn
             .forward(&self.layer_norm1.forward(xs)?, causal)?
             + xs)?;
+        self.mlp(xs)
+    }
+
+    /// The layer's output at the rows `picked` of xs (batch, seq, hidden) seen as (batch x seq,
+    /// hidden) rows, as (picked, hidden): the last layer of a tower, whose other rows pooling
+    /// never reads. Keys and values still come from every row; `out_proj` and the MLP, about
+    /// three quarters of a layer's products, run on the picked rows only (what the inference
+    /// towers do).
+    fn forward_picked(&self, xs: &Tensor, causal: bool, picked: &Tensor) -> Result<Tensor> {
+        let (b, s, h) = xs.dims3()?;
+        let attended = self
+            .self_attn
+            .attend(&self.layer_norm1.forward(xs)?, causal)?
+            .reshape((b * s, h))?
+            .index_select(picked, 0)?;
+        let residual = xs.reshape((b * s, h))?.index_select(picked, 0)?;
+        self.mlp((self.self_attn.out_proj.forward(&attended)? + residual)?)
+    }
+
+    /// `xs + fc2(act(fc1(layer_norm2(xs))))`.
+    fn mlp(&self, xs: Tensor) -> Result<Tensor> {
         let hidden = self.layer_norm2.forward(&xs)?;
         let hidden = match &self.fc1.bias {
             Some(b) => linear_activate(&hidden, &self.fc1.weight, b, self.act)?,
@@ -146,12 +171,18 @@ impl Encoder {
         Ok(Encoder { layers })
     }
 
-    fn forward(&self, xs: &Tensor, causal: bool) -> Result<Tensor> {
+    /// The last layer's output at the rows `picked` of xs (batch, seq, hidden) seen as (batch x
+    /// seq, hidden) rows: (picked, hidden).
+    fn forward_picked(&self, xs: &Tensor, causal: bool, picked: &Tensor) -> Result<Tensor> {
+        let Some((last, layers)) = self.layers.split_last() else {
+            let (b, s, h) = xs.dims3()?;
+            return xs.reshape((b * s, h))?.index_select(picked, 0);
+        };
         let mut xs = xs.clone();
-        for layer in &self.layers {
+        for layer in layers {
             xs = layer.forward(&xs, causal)?;
         }
-        Ok(xs)
+        last.forward_picked(&xs, causal, picked)
     }
 }
 
@@ -202,10 +233,10 @@ impl TextTransformer {
             .index_select(&Tensor::from_vec(padded, b * s, device)?, 0)?
             .reshape((b, s, h))?
             .broadcast_add(&self.position_embedding.narrow(0, 0, s)?)?;
-        let xs = self.encoder.forward(&xs, true)?;
-        let xs = self.final_layer_norm.forward(&xs)?;
-        xs.reshape((b * s, h))?
-            .index_select(&Tensor::from_vec(pooled, b, device)?, 0)
+        let pooled = Tensor::from_vec(pooled, b, device)?;
+        // The final layer norm works row by row, so it runs on the pooled rows only.
+        self.final_layer_norm
+            .forward(&self.encoder.forward_picked(&xs, true, &pooled)?)
     }
 }
 
@@ -263,8 +294,11 @@ impl VisionTransformer {
             .broadcast_as((b, 1, h))?;
         let xs = Tensor::cat(&[&class, &patches], 1)?.broadcast_add(&self.position_embedding)?;
         let xs = self.pre_layrnorm.forward(&xs)?;
-        let xs = self.encoder.forward(&xs, false)?;
-        self.post_layernorm.forward(&xs.i((.., 0, ..))?)
+        let s = xs.dim(1)?;
+        let class_rows: Vec<u32> = (0..b).map(|i| (i * s) as u32).collect();
+        let class_rows = Tensor::from_vec(class_rows, b, xs.device())?;
+        self.post_layernorm
+            .forward(&self.encoder.forward_picked(&xs, false, &class_rows)?)
     }
 }
 
