@@ -15,7 +15,8 @@ Each (engine, batch) runs in a fresh subprocess, so that its peak RSS (getrusage
 own. Both do the same full fine-tune step (both towers forward, CLIP contrastive loss, backward,
 global grad-norm clipping at 1.0, AdamW with weight decay 0.2 on ndim >= 2 tensors only, logit_scale
 clamp), lr 1e-5:
-  - torch: one fixed batch of preprocessed pixels + padded token ids (captions of ~12 tokens),
+  - torch: one fixed batch of preprocessed pixels + token ids padded to the batch's longest
+    (captions of ~12 tokens; --captions mixed: 12-60),
     1 warm-up step, then the median of --steps timed steps.
   - archaeclip: clip_train over a table of JPEGs (256x256, so every image is resized and cropped)
     and captions, max_steps = --steps + 1, no shuffle; the step time is the difference of
@@ -56,9 +57,19 @@ NOUN = ["coin", "vase", "lamp", "statue", "bowl", "brooch", "tile", "amphora", "
 PLACE = ["gabii", "rome", "ostia", "pompeii", "naples", "athens", "corinth", "sparta", "delphi", "cyprus"]
 
 
-def caption(i: int) -> str:
-    """About 12 tokens with bos/eos: 'a photo of a bronze coin found at gabii'."""
-    return f"a photo of a {ADJ[i % 10]} {NOUN[(i // 10) % 10]} found at {PLACE[(i // 100) % 10]}"
+# Phrases a catalogue caption goes on with (--captions mixed).
+MORE = ["with a red slip and black painted figures", "decorated with incised lines below the rim",
+        "from a votive deposit of the sixth century bc", "with traces of white paint on the base",
+        "broken in three pieces and glued together", "showing a winged figure holding a wreath",
+        "photographed from above on a grey card"]
+
+
+def caption(i: int, mixed: bool = False) -> str:
+    """About 12 tokens with bos/eos: 'a photo of a bronze coin found at gabii'. `mixed`: the same
+    followed by 0-6 more phrases, 12-60 tokens (a batch's mean ~36), as catalogue captions vary."""
+    base = f"a photo of a {ADJ[i % 10]} {NOUN[(i // 10) % 10]} found at {PLACE[(i // 100) % 10]}"
+    more = (i * 5) % 7 if mixed else 0
+    return ", ".join([base] + [MORE[(i + j) % len(MORE)] for j in range(more)])
 
 
 def rss_now_mib() -> float:
@@ -100,7 +111,7 @@ def build_model(root: str) -> str:
     return d
 
 
-def build_pairs(root: str, n: int) -> str:
+def build_pairs(root: str, n: int, mixed: bool = False) -> str:
     """n JPEGs (a colour gradient plus noise, IMAGE_SIDE square, quality 90) with captions."""
     import numpy as np
     from PIL import Image
@@ -116,7 +127,7 @@ def build_pairs(root: str, n: int) -> str:
         a = np.clip(base + rng.normal(0, 40, base.shape), 0, 255).astype(np.uint8)
         b = io.BytesIO()
         Image.fromarray(a, "RGB").save(b, format="JPEG", quality=90)
-        db.execute("INSERT INTO pairs(id, image, caption) VALUES (?, ?, ?)", (i + 1, b.getvalue(), caption(i)))
+        db.execute("INSERT INTO pairs(id, image, caption) VALUES (?, ?, ?)", (i + 1, b.getvalue(), caption(i, mixed)))
     db.commit()
     db.close()
     return path
@@ -288,6 +299,9 @@ def main():
     ap.add_argument("--bf16", action="store_true",
                     help="also run both in bf16 mixed precision (torch autocast; archaeclip's precision 'bf16', "
                          "which needs AMX)")
+    ap.add_argument("--captions", choices=["short", "mixed"], default="short",
+                    help="short: every caption ~12 tokens (default); mixed: 12-60 tokens, which torch pads to "
+                         "the batch's longest and archaeclip does not")
     ap.add_argument("--worker", choices=ENGINES, help=argparse.SUPPRESS)
     ap.add_argument("--model-dir", help=argparse.SUPPRESS)
     ap.add_argument("--db", help=argparse.SUPPRESS)
@@ -316,7 +330,7 @@ def main():
     try:
         print(f"building the ViT-B/32-shaped model and {max(batches) * (steps + 1)} JPEGs in {root} ...", flush=True)
         model_dir = build_model(root)
-        db_path = build_pairs(root, max(batches) * (steps + 1))
+        db_path = build_pairs(root, max(batches) * (steps + 1), args.captions == "mixed")
         results = {}
         for b in batches:
             for e in engines:
@@ -335,7 +349,8 @@ def main():
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
-    print(f"\nOne full fine-tune step, ViT-B/32-shaped random CLIP (~12-token captions), {THREADS} threads, "
+    lengths = "~12-token captions" if args.captions == "short" else "captions of 12-60 tokens"
+    print(f"\nOne full fine-tune step, ViT-B/32-shaped random CLIP ({lengths}), {THREADS} threads, "
           f"median of {steps} steps after 1 warm-up, {os.cpu_count()} CPUs here")
     hdr = (f"{'config':10}{'torch s/step':>14}{'arch. s/step':>14}{'ratio':>8}{'torch ex/s':>12}{'arch. ex/s':>12}"
            f"{'torch RSS':>11}{'arch. RSS':>11}")

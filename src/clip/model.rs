@@ -85,18 +85,18 @@ impl Attention {
 
     /// q, k and v come from one product with the three weights stacked (their gradients
     /// flow back through the concatenation to each projection).
-    fn forward(&self, xs: &Tensor, causal: bool) -> Result<Tensor> {
-        self.out_proj.forward(&self.attend(xs, causal)?)
+    fn forward(&self, xs: &Tensor, causal: bool, lengths: Option<&[usize]>) -> Result<Tensor> {
+        self.out_proj.forward(&self.attend(xs, causal, lengths)?)
     }
 
-    /// The heads' outputs before `out_proj`.
-    fn attend(&self, xs: &Tensor, causal: bool) -> Result<Tensor> {
+    /// The heads' outputs before `out_proj`; `lengths` as [`attention`]'s.
+    fn attend(&self, xs: &Tensor, causal: bool, lengths: Option<&[usize]>) -> Result<Tensor> {
         let projections = [&self.q_proj, &self.k_proj, &self.v_proj];
         let weight = Tensor::cat(&projections.map(|p| &p.weight), 0)?;
         let biases: Vec<&Tensor> = projections.iter().filter_map(|p| p.bias.as_ref()).collect();
         let bias = Tensor::cat(&biases, 0)?;
         let qkv = linear(xs, &weight, Some(&bias))?;
-        attention(&qkv, self.heads, causal, self.scale)
+        attention(&qkv, self.heads, causal, self.scale, lengths)
     }
 }
 
@@ -122,10 +122,10 @@ impl EncoderLayer {
         })
     }
 
-    fn forward(&self, xs: &Tensor, causal: bool) -> Result<Tensor> {
+    fn forward(&self, xs: &Tensor, causal: bool, lengths: Option<&[usize]>) -> Result<Tensor> {
         let xs = (self
             .self_attn
-            .forward(&self.layer_norm1.forward(xs)?, causal)?
+            .forward(&self.layer_norm1.forward(xs)?, causal, lengths)?
             + xs)?;
         self.mlp(xs)
     }
@@ -135,11 +135,17 @@ impl EncoderLayer {
     /// never reads. Keys and values still come from every row; `out_proj` and the MLP, about
     /// three quarters of a layer's products, run on the picked rows only (what the inference
     /// towers do).
-    fn forward_picked(&self, xs: &Tensor, causal: bool, picked: &Tensor) -> Result<Tensor> {
+    fn forward_picked(
+        &self,
+        xs: &Tensor,
+        causal: bool,
+        lengths: Option<&[usize]>,
+        picked: &Tensor,
+    ) -> Result<Tensor> {
         let (b, s, h) = xs.dims3()?;
         let attended = self
             .self_attn
-            .attend(&self.layer_norm1.forward(xs)?, causal)?
+            .attend(&self.layer_norm1.forward(xs)?, causal, lengths)?
             .reshape((b * s, h))?
             .index_select(picked, 0)?;
         let residual = xs.reshape((b * s, h))?.index_select(picked, 0)?;
@@ -172,17 +178,24 @@ impl Encoder {
     }
 
     /// The last layer's output at the rows `picked` of xs (batch, seq, hidden) seen as (batch x
-    /// seq, hidden) rows: (picked, hidden).
-    fn forward_picked(&self, xs: &Tensor, causal: bool, picked: &Tensor) -> Result<Tensor> {
+    /// seq, hidden) rows: (picked, hidden). With `lengths`, xs is (1, total, hidden) holding
+    /// sequences of those lengths one after the other ([`attention`]).
+    fn forward_picked(
+        &self,
+        xs: &Tensor,
+        causal: bool,
+        lengths: Option<&[usize]>,
+        picked: &Tensor,
+    ) -> Result<Tensor> {
         let Some((last, layers)) = self.layers.split_last() else {
             let (b, s, h) = xs.dims3()?;
             return xs.reshape((b * s, h))?.index_select(picked, 0);
         };
         let mut xs = xs.clone();
         for layer in layers {
-            xs = layer.forward(&xs, causal)?;
+            xs = layer.forward(&xs, causal, lengths)?;
         }
-        last.forward_picked(&xs, causal, picked)
+        last.forward_picked(&xs, causal, lengths, picked)
     }
 }
 
@@ -213,30 +226,45 @@ impl TextTransformer {
     }
 
     /// Pooled output (batch, hidden) for sequences of ids (each with its start and end of
-    /// text). Shorter sequences are padded to the longest after their end of text, which the
-    /// causal mask makes irrelevant to the pooled token.
+    /// text). Each sequence is cut after its pooled token: under the causal mask the tokens
+    /// after it never reach it. The cut sequences run one after the other as a batch of one,
+    /// their attention kept apart by their lengths, so a batch of captions of mixed lengths
+    /// computes no padding.
     fn forward(&self, batch: &[Vec<u32>], device: &Device) -> Result<Tensor> {
-        let (b, s) = (batch.len(), batch.iter().map(Vec::len).max().unwrap_or(0));
-        if b == 0 || s == 0 {
+        if batch.is_empty() || batch.iter().any(Vec::is_empty) {
             candle_core::bail!("no token ids to embed");
         }
-        let mut padded = Vec::with_capacity(b * s);
-        let mut pooled = Vec::with_capacity(b);
-        for (row, ids) in batch.iter().enumerate() {
-            padded.extend_from_slice(ids);
-            padded.resize((row + 1) * s, 0);
-            pooled.push((row * s + pool_index(self.eos_token_id, ids)) as u32);
+        let lengths: Vec<usize> = batch
+            .iter()
+            .map(|ids| pool_index(self.eos_token_id, ids) + 1)
+            .collect();
+        let total: usize = lengths.iter().sum();
+        let (mut ids, mut positions, mut pooled) = (
+            Vec::with_capacity(total),
+            Vec::with_capacity(total),
+            Vec::with_capacity(batch.len()),
+        );
+        for (seq, &len) in batch.iter().zip(&lengths) {
+            ids.extend_from_slice(&seq[..len]);
+            positions.extend(0..len as u32);
+            pooled.push((ids.len() - 1) as u32);
         }
         let h = self.token_embedding.dim(1)?;
-        let xs = self
+        let xs = (self
             .token_embedding
-            .index_select(&Tensor::from_vec(padded, b * s, device)?, 0)?
-            .reshape((b, s, h))?
-            .broadcast_add(&self.position_embedding.narrow(0, 0, s)?)?;
-        let pooled = Tensor::from_vec(pooled, b, device)?;
+            .index_select(&Tensor::from_vec(ids, total, device)?, 0)?
+            + self
+                .position_embedding
+                .index_select(&Tensor::from_vec(positions, total, device)?, 0)?)?
+        .reshape((1, total, h))?;
+        let pooled = Tensor::from_vec(pooled, batch.len(), device)?;
         // The final layer norm works row by row, so it runs on the pooled rows only.
-        self.final_layer_norm
-            .forward(&self.encoder.forward_picked(&xs, true, &pooled)?)
+        self.final_layer_norm.forward(&self.encoder.forward_picked(
+            &xs,
+            true,
+            Some(&lengths),
+            &pooled,
+        )?)
     }
 }
 
@@ -298,7 +326,7 @@ impl VisionTransformer {
         let class_rows: Vec<u32> = (0..b).map(|i| (i * s) as u32).collect();
         let class_rows = Tensor::from_vec(class_rows, b, xs.device())?;
         self.post_layernorm
-            .forward(&self.encoder.forward_picked(&xs, false, &class_rows)?)
+            .forward(&self.encoder.forward_picked(&xs, false, None, &class_rows)?)
     }
 }
 

@@ -584,6 +584,9 @@ struct AttentionOp {
     heads: usize,
     causal: bool,
     scale: f32,
+    /// Sequences of these lengths one after the other, in a batch of one (1, total, 3·hidden):
+    /// captions cut at their pooled token, with no padding rows to compute.
+    lengths: Option<Vec<usize>>,
 }
 
 /// One sequence's view: `qkv` rows of 3·h values; head `col..col + d`.
@@ -594,13 +597,27 @@ struct Seq<'a> {
 }
 
 impl AttentionOp {
-    fn dims(&self, shape: &Shape) -> Result<(usize, usize, usize, usize)> {
+    /// (first row, length) of each sequence, the hidden size and the head size.
+    fn dims(&self, shape: &Shape) -> Result<(Vec<(usize, usize)>, usize, usize)> {
         let (b, s, h3) = shape.dims3()?;
         if h3 % 3 != 0 || self.heads == 0 || (h3 / 3) % self.heads != 0 {
             bail!("attention: {shape:?} is not (batch, seq, 3 x heads x head size)")
         }
         let h = h3 / 3;
-        Ok((b, s, h, h / self.heads))
+        let seqs = match &self.lengths {
+            None => (0..b).map(|n| (n * s, s)).collect(),
+            Some(lengths) => {
+                if b != 1 || lengths.iter().sum::<usize>() != s {
+                    bail!("attention: {shape:?} does not hold sequences of lengths {lengths:?}")
+                }
+                let starts = lengths.iter().scan(0, |row, &len| {
+                    *row += len;
+                    Some(*row - len)
+                });
+                starts.zip(lengths.iter().copied()).collect()
+            }
+        };
+        Ok((seqs, h, h / self.heads))
     }
 
     /// The attention weights of one head: (s, s), row i the softmax of query i's scores.
@@ -626,12 +643,12 @@ impl CustomOp1 for AttentionOp {
 
     fn cpu_fwd(&self, st: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let qkv = values(st, l, "attention")?;
-        let (b, s, h, d) = self.dims(l.shape())?;
-        let mut out = vec![0f32; b * s * h];
-        if s > 0 && h > 0 {
-            out.par_chunks_mut(s * h).enumerate().for_each(|(n, out)| {
+        let (seqs, h, d) = self.dims(l.shape())?;
+        let mut out = vec![0f32; l.shape().elem_count() / 3];
+        if h > 0 {
+            split_rows(&mut out, &seqs, h).for_each(|((start, s), out)| {
                 let seq = Seq {
-                    qkv: &qkv[n * s * 3 * h..(n + 1) * s * 3 * h],
+                    qkv: &qkv[start * 3 * h..(start + s) * 3 * h],
                     s,
                     h,
                 };
@@ -643,6 +660,7 @@ impl CustomOp1 for AttentionOp {
                 }
             });
         }
+        let (b, s, _) = l.shape().dims3()?;
         Ok((CpuStorage::F32(out), Shape::from((b, s, h))))
     }
 
@@ -650,20 +668,21 @@ impl CustomOp1 for AttentionOp {
         if !qkv.track_op() {
             return Ok(None);
         }
-        let (b, s, h, d) = self.dims(qkv.shape())?;
+        let (seqs, h, d) = self.dims(qkv.shape())?;
+        let dout = dout.contiguous()?;
         let grad = with_values(qkv, "attention", |qkv| {
-            with_values(dout, "attention", |dout| {
-                let mut g = vec![0f32; b * s * 3 * h];
-                if s == 0 || h == 0 {
+            with_values(&dout, "attention", |dout| {
+                let mut g = vec![0f32; qkv.len()];
+                if h == 0 {
                     return g;
                 }
-                g.par_chunks_mut(s * 3 * h).enumerate().for_each(|(n, g)| {
+                split_rows(&mut g, &seqs, 3 * h).for_each(|((start, s), g)| {
                     let seq = Seq {
-                        qkv: &qkv[n * s * 3 * h..(n + 1) * s * 3 * h],
+                        qkv: &qkv[start * 3 * h..(start + s) * 3 * h],
                         s,
                         h,
                     };
-                    let dout = &dout[n * s * h..(n + 1) * s * h];
+                    let dout = &dout[start * h..(start + s) * h];
                     for col in (0..h).step_by(d) {
                         self.head_bwd(&seq, dout, col, d, g);
                     }
@@ -703,6 +722,23 @@ impl AttentionOp {
     }
 }
 
+/// `buf` cut into the sequences `seqs` ((first row, length), in order, covering it) of rows
+/// `width` values wide, each with its sequence, in parallel.
+fn split_rows<'a>(
+    buf: &'a mut [f32],
+    seqs: &[(usize, usize)],
+    width: usize,
+) -> impl ParallelIterator<Item = ((usize, usize), &'a mut [f32])> {
+    let mut pieces = Vec::with_capacity(seqs.len());
+    let mut rest = buf;
+    for &seq in seqs {
+        let (piece, tail) = rest.split_at_mut(seq.1 * width);
+        pieces.push((seq, piece));
+        rest = tail;
+    }
+    pieces.into_par_iter().filter(|((_, s), _)| *s > 0)
+}
+
 /// One row of the scores' gradient from the weights' (`dp`, in place) and the weights `p`:
 /// `scale · p ⊙ (dp − dp·p)`.
 #[multiversion(targets(
@@ -718,12 +754,22 @@ fn softmax_row_bwd(dp: &mut [f32], p: &[f32], scale: f32) {
 }
 
 /// Multi-head softmax attention (causal for the text tower) over fused q/k/v projections
-/// (batch, seq, 3·hidden), differentiable; `scale` multiplies the scores.
-pub fn attention(qkv: &Tensor, heads: usize, causal: bool, scale: f64) -> Result<Tensor> {
+/// (batch, seq, 3·hidden), differentiable; `scale` multiplies the scores. With `lengths`, the
+/// input is a batch of one, (1, total, 3·hidden), holding sequences of those lengths one
+/// after the other, each attending only to itself (captions cut at their pooled token, with
+/// no padding to compute).
+pub fn attention(
+    qkv: &Tensor,
+    heads: usize,
+    causal: bool,
+    scale: f64,
+    lengths: Option<&[usize]>,
+) -> Result<Tensor> {
     let op = AttentionOp {
         heads,
         causal,
         scale: scale as f32,
+        lengths: lengths.map(<[usize]>::to_vec),
     };
     qkv.contiguous()?.apply_op1(op)
 }
@@ -971,10 +1017,48 @@ mod tests {
             let scale = (d as f64).powf(-0.5);
             check(
                 &[qkv],
-                |t| attention(&t[0], heads, causal, scale).unwrap(),
+                |t| attention(&t[0], heads, causal, scale, None).unwrap(),
                 |t| composed_attention(&t[0], heads, causal, scale),
                 2e-5,
             );
         }
+    }
+
+    /// Sequences of mixed lengths one after the other (captions cut at their pooled token):
+    /// each attends to itself only, as if it ran alone, forward and backward.
+    #[test]
+    fn ragged_attention_matches_each_sequence_alone() {
+        for (lengths, heads, d, causal) in [
+            (vec![3, 1, 5], 2, 3, true),
+            (vec![7, 12, 2, 12], 4, 16, true),
+            (vec![4, 4], 1, 8, false),
+            (vec![6, 0, 2], 2, 4, true),
+        ] {
+            let total: usize = lengths.iter().sum();
+            let qkv = rand(&[1, total, 3 * heads * d], 23);
+            let scale = (d as f64).powf(-0.5);
+            check(
+                &[qkv],
+                |t| attention(&t[0], heads, causal, scale, Some(&lengths)).unwrap(),
+                |t| {
+                    let mut start = 0;
+                    let alone: Vec<Tensor> = lengths
+                        .iter()
+                        .filter(|&&len| len > 0)
+                        .map(|&len| {
+                            let seq = t[0].narrow(1, start, len).unwrap();
+                            start += len;
+                            composed_attention(&seq, heads, causal, scale)
+                        })
+                        .collect();
+                    Tensor::cat(&alone, 1).unwrap()
+                },
+                2e-5,
+            );
+        }
+        // Lengths that do not add up to the rows are an error, not a wrong answer.
+        let qkv = rand(&[1, 5, 6], 1);
+        let err = attention(qkv.as_tensor(), 1, true, 1.0, Some(&[2, 2])).unwrap_err();
+        assert!(err.to_string().contains("lengths [2, 2]"), "{err}");
     }
 }
