@@ -589,6 +589,9 @@ struct AttentionOp {
     lengths: Option<Vec<usize>>,
 }
 
+/// A sequence's rows of the batch: (first row, length).
+type Rows = (usize, usize);
+
 /// One sequence's view: `qkv` rows of 3·h values; head `col..col + d`.
 struct Seq<'a> {
     qkv: &'a [f32],
@@ -598,7 +601,7 @@ struct Seq<'a> {
 
 impl AttentionOp {
     /// (first row, length) of each sequence, the hidden size and the head size.
-    fn dims(&self, shape: &Shape) -> Result<(Vec<(usize, usize)>, usize, usize)> {
+    fn dims(&self, shape: &Shape) -> Result<(Vec<Rows>, usize, usize)> {
         let (b, s, h3) = shape.dims3()?;
         if h3 % 3 != 0 || self.heads == 0 || (h3 / 3) % self.heads != 0 {
             bail!("attention: {shape:?} is not (batch, seq, 3 x heads x head size)")
@@ -726,9 +729,9 @@ impl AttentionOp {
 /// `width` values wide, each with its sequence, in parallel.
 fn split_rows<'a>(
     buf: &'a mut [f32],
-    seqs: &[(usize, usize)],
+    seqs: &[Rows],
     width: usize,
-) -> impl ParallelIterator<Item = ((usize, usize), &'a mut [f32])> {
+) -> impl ParallelIterator<Item = (Rows, &'a mut [f32])> {
     let mut pieces = Vec::with_capacity(seqs.len());
     let mut rest = buf;
     for &seq in seqs {
