@@ -10,6 +10,8 @@ Developer-run (torch and transformers are not CI dependencies), from a venv made
     /tmp/refvenv/bin/python benches/train_bench.py --quick                  # smoke run: batch 8, 2 steps
     /tmp/refvenv/bin/python benches/train_bench.py --only torch             # torch half only
     /tmp/refvenv/bin/python benches/train_bench.py --bf16 --batches 32      # plus both in bf16
+    /tmp/refvenv/bin/python benches/train_bench.py --rounds 3               # engines alternated 3 times
+    /tmp/refvenv/bin/python benches/train_bench.py --captions mixed         # captions of 12-60 tokens
 
 Each (engine, batch) runs in a fresh subprocess, so that its peak RSS (getrusage ru_maxrss) is its
 own. Both do the same full fine-tune step (both towers forward, CLIP contrastive loss, backward,
@@ -299,6 +301,9 @@ def main():
     ap.add_argument("--bf16", action="store_true",
                     help="also run both in bf16 mixed precision (torch autocast; archaeclip's precision 'bf16', "
                          "which needs AMX)")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="run the engines this many times each, alternated (torch, archaeclip, torch, ...); the "
+                         "table gives the median over rounds and each round's ratio (default 1)")
     ap.add_argument("--captions", choices=["short", "mixed"], default="short",
                     help="short: every caption ~12 tokens (default); mixed: 12-60 tokens, which torch pads to "
                          "the batch's longest and archaeclip does not")
@@ -331,12 +336,12 @@ def main():
         print(f"building the ViT-B/32-shaped model and {max(batches) * (steps + 1)} JPEGs in {root} ...", flush=True)
         model_dir = build_model(root)
         db_path = build_pairs(root, max(batches) * (steps + 1), args.captions == "mixed")
-        results = {}
+        runs = {}
         for b in batches:
-            for e in engines:
-                print(f"  {e}, batch {b} ...", flush=True)
+            for e, rnd in [(e, rnd) for rnd in range(args.rounds) for e in engines]:
+                print(f"  {e}, batch {b}" + (f", round {rnd + 1}" if args.rounds > 1 else "") + " ...", flush=True)
                 r = run_worker(e, model_dir, db_path, b, steps)
-                results[(e, b)] = r
+                runs.setdefault((e, b), []).append(r)
                 if "error" in r:
                     print(f"    {e} failed: {r['error']}")
                 else:
@@ -349,8 +354,18 @@ def main():
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
+    def merged(rs):
+        """One engine's rounds as one result: the median of the rounds' medians, the largest peak RSS."""
+        if any("error" in r for r in rs):
+            return next(r for r in rs if "error" in r)
+        return dict(rs[0], s_per_step=statistics.median(r["s_per_step"] for r in rs),
+                    peak_rss_mib=max(r["peak_rss_mib"] for r in rs))
+
+    results = {key: merged(rs) for key, rs in runs.items()}
+
     lengths = "~12-token captions" if args.captions == "short" else "captions of 12-60 tokens"
-    print(f"\nOne full fine-tune step, ViT-B/32-shaped random CLIP ({lengths}), {THREADS} threads, "
+    per_round = f", median over {args.rounds} alternated rounds" if args.rounds > 1 else ""
+    print(f"\nOne full fine-tune step, ViT-B/32-shaped random CLIP ({lengths}), {THREADS} threads{per_round}, "
           f"median of {steps} steps after 1 warm-up, {os.cpu_count()} CPUs here")
     hdr = (f"{'config':10}{'torch s/step':>14}{'arch. s/step':>14}{'ratio':>8}{'torch ex/s':>12}{'arch. ex/s':>12}"
            f"{'torch RSS':>11}{'arch. RSS':>11}")
@@ -369,6 +384,10 @@ def main():
             ratio = f"{t['s_per_step'] / a['s_per_step']:.2f}x" if ok(t) and ok(a) else "-"
             config = f"batch {b}" + (" bf16" if suffix else "")
             print(f"{config:10}{sec[0]:>14}{sec[1]:>14}{ratio:>8}{eps[0]:>12}{eps[1]:>12}{rss[0]:>11}{rss[1]:>11}")
+            ts, as_ = runs.get(("torch" + suffix, b), []), runs.get(("archaeclip" + suffix, b), [])
+            if args.rounds > 1 and all(ok(r) for r in ts + as_) and ts and as_:
+                print("  each round's ratio: " + ", ".join(
+                    f"{t['s_per_step'] / a['s_per_step']:.2f}x" for t, a in zip(ts, as_)))
         t, a = results.get(("torch", b)), results.get(("archaeclip-bf16", b))
         if args.bf16 and ok(t) and ok(a):
             print(f"  batch {b}: archaeclip bf16 against torch float32: {t['s_per_step'] / a['s_per_step']:.2f}x")

@@ -60,6 +60,15 @@ impl Norm {
     }
 }
 
+/// How a tower's rows form sequences: causal (the text tower) or not, and whether they are
+/// (batch, seq) or, with `lengths`, a batch of one holding sequences of those lengths one
+/// after the other ([`attention`]'s).
+#[derive(Clone, Copy, Default)]
+struct Sequences<'a> {
+    causal: bool,
+    lengths: Option<&'a [usize]>,
+}
+
 struct Attention {
     q_proj: Linear,
     k_proj: Linear,
@@ -85,18 +94,18 @@ impl Attention {
 
     /// q, k and v come from one product with the three weights stacked (their gradients
     /// flow back through the concatenation to each projection).
-    fn forward(&self, xs: &Tensor, causal: bool, lengths: Option<&[usize]>) -> Result<Tensor> {
-        self.out_proj.forward(&self.attend(xs, causal, lengths)?)
+    fn forward(&self, xs: &Tensor, seqs: Sequences) -> Result<Tensor> {
+        self.out_proj.forward(&self.attend(xs, seqs)?)
     }
 
-    /// The heads' outputs before `out_proj`; `lengths` as [`attention`]'s.
-    fn attend(&self, xs: &Tensor, causal: bool, lengths: Option<&[usize]>) -> Result<Tensor> {
+    /// The heads' outputs before `out_proj`.
+    fn attend(&self, xs: &Tensor, seqs: Sequences) -> Result<Tensor> {
         let projections = [&self.q_proj, &self.k_proj, &self.v_proj];
         let weight = Tensor::cat(&projections.map(|p| &p.weight), 0)?;
         let biases: Vec<&Tensor> = projections.iter().filter_map(|p| p.bias.as_ref()).collect();
         let bias = Tensor::cat(&biases, 0)?;
         let qkv = linear(xs, &weight, Some(&bias))?;
-        attention(&qkv, self.heads, causal, self.scale, lengths)
+        attention(&qkv, self.heads, seqs.causal, self.scale, seqs.lengths)
     }
 }
 
@@ -122,10 +131,10 @@ impl EncoderLayer {
         })
     }
 
-    fn forward(&self, xs: &Tensor, causal: bool, lengths: Option<&[usize]>) -> Result<Tensor> {
+    fn forward(&self, xs: &Tensor, seqs: Sequences) -> Result<Tensor> {
         let xs = (self
             .self_attn
-            .forward(&self.layer_norm1.forward(xs)?, causal, lengths)?
+            .forward(&self.layer_norm1.forward(xs)?, seqs)?
             + xs)?;
         self.mlp(xs)
     }
@@ -135,17 +144,11 @@ impl EncoderLayer {
     /// never reads. Keys and values still come from every row; `out_proj` and the MLP, about
     /// three quarters of a layer's products, run on the picked rows only (what the inference
     /// towers do).
-    fn forward_picked(
-        &self,
-        xs: &Tensor,
-        causal: bool,
-        lengths: Option<&[usize]>,
-        picked: &Tensor,
-    ) -> Result<Tensor> {
+    fn forward_picked(&self, xs: &Tensor, seqs: Sequences, picked: &Tensor) -> Result<Tensor> {
         let (b, s, h) = xs.dims3()?;
         let attended = self
             .self_attn
-            .attend(&self.layer_norm1.forward(xs)?, causal, lengths)?
+            .attend(&self.layer_norm1.forward(xs)?, seqs)?
             .reshape((b * s, h))?
             .index_select(picked, 0)?;
         let residual = xs.reshape((b * s, h))?.index_select(picked, 0)?;
@@ -178,24 +181,17 @@ impl Encoder {
     }
 
     /// The last layer's output at the rows `picked` of xs (batch, seq, hidden) seen as (batch x
-    /// seq, hidden) rows: (picked, hidden). With `lengths`, xs is (1, total, hidden) holding
-    /// sequences of those lengths one after the other ([`attention`]).
-    fn forward_picked(
-        &self,
-        xs: &Tensor,
-        causal: bool,
-        lengths: Option<&[usize]>,
-        picked: &Tensor,
-    ) -> Result<Tensor> {
+    /// seq, hidden) rows: (picked, hidden).
+    fn forward_picked(&self, xs: &Tensor, seqs: Sequences, picked: &Tensor) -> Result<Tensor> {
         let Some((last, layers)) = self.layers.split_last() else {
             let (b, s, h) = xs.dims3()?;
             return xs.reshape((b * s, h))?.index_select(picked, 0);
         };
         let mut xs = xs.clone();
         for layer in layers {
-            xs = layer.forward(&xs, causal, lengths)?;
+            xs = layer.forward(&xs, seqs)?;
         }
-        last.forward_picked(&xs, causal, lengths, picked)
+        last.forward_picked(&xs, seqs, picked)
     }
 }
 
@@ -259,12 +255,12 @@ impl TextTransformer {
         .reshape((1, total, h))?;
         let pooled = Tensor::from_vec(pooled, batch.len(), device)?;
         // The final layer norm works row by row, so it runs on the pooled rows only.
-        self.final_layer_norm.forward(&self.encoder.forward_picked(
-            &xs,
-            true,
-            Some(&lengths),
-            &pooled,
-        )?)
+        let seqs = Sequences {
+            causal: true,
+            lengths: Some(&lengths),
+        };
+        self.final_layer_norm
+            .forward(&self.encoder.forward_picked(&xs, seqs, &pooled)?)
     }
 }
 
@@ -325,8 +321,11 @@ impl VisionTransformer {
         let s = xs.dim(1)?;
         let class_rows: Vec<u32> = (0..b).map(|i| (i * s) as u32).collect();
         let class_rows = Tensor::from_vec(class_rows, b, xs.device())?;
-        self.post_layernorm
-            .forward(&self.encoder.forward_picked(&xs, false, None, &class_rows)?)
+        self.post_layernorm.forward(&self.encoder.forward_picked(
+            &xs,
+            Sequences::default(),
+            &class_rows,
+        )?)
     }
 }
 
