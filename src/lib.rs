@@ -4,12 +4,20 @@
 //! everything registered. The pure core (`vector`, `index`) knows nothing of SQLite; `sql` is the
 //! thin layer that parses arguments and reports errors.
 
+pub mod alloc;
 pub mod clip;
 pub mod error;
 pub mod index;
 pub mod sql;
 pub mod train;
 pub mod vector;
+
+/// Large blocks freed during training are reused rather than page-faulted afresh: see `alloc`.
+/// Installed in the extension (feature `loadable`) and in this crate's unit tests; a Rust
+/// program that links the crate with `static` keeps its own allocator.
+#[cfg(any(feature = "loadable", test))]
+#[global_allocator]
+static ALLOCATOR: alloc::Allocator = alloc::Allocator;
 
 use rusqlite::functions::FunctionFlags;
 use rusqlite::Connection;

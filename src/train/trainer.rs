@@ -73,6 +73,9 @@ enum ImageInput<'a> {
 }
 
 pub struct Trainer {
+    /// Large freed blocks are reused while the run lasts (`crate::alloc`). First, so that it is
+    /// dropped first: the rest is then freed straight to the system.
+    _alloc: crate::alloc::Scope,
     options: TrainOptions,
     config: ClipConfig,
     model: ClipModel,
@@ -250,6 +253,7 @@ impl Trainer {
 
         let preprocess = Arc::new(opened.preprocess.clone());
         let mut trainer = Trainer {
+            _alloc: crate::alloc::Scope::enter(),
             preparer: Arc::new(Preparer {
                 tokenizer: Arc::new(opened.tokenizer),
                 preprocess: preprocess.clone(),
