@@ -12,9 +12,13 @@ Developer-run (torch and transformers are not CI dependencies), from a venv made
     /tmp/refvenv/bin/python benches/train_bench.py --bf16 --batches 32      # plus both in bf16
     /tmp/refvenv/bin/python benches/train_bench.py --rounds 3               # engines alternated 3 times
     /tmp/refvenv/bin/python benches/train_bench.py --captions mixed         # captions of 12-60 tokens
+    /tmp/refvenv/bin/python benches/train_bench.py --interleave --steps 7   # steps alternated one by one
 
 Each (engine, batch) runs in a fresh subprocess, so that its peak RSS (getrusage ru_maxrss) is its
-own. Both do the same full fine-tune step (both towers forward, CLIP contrastive loss, backward,
+own. With --interleave both engines' subprocesses are loaded at once and the parent asks each for one
+step at a time, alternating (torch, archaeclip, archaeclip, torch, ...) with a pause before each step;
+on a shared VM whose speed drifts over minutes, both engines then meet the same spells. The parent
+records the CPU the waiting engine used during each step (none expected). Both do the same full fine-tune step (both towers forward, CLIP contrastive loss, backward,
 global grad-norm clipping at 1.0, AdamW with weight decay 0.2 on ndim >= 2 tensors only, logit_scale
 clamp), lr 1e-5:
   - torch: one fixed batch of preprocessed pixels + token ids padded to the batch's longest
@@ -156,7 +160,9 @@ def archaeclip_available() -> str | None:
 # ----------------------------------------------------------------------------------------------
 
 
-def worker_torch(model_dir: str, db_path: str, batch: int, steps: int, bf16: bool = False) -> dict:
+def setup_torch(model_dir: str, db_path: str, batch: int, bf16: bool = False):
+    """torch's model, optimizer and fixed batch; returns (step, info): step() runs one full
+    fine-tune step and returns its loss."""
     import contextlib
 
     import torch
@@ -196,6 +202,13 @@ def worker_torch(model_dir: str, db_path: str, batch: int, steps: int, bf16: boo
             model.logit_scale.clamp_(0, 4.605170185988092)
         return out.loss.item()
 
+    info = {"engine": "torch-bf16" if bf16 else "torch", "batch": batch, "mean_tokens": tokens,
+            "num_parameters": sum(p.numel() for p in params), "rss_after_load_mib": rss_loaded}
+    return step, info
+
+
+def worker_torch(model_dir: str, db_path: str, batch: int, steps: int, bf16: bool = False) -> dict:
+    step, info = setup_torch(model_dir, db_path, batch, bf16)
     t0 = time.perf_counter()
     first_loss = step()  # warm-up (also allocates the AdamW state)
     warm = time.perf_counter() - t0
@@ -204,17 +217,14 @@ def worker_torch(model_dir: str, db_path: str, batch: int, steps: int, bf16: boo
         t = time.perf_counter()
         step()
         times.append(time.perf_counter() - t)
-    return {"engine": "torch-bf16" if bf16 else "torch", "batch": batch, "s_per_step": statistics.median(times), "times": times,
-            "warmup_s": warm, "first_loss": first_loss, "mean_tokens": tokens,
-            "num_parameters": sum(p.numel() for p in params), "rss_after_load_mib": rss_loaded,
-            "rss_end_mib": rss_now_mib(), "peak_rss_mib": peak_rss_mib()}
+    return dict(info, s_per_step=statistics.median(times), times=times, warmup_s=warm, first_loss=first_loss,
+                rss_end_mib=rss_now_mib(), peak_rss_mib=peak_rss_mib())
 
 
-def worker_archaeclip(model_dir: str, db_path: str, batch: int, steps: int, precision: str = "fp32") -> dict:
-    db = sqlite3.connect(db_path)
-    db.enable_load_extension(True)
-    db.load_extension(EXT)
-    out_dir = tempfile.mkdtemp(prefix="train-bench-out-")
+def start_archaeclip(db: sqlite3.Connection, model_dir: str, batch: int, steps: int, out_dir: str,
+                     precision: str = "fp32"):
+    """Starts clip_train over the first batch x (steps + 1) pairs: returns (cursor, how the model
+    was given). Each row fetched from the cursor is one step, run when it is fetched."""
     max_steps = steps + 1
     n = batch * max_steps
     stmt = f"SELECT image, caption FROM pairs WHERE id <= {n} ORDER BY id"
@@ -222,35 +232,88 @@ def worker_archaeclip(model_dir: str, db_path: str, batch: int, steps: int, prec
            "'output', ?, 'batch_size', ?, 'max_steps', ?, 'lr', ?, 'save_every', 0, 'shuffle', json('false'), "
            "'save_optimizer', json('false'), 'overwrite', json('true')"
            + (f", 'precision', '{precision}'" if precision != "fp32" else "") + "))")
-    model_arg = "path"
-    t0 = time.perf_counter()
     try:
-        rows = db.execute(sql, (model_dir, stmt, out_dir, batch, max_steps, LR)).fetchall()
+        return db.execute(sql, (model_dir, stmt, out_dir, batch, max_steps, LR)), "path"
     except sqlite3.Error as e:
         # the model argument may only accept a registered name: register the directory and retry
         first_error = str(e)
         if "no such table" in first_error:
-            shutil.rmtree(out_dir, ignore_errors=True)
-            return {"engine": "archaeclip", "batch": batch, "error": first_error}
+            raise
+        db.execute("INSERT INTO temp.clip_models(name, path) VALUES ('train_bench_b32', ?)", (model_dir,))
         try:
-            db.execute("INSERT INTO temp.clip_models(name, path) VALUES ('train_bench_b32', ?)", (model_dir,))
-            model_arg = f"registered name (path failed: {first_error})"
-            t0 = time.perf_counter()
-            rows = db.execute(sql, ("train_bench_b32", stmt, out_dir, batch, max_steps, LR)).fetchall()
+            cur = db.execute(sql, ("train_bench_b32", stmt, out_dir, batch, max_steps, LR))
         except sqlite3.Error as e2:
-            shutil.rmtree(out_dir, ignore_errors=True)
-            return {"engine": "archaeclip", "batch": batch, "error": f"{e2} (with the path: {first_error})"}
-    total = time.perf_counter() - t0
-    shutil.rmtree(out_dir, ignore_errors=True)
+            raise sqlite3.Error(f"{e2} (with the path: {first_error})") from e2
+        return cur, f"registered name (path failed: {first_error})"
+
+
+def connect_archaeclip(db_path: str) -> sqlite3.Connection:
+    db = sqlite3.connect(db_path)
+    db.enable_load_extension(True)
+    db.load_extension(EXT)
+    return db
+
+
+def worker_archaeclip(model_dir: str, db_path: str, batch: int, steps: int, precision: str = "fp32") -> dict:
+    db = connect_archaeclip(db_path)
+    out_dir = tempfile.mkdtemp(prefix="train-bench-out-")
+    t0 = time.perf_counter()
+    try:
+        cur, model_arg = start_archaeclip(db, model_dir, batch, steps, out_dir, precision)
+        rows = cur.fetchall()
+    except sqlite3.Error as e:
+        return {"engine": "archaeclip", "batch": batch, "error": str(e)}
+    finally:
+        total = time.perf_counter() - t0
+        shutil.rmtree(out_dir, ignore_errors=True)
     train = sorted((r for r in rows if r[0] == "train"), key=lambda r: r[1])
     if len(train) < 2:
-        return {"engine": "archaeclip", "batch": batch, "error": f"expected {max_steps} 'train' rows, got {rows!r}"}
+        return {"engine": "archaeclip", "batch": batch, "error": f"expected {steps + 1} 'train' rows, got {rows!r}"}
     elapsed = [r[4] for r in train]
     diffs = [b - a for a, b in zip(elapsed, elapsed[1:])]  # step 1 (warm-up) skipped
     return {"engine": "archaeclip", "batch": batch, "s_per_step": statistics.median(diffs), "times": diffs,
             "first_step_s": elapsed[0], "first_loss": train[0][2], "losses": [r[2] for r in train],
             "reported_examples_per_s": [r[3] for r in train], "kinds": sorted({r[0] for r in rows}),
             "total_s_including_save": total, "model_arg": model_arg, "peak_rss_mib": peak_rss_mib()}
+
+
+def serve(engine: str, model_dir: str, db_path: str, batch: int, steps: int) -> int:
+    """--interleave's worker: loads, runs the warm-up step, prints READY, then runs one step per
+    'step' line on stdin (printing STEP <seconds>) until 'quit' (printing RESULT)."""
+    precision = "bf16" if engine.endswith("-bf16") else "fp32"
+    out_dir = tempfile.mkdtemp(prefix="train-bench-out-")
+    try:
+        if engine.startswith("torch"):
+            step, info = setup_torch(model_dir, db_path, batch, precision == "bf16")
+        else:
+            db = connect_archaeclip(db_path)
+            # Python's sqlite3 cursor steps to the next row as it returns one, so each fetchone()
+            # below runs the step after the row it returns: one step more than `steps` + 1
+            # keeps the last fetch a full step (not the end of training and the final save).
+            cur, model_arg = start_archaeclip(db, model_dir, batch, steps + 1, out_dir, precision)
+            info = {"engine": engine, "batch": batch, "model_arg": model_arg}
+
+            def step() -> float:
+                # clip_train runs a step each time a row is asked for; rows other than 'train'
+                # (none with these options) would be skipped.
+                while True:
+                    row = cur.fetchone()
+                    if row is None:
+                        raise RuntimeError("clip_train ended before the last step")
+                    if row[0] == "train":
+                        return row[2]
+        first_loss = step()  # warm-up (torch: also allocates the AdamW state; archaeclip: loads, steps 1 and 2)
+        print("READY", flush=True)
+        for line in sys.stdin:
+            if line.strip() != "step":
+                break
+            t = time.perf_counter()
+            step()
+            print(f"STEP {time.perf_counter() - t}", flush=True)
+        print("RESULT " + json.dumps(dict(info, first_loss=first_loss, peak_rss_mib=peak_rss_mib())), flush=True)
+    finally:
+        shutil.rmtree(out_dir, ignore_errors=True)
+    return 0
 
 
 def busy_cpu_s() -> float | None:
@@ -287,6 +350,105 @@ def run_worker(engine: str, model_dir: str, db_path: str, batch: int, steps: int
     return {"engine": engine, "batch": batch, "error": f"worker exited {p.returncode}: " + " | ".join(tail)}
 
 
+def proc_cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) used so far by process pid, its threads included."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class Server:
+    """An --interleave worker process: one step per step() call."""
+
+    def __init__(self, engine: str, model_dir: str, db_path: str, batch: int, steps: int):
+        env = dict(os.environ, RAYON_NUM_THREADS=str(THREADS), OMP_NUM_THREADS=str(THREADS))
+        cmd = [sys.executable, os.path.abspath(__file__), "--worker", engine, "--serve", "--model-dir", model_dir,
+               "--db", db_path, "--batch", str(batch), "--steps", str(steps)]
+        self.engine = engine
+        self.p = subprocess.Popen(cmd, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.expect("READY")
+
+    def expect(self, prefix: str) -> str:
+        for line in self.p.stdout:
+            if line.startswith(prefix):
+                return line[len(prefix):].strip()
+        raise RuntimeError(f"{self.engine} worker exited ({self.p.wait()}) before {prefix}")
+
+    def step(self) -> float:
+        self.p.stdin.write("step\n")
+        self.p.stdin.flush()
+        return float(self.expect("STEP "))
+
+    def finish(self) -> dict:
+        self.p.stdin.write("quit\n")
+        self.p.stdin.flush()
+        r = json.loads(self.expect("RESULT "))
+        self.p.wait()
+        return r
+
+
+def interleaved(pair: list[str], model_dir: str, db_path: str, batch: int, steps: int, gap_s: float) -> dict:
+    """Both engines loaded side by side, their steps alternated one at a time (which goes first
+    alternates too), with a pause of gap_s before each step: slow and fast spells of a shared
+    machine fall on both. Records, for each step, the CPU time the waiting engine and everything
+    else used meanwhile."""
+    servers = [Server(e, model_dir, db_path, batch, steps) for e in pair]
+    times = {e: [] for e in pair}
+    waiting_cpu, other_cores = [], []
+    try:
+        for i in range(steps):
+            for s in servers if i % 2 == 0 else servers[::-1]:
+                time.sleep(gap_s)
+                idle = next(o for o in servers if o is not s)
+                cpu0, busy0, own0, t0 = proc_cpu_s(idle.p.pid), busy_cpu_s(), proc_cpu_s(s.p.pid), time.perf_counter()
+                seconds = s.step()
+                cpu1, busy1, own1, wall = proc_cpu_s(idle.p.pid), busy_cpu_s(), proc_cpu_s(s.p.pid), time.perf_counter() - t0
+                times[s.engine].append(seconds)
+                waiting_cpu.append(cpu1 - cpu0)
+                if busy0 is not None and busy1 is not None:
+                    other_cores.append(max(0.0, (busy1 - busy0 - (own1 - own0) - (cpu1 - cpu0)) / wall))
+                print(f"    step {i + 1} {s.engine}: {seconds:.3f} s (the other engine used {cpu1 - cpu0:.2f} CPU s, "
+                      f"other processes {other_cores[-1] if other_cores else float('nan'):.2f} cores)", flush=True)
+        results = {s.engine: s.finish() for s in servers}
+    finally:
+        for s in servers:
+            if s.p.poll() is None:
+                s.p.kill()
+    a, b = pair
+    return {"times": times, "results": results, "ratios": [x / y for x, y in zip(times[a], times[b])],
+            "waiting_cpu_s": max(waiting_cpu), "other_cores": max(other_cores, default=float("nan"))}
+
+
+def main_interleaved(args, batches, steps, model_dir, db_path) -> None:
+    pairs = [["torch", "archaeclip"]] + ([["torch-bf16", "archaeclip-bf16"]] if args.bf16 else [])
+    rows = []
+    for b in batches:
+        for pair in pairs:
+            print(f"  {pair[0]} and {pair[1]} side by side, batch {b}, {steps} steps each, alternated ...", flush=True)
+            r = interleaved(pair, model_dir, db_path, b, steps, args.gap)
+            rows.append((b, pair, r))
+    print(f"\nOne full fine-tune step, both engines loaded side by side and their steps alternated one at a time "
+          f"({steps} each after 1 warm-up, {args.gap} s pause before each), {THREADS} threads, {os.cpu_count()} CPUs here")
+    hdr = (f"{'config':12}{'torch s/step':>14}{'arch. s/step':>14}{'ratio':>8}{'pairs: median':>15}{'range':>14}"
+           f"{'torch RSS':>11}{'arch. RSS':>11}")
+    print(hdr)
+    print("-" * len(hdr))
+    for b, (t, a), r in rows:
+        mt, ma = statistics.median(r["times"][t]), statistics.median(r["times"][a])
+        config = f"batch {b}" + (" bf16" if t.endswith("-bf16") else "")
+        rss = [f"{r['results'][e]['peak_rss_mib']:.0f} MiB" for e in (t, a)]
+        lo, hi = min(r["ratios"]), max(r["ratios"])
+        print(f"{config:12}{mt:>14.3f}{ma:>14.3f}{mt / ma:>7.2f}x{statistics.median(r['ratios']):>14.2f}x"
+              f"{f'{lo:.2f}-{hi:.2f}x':>14}"
+              f"{rss[0]:>11}{rss[1]:>11}")
+        print(f"  first loss: torch {r['results'][t]['first_loss']:.6f}, archaeclip {r['results'][a]['first_loss']:.6f}; "
+              f"the waiting engine used at most {r['waiting_cpu_s']:.2f} CPU s during a step, other processes at most "
+              f"{r['other_cores']:.2f} cores")
+    print("ratio = torch's median s/step / archaeclip's (> 1: archaeclip faster); pairs = torch's step i / "
+          "archaeclip's step i, taken next to each other. Both processes are resident together, so peak RSS is "
+          "each one's own.")
+
+
 # ----------------------------------------------------------------------------------------------
 # Main
 # ----------------------------------------------------------------------------------------------
@@ -307,12 +469,21 @@ def main():
     ap.add_argument("--captions", choices=["short", "mixed"], default="short",
                     help="short: every caption ~12 tokens (default); mixed: 12-60 tokens, which torch pads to "
                          "the batch's longest and archaeclip does not")
+    ap.add_argument("--interleave", action="store_true",
+                    help="load both engines side by side and alternate their steps one at a time, instead of one "
+                         "process per engine run after the other: a machine whose speed drifts over minutes "
+                         "affects both alike")
+    ap.add_argument("--gap", type=float, default=1.0,
+                    help="with --interleave: seconds of pause before each step (default 1.0)")
     ap.add_argument("--worker", choices=ENGINES, help=argparse.SUPPRESS)
+    ap.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--model-dir", help=argparse.SUPPRESS)
     ap.add_argument("--db", help=argparse.SUPPRESS)
     ap.add_argument("--batch", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
 
+    if args.worker and args.serve:
+        return serve(args.worker, args.model_dir, args.db, args.batch, args.steps)
     if args.worker:
         a = (args.model_dir, args.db, args.batch, args.steps)
         r = {"torch": lambda: worker_torch(*a), "archaeclip": lambda: worker_archaeclip(*a),
@@ -333,9 +504,16 @@ def main():
 
     root = tempfile.mkdtemp(prefix="train-bench-")
     try:
-        print(f"building the ViT-B/32-shaped model and {max(batches) * (steps + 1)} JPEGs in {root} ...", flush=True)
+        pairs = max(batches) * (steps + (2 if args.interleave else 1))
+        print(f"building the ViT-B/32-shaped model and {pairs} JPEGs in {root} ...", flush=True)
         model_dir = build_model(root)
-        db_path = build_pairs(root, max(batches) * (steps + 1), args.captions == "mixed")
+        db_path = build_pairs(root, pairs, args.captions == "mixed")
+        if args.interleave:
+            if skip or args.only:
+                print("--interleave needs both engines")
+                return 1
+            main_interleaved(args, batches, steps, model_dir, db_path)
+            return 0
         runs = {}
         for b in batches:
             for e, rnd in [(e, rnd) for rnd in range(args.rounds) for e in engines]:
