@@ -18,8 +18,10 @@ Each (engine, batch) runs in a fresh subprocess, so that its peak RSS (getrusage
 own. With --interleave both engines' subprocesses are loaded at once and the parent asks each for one
 step at a time, alternating (torch, archaeclip, archaeclip, torch, ...) with a pause before each step;
 on a shared VM whose speed drifts over minutes, both engines then meet the same spells. The parent
-records the CPU the waiting engine used during each step (none expected). Both do the same full fine-tune step (both towers forward, CLIP contrastive loss, backward,
-global grad-norm clipping at 1.0, AdamW with weight decay 0.2 on ndim >= 2 tensors only, logit_scale
+records the CPU the waiting engine used during each step (none expected).
+
+Both do the same full fine-tune step (both towers forward, CLIP contrastive loss, backward, global
+grad-norm clipping at 1.0, AdamW with weight decay 0.2 on ndim >= 2 tensors only, logit_scale
 clamp), lr 1e-5:
   - torch: one fixed batch of preprocessed pixels + token ids padded to the batch's longest
     (captions of ~12 tokens; --captions mixed: 12-60),
@@ -419,6 +421,14 @@ def interleaved(pair: list[str], model_dir: str, db_path: str, batch: int, steps
             "waiting_cpu_s": max(waiting_cpu), "other_cores": max(other_cores, default=float("nan"))}
 
 
+def table_head(what: str, columns: str) -> None:
+    """A results table's title line and header (the two RSS columns appended) with its rule."""
+    print(f"\nOne full fine-tune step, {what}, {THREADS} threads, {os.cpu_count()} CPUs here")
+    hdr = columns + f"{'torch RSS':>11}{'arch. RSS':>11}"
+    print(hdr)
+    print("-" * len(hdr))
+
+
 def main_interleaved(args, batches, steps, model_dir, db_path) -> None:
     pairs = [["torch", "archaeclip"]] + ([["torch-bf16", "archaeclip-bf16"]] if args.bf16 else [])
     rows = []
@@ -427,12 +437,9 @@ def main_interleaved(args, batches, steps, model_dir, db_path) -> None:
             print(f"  {pair[0]} and {pair[1]} side by side, batch {b}, {steps} steps each, alternated ...", flush=True)
             r = interleaved(pair, model_dir, db_path, b, steps, args.gap)
             rows.append((b, pair, r))
-    print(f"\nOne full fine-tune step, both engines loaded side by side and their steps alternated one at a time "
-          f"({steps} each after 1 warm-up, {args.gap} s pause before each), {THREADS} threads, {os.cpu_count()} CPUs here")
-    hdr = (f"{'config':12}{'torch s/step':>14}{'arch. s/step':>14}{'ratio':>8}{'pairs: median':>15}{'range':>14}"
-           f"{'torch RSS':>11}{'arch. RSS':>11}")
-    print(hdr)
-    print("-" * len(hdr))
+    table_head(f"both engines loaded side by side and their steps alternated one at a time ({steps} each after 1 "
+               f"warm-up, {args.gap} s pause before each)",
+               f"{'config':12}{'torch s/step':>14}{'arch. s/step':>14}{'ratio':>8}{'pairs: median':>15}{'range':>14}")
     for b, (t, a), r in rows:
         mt, ma = statistics.median(r["times"][t]), statistics.median(r["times"][a])
         config = f"batch {b}" + (" bf16" if t.endswith("-bf16") else "")
@@ -543,12 +550,8 @@ def main():
 
     lengths = "~12-token captions" if args.captions == "short" else "captions of 12-60 tokens"
     per_round = f", median over {args.rounds} alternated rounds" if args.rounds > 1 else ""
-    print(f"\nOne full fine-tune step, ViT-B/32-shaped random CLIP ({lengths}), {THREADS} threads{per_round}, "
-          f"median of {steps} steps after 1 warm-up, {os.cpu_count()} CPUs here")
-    hdr = (f"{'config':10}{'torch s/step':>14}{'arch. s/step':>14}{'ratio':>8}{'torch ex/s':>12}{'arch. ex/s':>12}"
-           f"{'torch RSS':>11}{'arch. RSS':>11}")
-    print(hdr)
-    print("-" * len(hdr))
+    table_head(f"ViT-B/32-shaped random CLIP ({lengths}), median of {steps} steps after 1 warm-up{per_round}",
+               f"{'config':10}{'torch s/step':>14}{'arch. s/step':>14}{'ratio':>8}{'torch ex/s':>12}{'arch. ex/s':>12}")
 
     def ok(r):
         return bool(r) and "error" not in r
