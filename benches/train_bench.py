@@ -13,6 +13,7 @@ Developer-run (torch and transformers are not CI dependencies), from a venv made
     /tmp/refvenv/bin/python benches/train_bench.py --rounds 3               # engines alternated 3 times
     /tmp/refvenv/bin/python benches/train_bench.py --captions mixed         # captions of 12-60 tokens
     /tmp/refvenv/bin/python benches/train_bench.py --interleave --steps 7   # steps alternated one by one
+    /tmp/refvenv/bin/python benches/train_bench.py --interleave --onednn    # plus torch on oneDNN products
 
 Each (engine, batch) runs in a fresh subprocess, so that its peak RSS (getrusage ru_maxrss) is its
 own. With --interleave both engines' subprocesses are loaded at once and the parent asks each for one
@@ -26,6 +27,11 @@ clamp), lr 1e-5:
   - torch: one fixed batch of preprocessed pixels + token ids padded to the batch's longest
     (captions of ~12 tokens; --captions mixed: 12-60),
     1 warm-up step, then the median of --steps timed steps.
+  - torch-onednn (--onednn): the same torch step with every nn.Linear's three products (forward,
+    dX, dW) computed by oneDNN (torch.ops.mkldnn._linear_pointwise, operands made contiguous),
+    instead of aten's MKL sgemm. Plain float32 torch does not do this; it is here because MKL's
+    sgemm does not use AVX-512 on AMD CPUs (~210 GFLOP/s on 2 Zen 5 cores, against oneDNN's ~440),
+    so that archaeclip is also compared with torch's fastest float32 products on such a machine.
   - archaeclip: clip_train over a table of JPEGs (256x256, so every image is resized and cropped)
     and captions, max_steps = --steps + 1, no shuffle; the step time is the difference of
     consecutive `elapsed_s`, the first step skipped, median. It INCLUDES reading, decoding and
@@ -55,7 +61,7 @@ REPO = os.path.dirname(HERE)
 EXT = os.path.join(REPO, "dist", "archaeclip")
 TOKENIZER_SRC = os.path.join(REPO, "tests", "fixtures", "clip", "models", "tiny-quickgelu")
 THREADS = 2
-ENGINES = ["torch", "archaeclip", "torch-bf16", "archaeclip-bf16"]
+ENGINES = ["torch", "archaeclip", "torch-bf16", "archaeclip-bf16", "torch-onednn"]
 LR = 1e-5
 WEIGHT_DECAY = 0.2
 IMAGE_SIDE = 256
@@ -162,9 +168,64 @@ def archaeclip_available() -> str | None:
 # ----------------------------------------------------------------------------------------------
 
 
-def setup_torch(model_dir: str, db_path: str, batch: int, bf16: bool = False):
+def onednn_linears(model) -> int:
+    """Routes every nn.Linear of `model` through oneDNN: y = x·Wᵀ + b forward, dX = dY·W and
+    dW = dYᵀ·X backward, each one `torch.ops.mkldnn._linear_pointwise` (which computes A·Bᵀ) on
+    contiguous operands, and db = the column sums of dY. Returns how many layers it routed."""
+    import torch
+
+    linear = torch.ops.mkldnn._linear_pointwise
+
+    class OnednnLinear(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, w, b):
+            x2 = x.reshape(-1, x.shape[-1]).contiguous()
+            ctx.save_for_backward(x2, w)
+            ctx.has_bias = b is not None
+            return linear(x2, w, b, "none", [], "").reshape(*x.shape[:-1], w.shape[0])
+
+        @staticmethod
+        def backward(ctx, dy):
+            x2, w = ctx.saved_tensors
+            dy2 = dy.reshape(-1, w.shape[0]).contiguous()
+            dx = dw = db = None
+            if ctx.needs_input_grad[0]:
+                dx = linear(dy2, w.t().contiguous(), None, "none", [], "").reshape(*dy.shape[:-1], w.shape[1])
+            if ctx.needs_input_grad[1]:
+                dw = linear(dy2.t().contiguous(), x2.t().contiguous(), None, "none", [], "")
+            if ctx.has_bias and ctx.needs_input_grad[2]:
+                db = dy2.sum(0)
+            return dx, dw, db
+
+    # The routed layer against aten's on a small odd shape, forward and all three gradients,
+    # before anything is timed with it.
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 37, 70, generator=g, requires_grad=True)
+    ref = torch.nn.Linear(70, 45)
+    dy = torch.randn(3, 37, 45, generator=g)
+    outs = []
+    for f in (ref.forward, lambda v: OnednnLinear.apply(v, ref.weight, ref.bias)):
+        x.grad = ref.weight.grad = ref.bias.grad = None
+        y = f(x)
+        y.backward(dy)
+        outs.append([y.detach(), x.grad, ref.weight.grad, ref.bias.grad])
+    for name, a, b in zip(["y", "dX", "dW", "db"], *outs):
+        err = float((a - b).abs().max() / b.abs().max())
+        if err > 1e-5:
+            raise RuntimeError(f"oneDNN linear's {name} differs from aten's: max relative error {err:.2e}")
+
+    n = 0
+    for mod in model.modules():
+        if isinstance(mod, torch.nn.Linear):
+            mod.forward = (lambda m: lambda x: OnednnLinear.apply(x, m.weight, m.bias))(mod)
+            n += 1
+    return n
+
+
+def setup_torch(model_dir: str, db_path: str, batch: int, bf16: bool = False, onednn: bool = False):
     """torch's model, optimizer and fixed batch; returns (step, info): step() runs one full
-    fine-tune step and returns its loss."""
+    fine-tune step and returns its loss. onednn: the linear layers' products on oneDNN
+    (`onednn_linears`)."""
     import contextlib
 
     import torch
@@ -182,6 +243,8 @@ def setup_torch(model_dir: str, db_path: str, batch: int, bf16: bool = False):
     tokens = round(float(text["attention_mask"].sum(1).float().mean()), 1)
 
     model = CLIPModel.from_pretrained(model_dir).train()
+    if onednn:
+        onednn_linears(model)
     rss_loaded = rss_now_mib()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW([
@@ -204,13 +267,14 @@ def setup_torch(model_dir: str, db_path: str, batch: int, bf16: bool = False):
             model.logit_scale.clamp_(0, 4.605170185988092)
         return out.loss.item()
 
-    info = {"engine": "torch-bf16" if bf16 else "torch", "batch": batch, "mean_tokens": tokens,
+    info = {"engine": "torch-bf16" if bf16 else "torch-onednn" if onednn else "torch", "batch": batch, "mean_tokens": tokens,
             "num_parameters": sum(p.numel() for p in params), "rss_after_load_mib": rss_loaded}
     return step, info
 
 
-def worker_torch(model_dir: str, db_path: str, batch: int, steps: int, bf16: bool = False) -> dict:
-    step, info = setup_torch(model_dir, db_path, batch, bf16)
+def worker_torch(model_dir: str, db_path: str, batch: int, steps: int, bf16: bool = False,
+                 onednn: bool = False) -> dict:
+    step, info = setup_torch(model_dir, db_path, batch, bf16, onednn)
     t0 = time.perf_counter()
     first_loss = step()  # warm-up (also allocates the AdamW state)
     warm = time.perf_counter() - t0
@@ -286,7 +350,7 @@ def serve(engine: str, model_dir: str, db_path: str, batch: int, steps: int) -> 
     out_dir = tempfile.mkdtemp(prefix="train-bench-out-")
     try:
         if engine.startswith("torch"):
-            step, info = setup_torch(model_dir, db_path, batch, precision == "bf16")
+            step, info = setup_torch(model_dir, db_path, batch, precision == "bf16", engine == "torch-onednn")
         else:
             db = connect_archaeclip(db_path)
             # Python's sqlite3 cursor steps to the next row as it returns one, so each fetchone()
@@ -394,10 +458,12 @@ def interleaved(pair: list[str], model_dir: str, db_path: str, batch: int, steps
     alternates too), with a pause of gap_s before each step: slow and fast spells of a shared
     machine fall on both. Records, for each step, the CPU time the waiting engine and everything
     else used meanwhile."""
-    servers = [Server(e, model_dir, db_path, batch, steps) for e in pair]
+    servers = []
     times = {e: [] for e in pair}
     waiting_cpu, other_cores = [], []
     try:
+        for e in pair:
+            servers.append(Server(e, model_dir, db_path, batch, steps))
         for i in range(steps):
             for s in servers if i % 2 == 0 else servers[::-1]:
                 time.sleep(gap_s)
@@ -430,19 +496,25 @@ def table_head(what: str, columns: str) -> None:
 
 
 def main_interleaved(args, batches, steps, model_dir, db_path) -> None:
-    pairs = [["torch", "archaeclip"]] + ([["torch-bf16", "archaeclip-bf16"]] if args.bf16 else [])
+    pairs = ([["torch", "archaeclip"]] + ([["torch-onednn", "archaeclip"]] if args.onednn else [])
+             + ([["torch-bf16", "archaeclip-bf16"]] if args.bf16 else []))
     rows = []
     for b in batches:
         for pair in pairs:
             print(f"  {pair[0]} and {pair[1]} side by side, batch {b}, {steps} steps each, alternated ...", flush=True)
-            r = interleaved(pair, model_dir, db_path, b, steps, args.gap)
+            try:
+                r = interleaved(pair, model_dir, db_path, b, steps, args.gap)
+            except RuntimeError as e:
+                # e.g. archaeclip-bf16 on a CPU without AMX or AVX512_BF16: its worker printed why above
+                print(f"    skipped: {e}", flush=True)
+                continue
             rows.append((b, pair, r))
     table_head(f"both engines loaded side by side and their steps alternated one at a time ({steps} each after 1 "
                f"warm-up, {args.gap} s pause before each)",
                f"{'config':12}{'torch s/step':>14}{'arch. s/step':>14}{'ratio':>8}{'pairs: median':>15}{'range':>14}")
     for b, (t, a), r in rows:
         mt, ma = statistics.median(r["times"][t]), statistics.median(r["times"][a])
-        config = f"batch {b}" + (" bf16" if t.endswith("-bf16") else "")
+        config = f"batch {b}" + (" bf16" if t.endswith("-bf16") else " *" if t == "torch-onednn" else "")
         rss = [f"{r['results'][e]['peak_rss_mib']:.0f} MiB" for e in (t, a)]
         lo, hi = min(r["ratios"]), max(r["ratios"])
         print(f"{config:12}{mt:>14.3f}{ma:>14.3f}{mt / ma:>7.2f}x{statistics.median(r['ratios']):>14.2f}x"
@@ -451,6 +523,9 @@ def main_interleaved(args, batches, steps, model_dir, db_path) -> None:
         print(f"  first loss: torch {r['results'][t]['first_loss']:.6f}, archaeclip {r['results'][a]['first_loss']:.6f}; "
               f"the waiting engine used at most {r['waiting_cpu_s']:.2f} CPU s during a step, other processes at most "
               f"{r['other_cores']:.2f} cores")
+    if args.onednn:
+        print("* torch with every linear layer's forward, dX and dW products on oneDNN (torch-onednn, see the "
+              "docstring), against archaeclip float32")
     print("ratio = torch's median s/step / archaeclip's (> 1: archaeclip faster); pairs = torch's step i / "
           "archaeclip's step i, taken next to each other. Both processes are resident together, so peak RSS is "
           "each one's own.")
@@ -469,7 +544,7 @@ def main():
     ap.add_argument("--only", choices=["torch", "archaeclip"], help="run one engine only")
     ap.add_argument("--bf16", action="store_true",
                     help="also run both in bf16 mixed precision (torch autocast; archaeclip's precision 'bf16', "
-                         "which needs AMX)")
+                         "which needs AMX or AVX512_BF16)")
     ap.add_argument("--rounds", type=int, default=1,
                     help="run the engines this many times each, alternated (torch, archaeclip, torch, ...); the "
                          "table gives the median over rounds and each round's ratio (default 1)")
@@ -480,6 +555,9 @@ def main():
                     help="load both engines side by side and alternate their steps one at a time, instead of one "
                          "process per engine run after the other: a machine whose speed drifts over minutes "
                          "affects both alike")
+    ap.add_argument("--onednn", action="store_true",
+                    help="with --interleave: also run torch with its linear layers' products on oneDNN against "
+                         "archaeclip (torch's fastest float32 products where MKL's sgemm avoids AVX-512, as on AMD)")
     ap.add_argument("--gap", type=float, default=1.0,
                     help="with --interleave: seconds of pause before each step (default 1.0)")
     ap.add_argument("--worker", choices=ENGINES, help=argparse.SUPPRESS)
@@ -495,6 +573,7 @@ def main():
         a = (args.model_dir, args.db, args.batch, args.steps)
         r = {"torch": lambda: worker_torch(*a), "archaeclip": lambda: worker_archaeclip(*a),
              "torch-bf16": lambda: worker_torch(*a, bf16=True),
+             "torch-onednn": lambda: worker_torch(*a, onednn=True),
              "archaeclip-bf16": lambda: worker_archaeclip(*a, precision="bf16")}[args.worker]()
         print("RESULT " + json.dumps(r), flush=True)
         return 0
@@ -509,6 +588,12 @@ def main():
         print(f"archaeclip skipped: {skip}")
         engines = [e for e in engines if not e.startswith("archaeclip")]
 
+    if args.interleave and (skip or args.only):
+        print("--interleave needs both engines")
+        return 1
+    if args.onednn and not args.interleave:
+        print("--onednn needs --interleave")
+        return 1
     root = tempfile.mkdtemp(prefix="train-bench-")
     try:
         pairs = max(batches) * (steps + (2 if args.interleave else 1))
@@ -516,9 +601,6 @@ def main():
         model_dir = build_model(root)
         db_path = build_pairs(root, pairs, args.captions == "mixed")
         if args.interleave:
-            if skip or args.only:
-                print("--interleave needs both engines")
-                return 1
             main_interleaved(args, batches, steps, model_dir, db_path)
             return 0
         runs = {}

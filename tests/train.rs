@@ -256,11 +256,11 @@ fn a_small_model_learns_colours_and_shapes() {
     learns_colours_and_shapes("fp32");
 }
 
-/// The same task in mixed precision (bf16 products on AMX tiles) learns as well.
+/// The same task in mixed precision (bf16 products on AMX tiles or AVX512_BF16) learns as well.
 #[test]
 fn a_small_model_learns_colours_and_shapes_in_bf16() {
-    if !archaeclip::clip::amx::available() {
-        eprintln!("no AMX here: bf16 training is not run (see the refusal test)");
+    if archaeclip::clip::Bf16Engine::detect().is_none() {
+        eprintln!("no AMX or AVX512_BF16 here: bf16 training is not run (see the refusal test)");
         return;
     }
     learns_colours_and_shapes("bf16");
@@ -462,18 +462,25 @@ fn a_weights_only_base_gets_standard_tokenizer_files() {
     assert_eq!(trained.preprocess, original.preprocess);
 }
 
-/// `precision: 'bf16'` rounds the linear layers' inputs to bf16 (AMX tiles): one step's
-/// gradients differ from float32's by that rounding and no more, and every trainable tensor
-/// still gets one. Where the CPU has no AMX, the option is refused with a message that says so.
+/// `precision: 'bf16'` rounds the linear layers' inputs to bf16 (AMX tiles, or AVX512_BF16):
+/// one step's gradients differ from float32's by that rounding and no more, and every
+/// trainable tensor still gets one. Where the CPU has neither, the option is refused with a
+/// message that says so.
 #[test]
 fn bf16_products_give_float32s_gradients_within_rounding() {
-    if !archaeclip::clip::amx::available() {
+    let Some(engine) = archaeclip::clip::Bf16Engine::detect() else {
         let o = serde_json::json!({"output": "x", "precision": "bf16"});
         let err = TrainOptions::parse(&o.to_string()).unwrap_err().to_string();
-        assert!(err.contains("'precision'") && err.contains("AMX"), "{err}");
-        eprintln!("no AMX here: the bf16 products are not tested, only their refusal");
+        assert!(
+            err.contains("'precision'") && err.contains("AMX") && err.contains("AVX512_BF16"),
+            "{err}"
+        );
+        eprintln!(
+            "no AMX or AVX512_BF16 here: the bf16 products are not tested, only their refusal"
+        );
         return;
-    }
+    };
+    eprintln!("bf16 products on {}", engine.name());
     let s = Scratch::new("bf16");
     let probe = |precision: &str| {
         let mut source = VecSource::new(shapes(1, 1), vec![]);

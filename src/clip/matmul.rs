@@ -79,6 +79,17 @@ impl Precision {
     pub fn kernel_name(self) -> &'static str {
         Kernel::detect(self).name()
     }
+
+    /// Whether this CPU multiplies bf16 pairs natively (AVX512_BF16's `VDPBF16PS`): bf16
+    /// products then run at up to twice the float32 rate. Without it they are widened to f32
+    /// and gain nothing.
+    pub fn bf16_native() -> bool {
+        #[cfg(target_arch = "x86_64")]
+        if Kernel::detect(Precision::Bf16) == Kernel::Bf16Avx512 {
+            return true;
+        }
+        false
+    }
 }
 
 /// The panels' values: f32, or bf16 pairs (one u32 per output column and pair of inputs: input
@@ -133,6 +144,13 @@ impl Packed {
                 n,
             };
         }
+        if precision == Precision::Bf16 {
+            return Packed {
+                panels: Panels::Bf16(pairs_from_rows(w, stride, n, k)),
+                k,
+                n,
+            };
+        }
         Packed::pack(n, k, precision, |kk, j| w[j * stride + kk])
     }
 
@@ -149,6 +167,21 @@ impl Packed {
     pub fn from_transposed(wt: &[f32], n: usize, k: usize) -> Packed {
         assert_eq!(wt.len(), n * k);
         Packed::from_transposed_strided(wt, n, n, k)
+    }
+
+    /// [`Packed::from_transposed`] at `precision`.
+    pub fn from_transposed_in(wt: &[f32], n: usize, k: usize, precision: Precision) -> Packed {
+        match precision {
+            Precision::F32 => Packed::from_transposed(wt, n, k),
+            Precision::Bf16 => {
+                assert_eq!(wt.len(), n * k);
+                Packed {
+                    panels: Panels::Bf16(pairs_from_transposed(wt, n, k)),
+                    k,
+                    n,
+                }
+            }
+        }
     }
 
     /// [`Packed::from_transposed`] for rows of Wᵀ `stride` values apart: line kk of W is
@@ -730,6 +763,81 @@ pub(crate) unsafe fn transpose16_avx512(src: *const f32, stride: usize, dst: *mu
     }
 }
 
+/// bf16 panels of W, (n, k) in rows `stride` values apart: each panel's 16 rows rounded to
+/// pairs as rows (a contiguous pass over each), then transposed into the panel's lines in L1.
+fn pairs_from_rows(w: &[f32], stride: usize, n: usize, k: usize) -> Vec<u32> {
+    let lines = k.div_ceil(2);
+    let mut panels = vec![0u32; n.div_ceil(NR) * lines * NR];
+    each_panel(&mut panels, lines, |p, panel| {
+        let lanes = NR.min(n - p * NR);
+        let mut rows = vec![0u32; lanes * lines];
+        for (lane, row) in rows.chunks_exact_mut(lines).enumerate() {
+            round_row(&w[(p * NR + lane) * stride..][..k], row);
+        }
+        for (l, line) in panel.chunks_exact_mut(NR).enumerate() {
+            for (lane, v) in line[..lanes].iter_mut().enumerate() {
+                *v = rows[lane * lines + l];
+            }
+        }
+    });
+    panels
+}
+
+/// bf16 panels of W given transposed, `wt` (k, n) row-major: line l of every panel pairs rows
+/// 2l and 2l + 1 of `wt`, so each pair of rows is rounded in one pass and its 16-value pieces
+/// copied into the panels; blocks of lines in parallel (as [`Packed::from_transposed_strided`]).
+fn pairs_from_transposed(wt: &[f32], n: usize, k: usize) -> Vec<u32> {
+    const BLOCK: usize = 32;
+    let lines = k.div_ceil(2);
+    let mut panels = vec![0u32; n.div_ceil(NR) * lines * NR];
+    if lines == 0 || n == 0 {
+        return panels;
+    }
+    // blocks[b][p]: lines b·BLOCK.. of panel p.
+    let mut blocks: Vec<Vec<&mut [u32]>> = (0..lines.div_ceil(BLOCK)).map(|_| Vec::new()).collect();
+    for panel in panels.chunks_exact_mut(lines * NR) {
+        for (b, part) in panel.chunks_mut(BLOCK * NR).enumerate() {
+            blocks[b].push(part);
+        }
+    }
+    let fill = |(b, mut block): (usize, Vec<&mut [u32]>)| {
+        let mut paired = vec![0u32; n];
+        for l in 0..block[0].len() / NR {
+            let kk = 2 * (b * BLOCK + l);
+            let hi: &[f32] = if kk + 1 < k {
+                &wt[(kk + 1) * n..][..n]
+            } else {
+                &[]
+            };
+            pair_rows(&wt[kk * n..][..n], hi, &mut paired);
+            for (p, part) in block.iter_mut().enumerate() {
+                let (c0, c1) = (p * NR, ((p + 1) * NR).min(n));
+                part[l * NR..][..c1 - c0].copy_from_slice(&paired[c0..c1]);
+            }
+        }
+    };
+    if n * k < SERIAL_BELOW {
+        blocks.into_iter().enumerate().for_each(fill);
+    } else {
+        blocks.into_par_iter().enumerate().for_each(fill);
+    }
+    panels
+}
+
+/// `out[i]` = `lo[i]` and `hi[i]` rounded to bf16, as a pair (`hi` empty: 0).
+#[multiversion::multiversion(targets("x86_64+avx512f+avx512bw", "x86_64+avx2", "aarch64+neon"))]
+fn pair_rows(lo: &[f32], hi: &[f32], out: &mut [u32]) {
+    if hi.is_empty() {
+        for (o, &a) in out.iter_mut().zip(lo) {
+            *o = pair(a, 0.0);
+        }
+    } else {
+        for ((o, &a), &b) in out.iter_mut().zip(lo).zip(hi) {
+            *o = pair(a, b);
+        }
+    }
+}
+
 /// `n.div_ceil(NR)` panels of `lines` lines, `value(line, column)` in the columns below n and
 /// zero in the padding.
 fn fill_panels<T: Copy + Default + Send>(
@@ -970,7 +1078,7 @@ impl Kernel {
     /// Whether the kernel has a two-panel tile (run for `cols` > [`NR`]).
     fn pairs(self) -> bool {
         #[cfg(target_arch = "x86_64")]
-        if self == Kernel::Avx512 {
+        if matches!(self, Kernel::Avx512 | Kernel::Bf16Avx512) {
             return true;
         }
         false
@@ -1034,6 +1142,8 @@ impl Kernel {
             #[cfg(target_arch = "x86_64")]
             Kernel::Avx2Fma => by_rows!(tile_avx2),
             Kernel::Portable => by_rows!(tile_portable),
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Bf16Avx512 if t.cols > NR => by_rows_pair!(tile_bf16_avx512_pair),
             #[cfg(target_arch = "x86_64")]
             Kernel::Bf16Avx512 => by_rows_wide!(tile_bf16_avx512),
             #[cfg(target_arch = "x86_64")]
@@ -1351,9 +1461,79 @@ unsafe fn tile_bf16_avx512<const R: usize>(t: Tile) {
     avx512_store(t, mask, &acc);
 }
 
+/// The bf16 tile over two adjacent panels: [`tile_avx512_pair`]'s shape and loop, each step a
+/// `VDPBF16PS` per accumulator (two steps of depth), the row's pair broadcast once for both
+/// panels: a load per two multiply-adds instead of one, as the f32 pair tile.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bf16")]
+unsafe fn tile_bf16_avx512_pair<const R: usize>(t: Tile) {
+    use std::arch::x86_64::*;
+    let high = t.cols - NR;
+    let mask: __mmask16 = if high == NR { !0 } else { (1u16 << high) - 1 };
+    let (mut lo, mut hi) = ([_mm512_setzero_ps(); R], [_mm512_setzero_ps(); R]);
+    #[allow(clippy::needless_range_loop)]
+    for r in 0..R {
+        let from = t.from.add(r * t.from_stride);
+        lo[r] = _mm512_loadu_ps(from);
+        hi[r] = _mm512_maskz_loadu_ps(mask, from.add(NR));
+    }
+    let (x, panel) = (t.x.cast::<i32>(), t.panel.cast::<i32>());
+    let second = panel.add(t.panel_stride);
+    let ahead = t.ahead_lines.min(t.depth);
+    for l in 0..t.depth {
+        _mm_prefetch::<_MM_HINT_T0>(panel.wrapping_add((l + PREFETCH) * NR).cast());
+        _mm_prefetch::<_MM_HINT_T0>(second.wrapping_add((l + PREFETCH) * NR).cast());
+        if l < ahead {
+            _mm_prefetch::<_MM_HINT_T1>(t.ahead.add(l * NR).cast());
+            _mm_prefetch::<_MM_HINT_T1>(t.ahead.wrapping_add(t.panel_stride + l * NR).cast());
+        }
+        let b0: __m512bh = std::mem::transmute(_mm512_loadu_si512(panel.add(l * NR).cast()));
+        let b1: __m512bh = std::mem::transmute(_mm512_loadu_si512(second.add(l * NR).cast()));
+        #[allow(clippy::needless_range_loop)]
+        for r in 0..R {
+            let a: __m512bh = std::mem::transmute(_mm512_set1_epi32(*x.add(r * t.x_stride + l)));
+            lo[r] = _mm512_dpbf16_ps(lo[r], a, b0);
+            hi[r] = _mm512_dpbf16_ps(hi[r], a, b1);
+        }
+    }
+    #[allow(clippy::needless_range_loop)]
+    for r in 0..R {
+        let y = t.y.add(r * t.y_stride);
+        _mm512_storeu_ps(y, lo[r]);
+        _mm512_mask_storeu_ps(y.add(NR), mask, hi[r]);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The bf16 packings of rows and of transposed rows give the panels of the plain
+    /// value-by-value packing, for odd depths (a pair's high half 0) and partial panels.
+    #[test]
+    fn bf16_packings_match_the_plain_packing() {
+        // (300, 257): above SERIAL_BELOW, packed in parallel.
+        for (n, k) in [
+            (1, 1),
+            (3, 5),
+            (17, 2),
+            (40, 33),
+            (70, 96),
+            (33, 130),
+            (300, 257),
+        ] {
+            let w: Vec<f32> = (0..n * k)
+                .map(|i| ((i * 7919 % 1013) as f32 - 506.0) / 37.0)
+                .collect();
+            let rows = Packed::from_rows_in(&w, n, k, Precision::Bf16);
+            let plain = Packed::pack(n, k, Precision::Bf16, |kk, j| w[j * k + kk]);
+            assert_eq!(rows.panels, plain.panels, "rows ({n}, {k})");
+            // w read as Wᵀ (k, n) of a (n, k) weight: W[j][kk] = w[kk * n + j].
+            let transposed = Packed::from_transposed_in(&w, n, k, Precision::Bf16);
+            let plain = Packed::pack(n, k, Precision::Bf16, |kk, j| w[kk * n + j]);
+            assert_eq!(transposed.panels, plain.panels, "transposed ({n}, {k})");
+        }
+    }
 
     #[test]
     fn products_of_empty_shapes() {

@@ -19,6 +19,7 @@ pub mod preprocess;
 pub mod registry;
 pub mod tokenizer;
 pub(crate) mod train_ops;
+pub use train_ops::Bf16Engine;
 
 /// A candle error as one line for an SQL error message: without the backtrace candle captures
 /// when `RUST_BACKTRACE` is set (dozens of lines of frames), contexts joined by ": ".

@@ -22,7 +22,7 @@ use super::config::Activation;
 use super::fast::{
     add_assign, erf, exp, gelu, gelu_tanh, norm_row, par_rows, quick_gelu, row_stats, softmax_row,
 };
-use super::matmul::Packed;
+use super::matmul::{Packed, Precision};
 use crate::vector::distance::dot_f32;
 
 /// The f32 values of a contiguous CPU storage.
@@ -94,24 +94,60 @@ fn column_sums(x: &[f32], cols: usize) -> Vec<f32> {
 // Linear layers
 // ----------------------------------------------------------------------------------------------
 
+/// Where `precision = 'bf16'`'s products run on this CPU.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Bf16Engine {
+    /// AMX tiles ([`super::amx`]): Intel Xeon 4th generation and later.
+    Amx,
+    /// The packed kernels of [`super::matmul`] at [`Precision::Bf16`], multiplying bf16 pairs
+    /// with AVX512_BF16's `VDPBF16PS` (AMD Zen 4 and later, Intel Cooper Lake): the same
+    /// arithmetic (operands rounded to bf16, products summed in f32), at up to twice the
+    /// float32 rate.
+    Packed,
+}
+
+impl Bf16Engine {
+    /// The engine this CPU offers, the faster first; `None` where bf16 products would only be
+    /// widened to f32 (no gain over float32 training).
+    pub fn detect() -> Option<Bf16Engine> {
+        if amx::available() {
+            Some(Bf16Engine::Amx)
+        } else if Precision::bf16_native() {
+            Some(Bf16Engine::Packed)
+        } else {
+            None
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Bf16Engine::Amx => "AMX tiles",
+            Bf16Engine::Packed => "AVX512_BF16",
+        }
+    }
+}
+
 thread_local! {
-    /// Whether this thread's linear layers run their products in bf16 on AMX tiles.
-    static BF16_PRODUCTS: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    /// Where this thread's linear layers run their products in bf16, if they do.
+    static BF16_PRODUCTS: std::cell::Cell<Option<Bf16Engine>> = const { std::cell::Cell::new(None) };
 }
 
 /// While alive, the linear layers' products (forward, dX, dW, fc1's with its activation) on
-/// this thread run in bf16 on AMX tiles ([`super::amx`]) if `on`: `clip_train`'s precision
+/// this thread run in bf16 ([`Bf16Engine::detect`]) if `on`: `clip_train`'s precision
 /// 'bf16', set around each step's forward and backward passes (candle runs both on the calling
 /// thread). Dropping it restores what was set before.
-pub(crate) struct Bf16Products(bool);
+pub(crate) struct Bf16Products(Option<Bf16Engine>);
 
 impl Bf16Products {
     pub(crate) fn set(on: bool) -> Bf16Products {
-        assert!(
-            !on || amx::available(),
-            "bf16 products need AMX (checked by the options)"
-        );
-        Bf16Products(BF16_PRODUCTS.replace(on))
+        Bf16Products::using(
+            on.then(|| Bf16Engine::detect().expect("bf16 products checked by the options")),
+        )
+    }
+
+    /// The products on `engine` (`None`: float32), which the caller has checked this CPU runs.
+    fn using(engine: Option<Bf16Engine>) -> Bf16Products {
+        Bf16Products(BF16_PRODUCTS.replace(engine))
     }
 }
 
@@ -121,8 +157,30 @@ impl Drop for Bf16Products {
     }
 }
 
-fn bf16_products() -> bool {
+fn bf16_products() -> Option<Bf16Engine> {
     BF16_PRODUCTS.get()
+}
+
+/// `x` (m, n) transposed: (n, m) row-major, in parallel by blocks of output rows.
+fn transposed(x: &[f32], m: usize, n: usize) -> Vec<f32> {
+    const BLOCK: usize = 64;
+    let mut out = vec![0f32; m * n];
+    if m == 0 || n == 0 {
+        return out;
+    }
+    out.par_chunks_mut(BLOCK * m)
+        .enumerate()
+        .for_each(|(b, rows)| {
+            let j0 = b * BLOCK;
+            let width = rows.len() / m;
+            for i in 0..m {
+                let src = &x[i * n + j0..][..width];
+                for (j, &v) in src.iter().enumerate() {
+                    rows[j * m + i] = v;
+                }
+            }
+        });
+    out
 }
 
 /// `y = x·Wᵀ + b` for x (..., k), W (n, k) as HuggingFace stores it, b (n).
@@ -150,14 +208,16 @@ fn linear_fwd(
     if let Some(b) = b.filter(|b| b.len() != n) {
         bail!("linear: bias of {} values for {n} outputs", b.len())
     }
-    let y = if bf16_products() {
-        amx::product(
+    let y = match bf16_products() {
+        Some(Bf16Engine::Amx) => amx::product(
             &Operand::a(x, m, k, Held::Rows),
             &Operand::b(w, k, n, Held::Transposed),
             b,
-        )
-    } else {
-        Packed::from_rows(w, n, k).product_new(x, m, b)
+        ),
+        Some(Bf16Engine::Packed) => {
+            Packed::from_rows_in(w, n, k, Precision::Bf16).product_new(x, m, b)
+        }
+        None => Packed::from_rows(w, n, k).product_new(x, m, b),
     };
     Ok((CpuStorage::F32(y), Shape::from(out)))
 }
@@ -176,13 +236,15 @@ fn linear_bwd(x: &Tensor, w: &Tensor, b: Option<&Tensor>, dy: &Tensor) -> Result
     let bf16 = bf16_products();
     let dx = if x.track_op() {
         // dX (m, k) = dY (m, n) · W: W read as the (k, n) "weight" whose row j is column j of W.
-        let g = with_values(w, "linear", |w| {
-            if bf16 {
+        let g = with_values(w, "linear", |w| match bf16 {
+            Some(Bf16Engine::Amx) => {
                 let dy = Operand::a(dy_v, m, n, Held::Rows);
                 amx::product(&dy, &Operand::b(w, n, k, Held::Rows), None)
-            } else {
-                Packed::from_transposed(w, k, n).product_new(dy_v, m, None)
             }
+            Some(Bf16Engine::Packed) => {
+                Packed::from_transposed_in(w, k, n, Precision::Bf16).product_new(dy_v, m, None)
+            }
+            None => Packed::from_transposed(w, k, n).product_new(dy_v, m, None),
         })?;
         Some(tensor(g, x.shape())?)
     } else {
@@ -190,13 +252,15 @@ fn linear_bwd(x: &Tensor, w: &Tensor, b: Option<&Tensor>, dy: &Tensor) -> Result
     };
     let dw = if w.track_op() {
         // dW (n, k) = dYᵀ (n, m) · X (m, k), dY read transposed (no transposed copy of it).
-        let g = with_values(x, "linear", |x| {
-            if bf16 {
+        let g = with_values(x, "linear", |x| match bf16 {
+            Some(Bf16Engine::Amx) => {
                 let dyt = Operand::a(dy_v, n, m, Held::Transposed);
                 amx::product(&dyt, &Operand::b(x, m, k, Held::Rows), None)
-            } else {
-                Packed::from_transposed(x, k, m).product_transposed_new(dy_v, n)
             }
+            // The bf16 kernels read their x as rows (rounded once per product): dYᵀ copied.
+            Some(Bf16Engine::Packed) => Packed::from_transposed_in(x, k, m, Precision::Bf16)
+                .product_new(&transposed(dy_v, m, n), n, None),
+            None => Packed::from_transposed(x, k, m).product_transposed_new(dy_v, n),
         })?;
         Some(tensor(g, w.shape())?)
     } else {
@@ -873,6 +937,71 @@ mod tests {
             |t| t[0].broadcast_matmul(&t[1].t().unwrap()).unwrap(),
             1e-5,
         );
+    }
+
+    /// Each bf16 engine this CPU runs, against candle's float32 ops: forward and gradients
+    /// within bf16's rounding (8 significant bits), and not equal to them (the engine ran).
+    #[test]
+    fn bf16_products_match_float32_within_rounding() {
+        let engines: Vec<Bf16Engine> = [
+            amx::available().then_some(Bf16Engine::Amx),
+            Precision::bf16_native().then_some(Bf16Engine::Packed),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        if engines.is_empty() {
+            eprintln!("no bf16 engine on this CPU: nothing to check");
+            return;
+        }
+        for engine in engines {
+            let _on = Bf16Products::using(Some(engine));
+            // Odd sizes (partial panels, an odd depth), and the depth of CLIP's layers.
+            for (m, n, k) in [(1, 1, 1), (37, 40, 33), (130, 70, 96), (50, 20, 768)] {
+                let (x, w, b) = (rand(&[m, k], 11), rand(&[n, k], 12), rand(&[n], 13));
+                let inputs = [x, w, b];
+                let ts: Vec<Tensor> = inputs.iter().map(|v| v.as_tensor().clone()).collect();
+                let ours = linear(&ts[0], &ts[1], Some(&ts[2])).unwrap();
+                let exact = ts[0]
+                    .matmul(&ts[1].t().unwrap())
+                    .unwrap()
+                    .broadcast_add(&ts[2])
+                    .unwrap();
+                let weights = rand(ours.dims(), 14);
+                let grads = |y: &Tensor| {
+                    let g = (y * weights.as_tensor())
+                        .unwrap()
+                        .sum_all()
+                        .unwrap()
+                        .backward()
+                        .unwrap();
+                    inputs
+                        .iter()
+                        .map(|v| g.get(v).unwrap().clone())
+                        .collect::<Vec<_>>()
+                };
+                // ‖a − e‖ / ‖e‖: bf16 rounds each operand by up to 2⁻⁹ of its value, so a
+                // product moves by ~0.1-0.2% of its norm (single values near 0 by more).
+                let relative = |a: &Tensor, e: &Tensor| {
+                    let sq = |t: &Tensor| t.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>();
+                    (sq(&(a - e).unwrap()).unwrap() / sq(e).unwrap()).sqrt()
+                };
+                let mut largest = relative(&ours, &exact);
+                for (a, e) in grads(&ours).iter().zip(grads(&exact).iter()) {
+                    largest = largest.max(relative(a, e));
+                }
+                assert!(
+                    largest < 0.01,
+                    "{engine:?} ({m}, {n}, {k}): differs from float32 by {largest}"
+                );
+                if k > 1 {
+                    assert!(
+                        largest > 1e-5,
+                        "{engine:?} ({m}, {n}, {k}): equal to float32 ({largest}): not rounded?"
+                    );
+                }
+            }
+        }
     }
 
     #[test]

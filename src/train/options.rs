@@ -35,7 +35,7 @@ pub enum TrainPrecision {
     #[default]
     Fp32,
     /// Mixed precision: the products' inputs rounded to bf16 and their sums kept in float32,
-    /// on AMX tiles; weights, optimizer state, gradients' sums, layer norms, attention and the
+    /// on AMX tiles or with AVX512_BF16 ([`crate::clip::Bf16Engine`]); weights, optimizer state, gradients' sums, layer norms, attention and the
     /// loss stay float32 (what torch's `autocast(dtype=torch.bfloat16)` does to matmuls).
     Bf16,
 }
@@ -64,7 +64,7 @@ pub struct TrainOptions {
     /// Clip the global gradient norm to this (0: no clipping). HF Trainer's default is 1.0.
     pub max_grad_norm: f64,
     pub seed: u64,
-    /// `fp32` (default) or `bf16` (mixed precision on AMX tiles).
+    /// `fp32` (default) or `bf16` (mixed precision on AMX tiles or AVX512_BF16).
     pub precision: TrainPrecision,
     #[serde(deserialize_with = "flag")]
     pub shuffle: bool,
@@ -227,11 +227,14 @@ impl TrainOptions {
                 ));
             }
         }
-        if self.precision == TrainPrecision::Bf16 && !crate::clip::amx::available() {
+        if self.precision == TrainPrecision::Bf16
+            && crate::clip::train_ops::Bf16Engine::detect().is_none()
+        {
             return Err(bad(
                 "precision",
-                "'bf16' runs the products on AMX tiles (Intel Xeon 4th generation or later), \
-                 which this CPU (or its OS) does not offer: use 'fp32'",
+                "'bf16' runs the products on AMX tiles (Intel Xeon 4th generation or later) or \
+                 with AVX512_BF16 (AMD Zen 4 or later), which this CPU (or its OS) does not \
+                 offer: use 'fp32'",
             ));
         }
         if self.resume && self.overwrite {
