@@ -54,14 +54,28 @@ fn tensor(v: Vec<f32>, shape: &Shape) -> Result<Tensor> {
     Tensor::from_vec(v, shape.clone(), &candle_core::Device::Cpu)
 }
 
-/// `(rows, cols)` row-major into `(cols, rows)` (one head's attention matrices, at most
-/// 77 x 77, inside a parallel task).
+/// `(rows, cols)` row-major into `(cols, rows)`: one head's attention matrices (at most
+/// 77 x 77, inside a parallel task: serial), and dYᵀ for the bf16 dW (in parallel, by blocks
+/// of 64 output rows).
 fn transpose(x: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    const BLOCK: usize = 64;
     let mut out = vec![0f32; rows * cols];
-    for (r, row) in x.chunks_exact(cols).enumerate() {
-        for (c, &v) in row.iter().enumerate() {
-            out[c * rows + r] = v;
+    if rows == 0 || cols == 0 {
+        return out;
+    }
+    let fill = |(b, block): (usize, &mut [f32])| {
+        let c0 = b * BLOCK;
+        let width = block.len() / rows;
+        for (r, row) in x.chunks_exact(cols).enumerate() {
+            for (c, &v) in row[c0..c0 + width].iter().enumerate() {
+                block[c * rows + r] = v;
+            }
         }
+    };
+    if rows * cols < 1 << 16 {
+        out.chunks_mut(BLOCK * rows).enumerate().for_each(fill);
+    } else {
+        out.par_chunks_mut(BLOCK * rows).enumerate().for_each(fill);
     }
     out
 }
@@ -161,28 +175,6 @@ fn bf16_products() -> Option<Bf16Engine> {
     BF16_PRODUCTS.get()
 }
 
-/// `x` (m, n) transposed: (n, m) row-major, in parallel by blocks of output rows.
-fn transposed(x: &[f32], m: usize, n: usize) -> Vec<f32> {
-    const BLOCK: usize = 64;
-    let mut out = vec![0f32; m * n];
-    if m == 0 || n == 0 {
-        return out;
-    }
-    out.par_chunks_mut(BLOCK * m)
-        .enumerate()
-        .for_each(|(b, rows)| {
-            let j0 = b * BLOCK;
-            let width = rows.len() / m;
-            for i in 0..m {
-                let src = &x[i * n + j0..][..width];
-                for (j, &v) in src.iter().enumerate() {
-                    rows[j * m + i] = v;
-                }
-            }
-        });
-    out
-}
-
 /// `y = x·Wᵀ + b` for x (..., k), W (n, k) as HuggingFace stores it, b (n).
 struct LinearOp;
 
@@ -259,7 +251,7 @@ fn linear_bwd(x: &Tensor, w: &Tensor, b: Option<&Tensor>, dy: &Tensor) -> Result
             }
             // The bf16 kernels read their x as rows (rounded once per product): dYᵀ copied.
             Some(Bf16Engine::Packed) => Packed::from_transposed_in(x, k, m, Precision::Bf16)
-                .product_new(&transposed(dy_v, m, n), n, None),
+                .product_new(&transpose(dy_v, m, n), n, None),
             None => Packed::from_transposed(x, k, m).product_transposed_new(dy_v, n),
         })?;
         Some(tensor(g, w.shape())?)
@@ -998,6 +990,26 @@ mod tests {
                     assert!(
                         largest > 1e-5,
                         "{engine:?} ({m}, {n}, {k}): equal to float32 ({largest}): not rounded?"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn transpose_moves_every_value() {
+        // (300, 257): above the serial size, transposed in parallel; widths not multiples of
+        // the 64-row blocks.
+        for (rows, cols) in [(0, 3), (1, 1), (3, 5), (70, 130), (300, 257)] {
+            let x: Vec<f32> = (0..rows * cols).map(|i| i as f32).collect();
+            let t = transpose(&x, rows, cols);
+            assert_eq!(t.len(), x.len());
+            for r in 0..rows {
+                for c in 0..cols {
+                    assert_eq!(
+                        t[c * rows + r],
+                        x[r * cols + c],
+                        "({rows}, {cols}) at ({r}, {c})"
                     );
                 }
             }
