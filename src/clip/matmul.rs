@@ -1326,15 +1326,7 @@ unsafe fn tile_avx512<const R: usize>(t: Tile) {
 #[target_feature(enable = "avx512f")]
 unsafe fn tile_avx512_pair<const R: usize>(t: Tile) {
     use std::arch::x86_64::*;
-    let high = t.cols - NR;
-    let mask: __mmask16 = if high == NR { !0 } else { (1u16 << high) - 1 };
-    let (mut lo, mut hi) = ([_mm512_setzero_ps(); R], [_mm512_setzero_ps(); R]);
-    #[allow(clippy::needless_range_loop)]
-    for r in 0..R {
-        let from = t.from.add(r * t.from_stride);
-        lo[r] = _mm512_loadu_ps(from);
-        hi[r] = _mm512_maskz_loadu_ps(mask, from.add(NR));
-    }
+    let (mask, mut lo, mut hi) = avx512_pair_load::<R>(t);
     let second = t.panel.add(t.panel_stride);
     let ahead = t.ahead_lines.min(t.depth);
     for l in 0..t.depth {
@@ -1355,6 +1347,46 @@ unsafe fn tile_avx512_pair<const R: usize>(t: Tile) {
             hi[r] = _mm512_fmadd_ps(a, b1, hi[r]);
         }
     }
+    avx512_pair_store(t, mask, &lo, &hi);
+}
+
+/// A two-panel tile's start: the second panel's lane mask, and the rows of where the tile
+/// starts, as the first panel's and the second's accumulators.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[inline]
+#[allow(clippy::type_complexity)]
+unsafe fn avx512_pair_load<const R: usize>(
+    t: Tile,
+) -> (
+    std::arch::x86_64::__mmask16,
+    [std::arch::x86_64::__m512; R],
+    [std::arch::x86_64::__m512; R],
+) {
+    use std::arch::x86_64::*;
+    let high = t.cols - NR;
+    let mask: __mmask16 = if high == NR { !0 } else { (1u16 << high) - 1 };
+    let (mut lo, mut hi) = ([_mm512_setzero_ps(); R], [_mm512_setzero_ps(); R]);
+    #[allow(clippy::needless_range_loop)]
+    for r in 0..R {
+        let from = t.from.add(r * t.from_stride);
+        lo[r] = _mm512_loadu_ps(from);
+        hi[r] = _mm512_maskz_loadu_ps(mask, from.add(NR));
+    }
+    (mask, lo, hi)
+}
+
+/// A two-panel tile's accumulators into its rows of y.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn avx512_pair_store<const R: usize>(
+    t: Tile,
+    mask: std::arch::x86_64::__mmask16,
+    lo: &[std::arch::x86_64::__m512; R],
+    hi: &[std::arch::x86_64::__m512; R],
+) {
+    use std::arch::x86_64::*;
     #[allow(clippy::needless_range_loop)]
     for r in 0..R {
         let y = t.y.add(r * t.y_stride);
@@ -1468,15 +1500,7 @@ unsafe fn tile_bf16_avx512<const R: usize>(t: Tile) {
 #[target_feature(enable = "avx512f,avx512bf16")]
 unsafe fn tile_bf16_avx512_pair<const R: usize>(t: Tile) {
     use std::arch::x86_64::*;
-    let high = t.cols - NR;
-    let mask: __mmask16 = if high == NR { !0 } else { (1u16 << high) - 1 };
-    let (mut lo, mut hi) = ([_mm512_setzero_ps(); R], [_mm512_setzero_ps(); R]);
-    #[allow(clippy::needless_range_loop)]
-    for r in 0..R {
-        let from = t.from.add(r * t.from_stride);
-        lo[r] = _mm512_loadu_ps(from);
-        hi[r] = _mm512_maskz_loadu_ps(mask, from.add(NR));
-    }
+    let (mask, mut lo, mut hi) = avx512_pair_load::<R>(t);
     let (x, panel) = (t.x.cast::<i32>(), t.panel.cast::<i32>());
     let second = panel.add(t.panel_stride);
     let ahead = t.ahead_lines.min(t.depth);
@@ -1496,12 +1520,7 @@ unsafe fn tile_bf16_avx512_pair<const R: usize>(t: Tile) {
             hi[r] = _mm512_dpbf16_ps(hi[r], a, b1);
         }
     }
-    #[allow(clippy::needless_range_loop)]
-    for r in 0..R {
-        let y = t.y.add(r * t.y_stride);
-        _mm512_storeu_ps(y, lo[r]);
-        _mm512_mask_storeu_ps(y.add(NR), mask, hi[r]);
-    }
+    avx512_pair_store(t, mask, &lo, &hi);
 }
 
 #[cfg(test)]
