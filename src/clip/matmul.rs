@@ -10,9 +10,10 @@
 //! kernel streams once per tile of rows (BLIS's layout for its B operand). f32 activations are
 //! read in place; bf16 products round them once per product.
 //!
-//! Kernels, chosen at run time: on x86-64, AVX-512 (10 x 16 tiles), AVX512_BF16 (the same
-//! shape, pairs multiplied by `VDPBF16PS`) and AVX2/FMA (6 x 16, for f32 and for bf16 widened
-//! to f32); elsewhere portable versions of the same loops.
+//! Kernels, chosen at run time: on x86-64, AVX-512 (14 x 32 tiles over two panels, 10 x 16 on
+//! a last single panel), AVX512_BF16 (the same shapes, pairs multiplied by `VDPBF16PS`) and
+//! AVX2/FMA (6 x 16, for f32 and for bf16 widened to f32); elsewhere portable versions of the
+//! same loops.
 
 use std::mem::MaybeUninit;
 use std::ops::Range;
