@@ -4,6 +4,9 @@ after opening"): insert rate while building, then the first N queries of a new c
 SQLite's default pragmas and with PRAGMA mmap_size.
 
     make build && OPENBLAS_NUM_THREADS=1 .venv/bin/python benches/exact_codes_probe.py [--dir /tmp/fq] [--n 24]
+        [--page-size 65536]
+
+--page-size builds (and names) the files with that SQLite page size instead of the default 4096.
 """
 import argparse, json, os, sqlite3, subprocess, sys, time
 
@@ -21,10 +24,12 @@ def conn(path):
     return db
 
 
-def build(path, opts):
+def build(path, opts, page_size=None):
     if os.path.exists(path):
         return
     db = conn(path)
+    if page_size:
+        db.execute(f"PRAGMA page_size={int(page_size)}")
     db.execute("PRAGMA journal_mode=WAL")
     db.execute("PRAGMA synchronous=NORMAL")
     db.execute(f"CREATE VIRTUAL TABLE items USING clip_index(embedding float[{D}], metric=cosine{opts})")
@@ -62,15 +67,17 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--dir", default="/tmp/fq")
     ap.add_argument("--n", type=int, default=24)
+    ap.add_argument("--page-size", type=int, default=None)
     ap.add_argument("--child", nargs=3)
     a = ap.parse_args()
     if a.child:
         print(json.dumps(queries(a.child[0], a.child[1] == "1", int(a.child[2]))))
         return
     os.makedirs(a.dir, exist_ok=True)
-    paths = {"codes=on": os.path.join(a.dir, "codes.db"), "codes=off": os.path.join(a.dir, "off.db")}
-    build(paths["codes=on"], "")
-    build(paths["codes=off"], ", codes=off")
+    suffix = f"-{a.page_size}" if a.page_size else ""
+    paths = {"codes=on": os.path.join(a.dir, f"codes{suffix}.db"), "codes=off": os.path.join(a.dir, f"off{suffix}.db")}
+    build(paths["codes=on"], "", a.page_size)
+    build(paths["codes=off"], ", codes=off", a.page_size)
     answers = {}
     for mm in ("0", "1"):
         for name, path in paths.items():
