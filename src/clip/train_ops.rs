@@ -243,7 +243,7 @@ fn linear_bwd(x: &Tensor, w: &Tensor, b: Option<&Tensor>, dy: &Tensor) -> Result
         None
     };
     let dw = if w.track_op() {
-        // dW (n, k) = dYᵀ (n, m) · X (m, k), dY read transposed (no transposed copy of it).
+        // dW (n, k) = dYᵀ (n, m) · X (m, k), dY read transposed in place (f32 and AMX).
         let g = with_values(x, "linear", |x| match bf16 {
             Some(Bf16Engine::Amx) => {
                 let dyt = Operand::a(dy_v, n, m, Held::Transposed);

@@ -35,8 +35,9 @@ pub enum TrainPrecision {
     #[default]
     Fp32,
     /// Mixed precision: the products' inputs rounded to bf16 and their sums kept in float32,
-    /// on AMX tiles or with AVX512_BF16 ([`crate::clip::Bf16Engine`]); weights, optimizer state, gradients' sums, layer norms, attention and the
-    /// loss stay float32 (what torch's `autocast(dtype=torch.bfloat16)` does to matmuls).
+    /// on AMX tiles or with AVX512_BF16 ([`crate::clip::Bf16Engine`]); weights, optimizer
+    /// state, gradients' sums, layer norms, attention and the loss stay float32 (what torch's
+    /// `autocast(dtype=torch.bfloat16)` does to matmuls).
     Bf16,
 }
 
@@ -227,9 +228,7 @@ impl TrainOptions {
                 ));
             }
         }
-        if self.precision == TrainPrecision::Bf16
-            && crate::clip::train_ops::Bf16Engine::detect().is_none()
-        {
+        if self.precision == TrainPrecision::Bf16 && crate::clip::Bf16Engine::detect().is_none() {
             return Err(bad(
                 "precision",
                 "'bf16' runs the products on AMX tiles (Intel Xeon 4th generation or later) or \
