@@ -328,6 +328,84 @@ fn replace_conflicts_and_deletes_reclaim_space() {
 }
 
 #[test]
+fn a_rowid_conflict_writes_nothing() {
+    let db = db();
+    db.execute_batch("CREATE VIRTUAL TABLE t USING clip_index(v float[2], tag text, chunk_size=8)")
+        .unwrap();
+    for i in 1..=8 {
+        db.execute(
+            "INSERT INTO t(rowid, v, tag) VALUES (?1, '[1, 0]', 'a')",
+            [i],
+        )
+        .unwrap();
+    }
+    let shadow = |db: &Connection| {
+        let mut out = Vec::new();
+        for sql in [
+            "SELECT count(*) FROM t_chunks",
+            "SELECT sum(free) FROM t_chunks",
+            "SELECT count(*) FROM t_slots",
+            "SELECT count(*) FROM t_vectors",
+            "SELECT count(*) FROM t_codes",
+            "SELECT count(*) FROM t_map",
+            "SELECT sum(rowid * length(tag)) FROM t_map",
+        ] {
+            out.push(count(db, sql));
+        }
+        out
+    };
+    let before = shadow(&db);
+    assert_eq!(before[..2], [1, 0]);
+    // Inside a transaction, where nothing would roll a partial write back: the only chunk is
+    // full, so the row would have gone to a new one; then with a free slot to take.
+    db.execute_batch("BEGIN").unwrap();
+    let e = err(
+        &db,
+        "INSERT INTO t(rowid, v, tag) VALUES (3, '[0, 1]', 'bb')",
+    );
+    assert!(
+        e.contains("UNIQUE constraint failed: t.rowid (rowid 3)"),
+        "{e}"
+    );
+    assert_eq!(shadow(&db), before);
+    db.execute("DELETE FROM t WHERE rowid = 8", []).unwrap();
+    let freed = shadow(&db);
+    let e = err(
+        &db,
+        "INSERT INTO t(rowid, v, tag) VALUES (5, '[0, 1]', 'bb')",
+    );
+    assert!(e.contains("UNIQUE constraint failed"), "{e}");
+    assert_eq!(shadow(&db), freed);
+    db.execute_batch("INSERT INTO t(t) VALUES ('integrity-check'); COMMIT")
+        .unwrap();
+    // The free slot is still there for the next row.
+    db.execute("INSERT INTO t(rowid, v) VALUES (20, '[0, 1]')", [])
+        .unwrap();
+    assert_eq!(count(&db, "SELECT count(*) FROM t_chunks"), 1);
+    assert_eq!(
+        knn(
+            &db,
+            "SELECT rowid FROM t WHERE v MATCH ?1 AND k = 1",
+            &[0.0, 1.0]
+        ),
+        vec![20]
+    );
+
+    // External content whose rowid column repeats a value: 'rebuild' names it.
+    db.execute_batch(
+        "CREATE TABLE docs(id INTEGER, v BLOB);
+         INSERT INTO docs VALUES (1, X'0000803F00000000'), (1, X'000000000000803F');
+         CREATE VIRTUAL TABLE c USING clip_index(v float[2], content='docs', content_rowid='id');",
+    )
+    .unwrap();
+    let e = err(&db, "INSERT INTO c(c) VALUES ('rebuild')");
+    assert!(
+        e.contains("content rowid 1 appears twice in docs.id"),
+        "{e}"
+    );
+}
+
+#[test]
 fn optimize_fills_holes_and_drops_emptied_chunks() {
     let db = db();
     db.execute_batch("CREATE VIRTUAL TABLE t USING clip_index(v float[3], tag text, chunk_size=8)")

@@ -764,14 +764,22 @@ impl IndexTab {
 
     /// Inserts a checked row, resolving a rowid conflict as the statement's ON CONFLICT says.
     fn insert_row(&self, rowid: i64, vector: &[f32], metas: &[Value]) -> rusqlite::Result<()> {
-        if self.store.locate(rowid)?.is_some() {
-            let mode = unsafe { ffi::sqlite3_vtab_on_conflict(self.db) };
-            if mode != ffi::SQLITE_REPLACE {
-                return Err(self.conflict(rowid));
-            }
-            self.store.delete(rowid)?;
+        if self.store.insert(rowid, vector, metas)? {
+            return Ok(());
         }
-        self.store.insert(rowid, vector, metas)
+        let mode = unsafe { ffi::sqlite3_vtab_on_conflict(self.db) };
+        if mode != ffi::SQLITE_REPLACE {
+            return Err(self.conflict(rowid));
+        }
+        self.store.delete(rowid)?;
+        if self.store.insert(rowid, vector, metas)? {
+            Ok(())
+        } else {
+            Err(err(
+                self.name(),
+                format!("rowid {rowid} is still mapped after its delete"),
+            ))
+        }
     }
 
     fn command(&self, command: ValueRef<'_>) -> rusqlite::Result<()> {
@@ -854,7 +862,15 @@ impl IndexTab {
             let metas: Vec<Value> = (0..self.decl.metas.len())
                 .map(|i| row.get_ref(2 + i).map(owned))
                 .collect::<rusqlite::Result<_>>()?;
-            self.store.insert(rowid, &vector, &metas)?;
+            if !self.store.insert(rowid, &vector, &metas)? {
+                return Err(err(
+                    self.name(),
+                    format!(
+                        "content rowid {rowid} appears twice in {}.{}",
+                        content, self.decl.content_rowid
+                    ),
+                ));
+            }
         }
         Ok(())
     }

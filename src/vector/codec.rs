@@ -204,6 +204,20 @@ pub fn f32_to_blob(v: &[f32]) -> Vec<u8> {
     out
 }
 
+/// Floats as little-endian float32 bytes: the floats' own memory on a little-endian CPU (no
+/// copy), a converted copy elsewhere.
+pub fn f32_le_bytes(v: &[f32]) -> std::borrow::Cow<'_, [u8]> {
+    if cfg!(target_endian = "little") {
+        // SAFETY: f32 has no padding and every byte of it is initialized; u8 needs no
+        // alignment; the length covers exactly the floats' bytes, borrowed for as long as `v`.
+        std::borrow::Cow::Borrowed(unsafe {
+            std::slice::from_raw_parts(v.as_ptr().cast::<u8>(), std::mem::size_of_val(v))
+        })
+    } else {
+        std::borrow::Cow::Owned(f32_to_blob(v))
+    }
+}
+
 /// The first NaN or infinite element, as an error.
 pub fn check_finite(v: &[f32]) -> Result<()> {
     match v.iter().position(|x| !x.is_finite()) {
@@ -400,6 +414,9 @@ mod tests {
     fn blob_round_trip() {
         let v = vec![1.0f32, -0.5, 3.25];
         assert_eq!(f32_from_blob(&f32_to_blob(&v)).unwrap(), v);
+        // The borrowed view is the same bytes as the copy: 1.0 is 0x3F800000, little-endian.
+        assert_eq!(f32_le_bytes(&v).as_ref(), f32_to_blob(&v).as_slice());
+        assert_eq!(&f32_le_bytes(&v)[..4], &[0, 0, 0x80, 0x3F]);
         assert_eq!(
             f32_from_blob(&[0, 0, 128]),
             Err(Error::BlobLength { len: 3 })

@@ -32,6 +32,7 @@ use rusqlite::{params, params_from_iter, Connection, OptionalExtension, Statemen
 
 use crate::index::chunked::{bit, bitmap_bytes, first_free, Chunk};
 use crate::index::codes;
+use crate::vector::codec::f32_le_bytes;
 
 /// A value that no earlier write of any process has stored: a per-process random start plus a
 /// counter. Stored as a chunk's version and as the index's generation, it is never reused, so a
@@ -62,13 +63,23 @@ pub struct MetaColumn {
 /// drops, so two in use at once never share one.
 #[derive(Default)]
 pub struct StatementCache {
-    statements: RefCell<HashMap<String, Statement<'static>>>,
+    statements: RefCell<HashMap<Key, Statement<'static>>>,
+}
+
+/// What a cached statement is found by.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum Key {
+    /// A `'static` template (see [`Store::stmt`]), by address and length: a lookup hashes two
+    /// words instead of the SQL, and builds no string.
+    Template(usize, usize),
+    /// SQL made at run time.
+    Sql(String),
 }
 
 /// A statement on loan from the cache.
 pub struct Cached<'a> {
     cache: &'a StatementCache,
-    sql: String,
+    key: Option<Key>,
     statement: Option<Statement<'static>>,
 }
 
@@ -89,11 +100,8 @@ impl<'a> DerefMut for Cached<'a> {
 
 impl Drop for Cached<'_> {
     fn drop(&mut self) {
-        if let Some(s) = self.statement.take() {
-            self.cache
-                .statements
-                .borrow_mut()
-                .insert(std::mem::take(&mut self.sql), s);
+        if let (Some(key), Some(s)) = (self.key.take(), self.statement.take()) {
+            self.cache.statements.borrow_mut().insert(key, s);
         }
     }
 }
@@ -116,6 +124,11 @@ pub struct Store {
     /// The names of the shadow tables opened as blobs, made once (a write opens several).
     blob_tables: Vec<(&'static str, String)>,
 }
+
+/// Every shadow table's suffix.
+const SHADOW_SUFFIXES: [&str; 8] = [
+    "config", "chunks", "slots", "vectors", "codes", "map", "hnsw", "hnsw_log",
+];
 
 /// Largest part of a saved graph (SQLite's default limit on a value is 1 GB).
 const GRAPH_PART_BYTES: usize = 64 << 20;
@@ -161,21 +174,67 @@ impl Store {
 
     /// A prepared statement for `sql`, prepared once per table and connection.
     pub fn cached(&self, sql: &str) -> Res<Cached<'_>> {
-        let taken = self.statements.statements.borrow_mut().remove(sql);
-        let statement = match taken {
-            Some(s) => s,
+        self.loan(Key::Sql(sql.to_owned()), || sql.to_owned())
+    }
+
+    /// A prepared statement on the shadow tables, written as a template: `{map}`, `{chunks}`
+    /// and the other suffixes stand for the quoted shadow table, `{meta_columns}` for `, "a",
+    /// "b"` (the metadata columns) and `{meta_params}` for `, ?4, ?5` (one parameter each,
+    /// after the first three). The template is expanded once, when first prepared.
+    pub fn stmt(&self, template: &'static str) -> Res<Cached<'_>> {
+        self.loan(
+            Key::Template(template.as_ptr() as usize, template.len()),
+            || self.expand(template),
+        )
+    }
+
+    fn loan(&self, key: Key, sql: impl FnOnce() -> String) -> Res<Cached<'_>> {
+        let taken = self.statements.statements.borrow_mut().remove_entry(&key);
+        let (key, statement) = match taken {
+            Some(found) => found,
             None => {
-                let s = self.conn.prepare(sql)?;
+                let s = self.conn.prepare(&sql())?;
                 // SAFETY: the statement borrows `*self.conn`, a box that lives as long as the
                 // Store and never moves; the cache is dropped before it (field order).
-                unsafe { std::mem::transmute::<Statement<'_>, Statement<'static>>(s) }
+                let s = unsafe { std::mem::transmute::<Statement<'_>, Statement<'static>>(s) };
+                (key, s)
             }
         };
         Ok(Cached {
             cache: &self.statements,
-            sql: sql.to_owned(),
+            key: Some(key),
             statement: Some(statement),
         })
+    }
+
+    /// The SQL of a [`stmt`](Self::stmt) template.
+    fn expand(&self, template: &str) -> String {
+        let mut out = String::with_capacity(template.len() + 64);
+        let mut rest = template;
+        while let Some(open) = rest.find('{') {
+            out.push_str(&rest[..open]);
+            let close = open + rest[open..].find('}').expect("a template's { is closed");
+            match &rest[open + 1..close] {
+                "meta_columns" => {
+                    for m in &self.metas {
+                        out.push_str(", ");
+                        out.push_str(&quote(&m.name));
+                    }
+                }
+                "meta_params" => {
+                    for i in 0..self.metas.len() {
+                        out.push_str(&format!(", ?{}", i + 4));
+                    }
+                }
+                suffix => {
+                    debug_assert!(SHADOW_SUFFIXES.contains(&suffix), "unknown {{{suffix}}}");
+                    out.push_str(&self.shadow(suffix));
+                }
+            }
+            rest = &rest[close + 1..];
+        }
+        out.push_str(rest);
+        out
     }
 
     /// `"schema"."table_suffix"`.
@@ -260,9 +319,7 @@ impl Store {
 
     /// Drops the shadow tables (xDestroy).
     pub fn drop_all(&self) -> Res<()> {
-        for suffix in [
-            "config", "chunks", "slots", "vectors", "codes", "map", "hnsw", "hnsw_log",
-        ] {
+        for suffix in SHADOW_SUFFIXES {
             self.conn
                 .execute_batch(&format!("DROP TABLE IF EXISTS {};", self.shadow(suffix)))?;
         }
@@ -274,11 +331,8 @@ impl Store {
         if !self.hnsw {
             return Ok(());
         }
-        self.cached(&format!(
-            "INSERT INTO {}(rowid, token) VALUES (?1, ?2)",
-            self.shadow("hnsw_log")
-        ))?
-        .execute(params![rowid, fresh_version()])?;
+        self.stmt("INSERT INTO {hnsw_log}(rowid, token) VALUES (?1, ?2)")?
+            .execute(params![rowid, fresh_version()])?;
         Ok(())
     }
 
@@ -304,51 +358,36 @@ impl Store {
 
     /// Log entries after `seq`: (seq, rowid, token), in order.
     pub fn log_after(&self, seq: i64) -> Res<Vec<(i64, i64, i64)>> {
-        self.cached(&format!(
-            "SELECT seq, rowid, token FROM {} WHERE seq > ?1 ORDER BY seq",
-            self.shadow("hnsw_log")
-        ))?
-        .query_map([seq], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
-        .collect()
+        self.stmt("SELECT seq, rowid, token FROM {hnsw_log} WHERE seq > ?1 ORDER BY seq")?
+            .query_map([seq], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+            .collect()
     }
 
     /// The token of log entry `seq`, if it exists.
     pub fn log_token(&self, seq: i64) -> Res<Option<i64>> {
-        self.cached(&format!(
-            "SELECT token FROM {} WHERE seq = ?1",
-            self.shadow("hnsw_log")
-        ))?
-        .query_row([seq], |r| r.get(0))
-        .optional()
+        self.stmt("SELECT token FROM {hnsw_log} WHERE seq = ?1")?
+            .query_row([seq], |r| r.get(0))
+            .optional()
     }
 
     /// The last log entry: (seq, token).
     pub fn log_last(&self) -> Res<Option<(i64, i64)>> {
-        self.cached(&format!(
-            "SELECT seq, token FROM {} ORDER BY seq DESC LIMIT 1",
-            self.shadow("hnsw_log")
-        ))?
-        .query_row([], |r| Ok((r.get(0)?, r.get(1)?)))
-        .optional()
+        self.stmt("SELECT seq, token FROM {hnsw_log} ORDER BY seq DESC LIMIT 1")?
+            .query_row([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .optional()
     }
 
     /// How many rows were written since the graph was saved (the log's last seq: the log
     /// only ever empties whole).
     pub fn log_len(&self) -> Res<i64> {
-        self.cached(&format!(
-            "SELECT coalesce(max(seq), 0) FROM {}",
-            self.shadow("hnsw_log")
-        ))?
-        .query_row([], |r| r.get(0))
+        self.stmt("SELECT coalesce(max(seq), 0) FROM {hnsw_log}")?
+            .query_row([], |r| r.get(0))
     }
 
     /// The saved graph's bytes (empty when none was saved).
     pub fn read_graph(&self) -> Res<Vec<u8>> {
         let parts: Vec<(i64, i64)> = self
-            .cached(&format!(
-                "SELECT id, length(data) FROM {} ORDER BY id",
-                self.shadow("hnsw")
-            ))?
+            .stmt("SELECT id, length(data) FROM {hnsw} ORDER BY id")?
             .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
             .collect::<Res<_>>()?;
         let total: i64 = parts.iter().map(|p| p.1).sum();
@@ -380,16 +419,13 @@ impl Store {
             .execute(&format!("DELETE FROM {}", self.shadow("hnsw_log")), [])?;
         let token = fresh_version();
         let (_, _, epoch) = self.graph_saved()?;
-        let config = self.shadow("config");
         for (key, value) in [
             ("hnsw_snapshot", token),
             ("hnsw_rows", rows as i64),
             ("hnsw_epoch", epoch + 1),
         ] {
-            self.cached(&format!(
-                "INSERT OR REPLACE INTO {config}(key, value) VALUES (?1, ?2)"
-            ))?
-            .execute(params![key, value])?;
+            self.stmt("INSERT OR REPLACE INTO {config}(key, value) VALUES (?1, ?2)")?
+                .execute(params![key, value])?;
         }
         self.bump_generation()?;
         Ok((token, epoch + 1))
@@ -428,12 +464,9 @@ impl Store {
 
     /// A stored configuration value.
     pub fn config(&self, key: &str) -> Res<Option<Value>> {
-        self.cached(&format!(
-            "SELECT value FROM {} WHERE key = ?1",
-            self.shadow("config")
-        ))?
-        .query_row([key], |r| r.get(0))
-        .optional()
+        self.stmt("SELECT value FROM {config} WHERE key = ?1")?
+            .query_row([key], |r| r.get(0))
+            .optional()
     }
 
     /// A stored configuration value that must be an integer.
@@ -455,27 +488,21 @@ impl Store {
 
     /// Rows in the index.
     pub fn row_count(&self) -> Res<i64> {
-        self.cached(&format!("SELECT count(*) FROM {}", self.shadow("map")))?
+        self.stmt("SELECT count(*) FROM {map}")?
             .query_row([], |r| r.get(0))
     }
 
     fn bump_generation(&self) -> Res<()> {
-        self.cached(&format!(
-            "UPDATE {} SET value = ?1 WHERE key = 'generation'",
-            self.shadow("config")
-        ))?
-        .execute([fresh_version()])?;
+        self.stmt("UPDATE {config} SET value = ?1 WHERE key = 'generation'")?
+            .execute([fresh_version()])?;
         Ok(())
     }
 
     /// Every chunk's (id, version), ordered by id.
     pub fn chunk_versions(&self) -> Res<Vec<(i64, i64)>> {
-        self.cached(&format!(
-            "SELECT id, version FROM {} ORDER BY id",
-            self.shadow("chunks")
-        ))?
-        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
-        .collect()
+        self.stmt("SELECT id, version FROM {chunks} ORDER BY id")?
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+            .collect()
     }
 
     /// An incremental blob handle on a shadow table's row.
@@ -519,12 +546,9 @@ impl Store {
 
     /// Where a row lives: (chunk, slot).
     pub fn locate(&self, rowid: i64) -> Res<Option<(i64, usize)>> {
-        self.cached(&format!(
-            "SELECT chunk, slot FROM {} WHERE rowid = ?1",
-            self.shadow("map")
-        ))?
-        .query_row([rowid], |r| Ok((r.get(0)?, r.get::<_, i64>(1)? as usize)))
-        .optional()
+        self.stmt("SELECT chunk, slot FROM {map} WHERE rowid = ?1")?
+            .query_row([rowid], |r| Ok((r.get(0)?, r.get::<_, i64>(1)? as usize)))
+            .optional()
     }
 
     /// The stored vector of a row, as a float32 blob.
@@ -556,107 +580,96 @@ impl Store {
 
     /// The next automatic rowid (largest + 1, as for an ordinary table).
     pub fn next_rowid(&self) -> Res<i64> {
-        self.cached(&format!(
-            "SELECT coalesce(max(rowid), 0) + 1 FROM {}",
-            self.shadow("map")
-        ))?
-        .query_row([], |r| r.get(0))
+        self.stmt("SELECT coalesce(max(rowid), 0) + 1 FROM {map}")?
+            .query_row([], |r| r.get(0))
     }
 
-    /// The lowest chunk with a free slot, creating one when every chunk is full.
-    fn chunk_with_room(&self) -> Res<i64> {
-        let found: Option<i64> = self
-            .cached(&format!(
-                "SELECT id FROM {} WHERE free > 0 ORDER BY id LIMIT 1",
-                self.shadow("chunks")
-            ))?
-            .query_row([], |r| r.get(0))
-            .optional()?;
-        if let Some(id) = found {
-            return Ok(id);
-        }
-        let id: i64 = self
-            .cached(&format!(
-                "SELECT coalesce(max(id), 0) + 1 FROM {}",
-                self.shadow("chunks")
-            ))?
-            .query_row([], |r| r.get(0))?;
-        self.cached(&format!(
-            "INSERT INTO {}(id, version, free) VALUES (?1, ?2, ?3)",
-            self.shadow("chunks")
-        ))?
-        .execute(params![id, fresh_version(), self.capacity as i64])?;
-        self.cached(&format!(
-            "INSERT INTO {}(id, validity, rowids) VALUES (?1, zeroblob(?2), zeroblob(?3))",
-            self.shadow("slots")
-        ))?
+    /// Makes chunk `id`, empty: its rows in the tables with one row per chunk.
+    fn create_chunk(&self, id: i64) -> Res<()> {
+        self.stmt("INSERT INTO {chunks}(id, version, free) VALUES (?1, ?2, ?3)")?
+            .execute(params![id, fresh_version(), self.capacity as i64])?;
+        self.stmt(
+            "INSERT INTO {slots}(id, validity, rowids) VALUES (?1, zeroblob(?2), zeroblob(?3))",
+        )?
         .execute(params![
             id,
             bitmap_bytes(self.capacity) as i64,
             (self.capacity * 8) as i64
         ])?;
-        self.cached(&format!(
-            "INSERT INTO {}(id, vectors) VALUES (?1, zeroblob(?2))",
-            self.shadow("vectors")
-        ))?
-        .execute(params![id, (self.capacity * self.dims * 4) as i64])?;
+        self.stmt("INSERT INTO {vectors}(id, vectors) VALUES (?1, zeroblob(?2))")?
+            .execute(params![id, (self.capacity * self.dims * 4) as i64])?;
         if self.codes {
-            self.cached(&format!(
-                "INSERT INTO {}(id, codes) VALUES (?1, zeroblob(?2))",
-                self.shadow("codes")
-            ))?
-            .execute(params![id, self.codes_bytes() as i64])?;
+            self.stmt("INSERT INTO {codes}(id, codes) VALUES (?1, zeroblob(?2))")?
+                .execute(params![id, self.codes_bytes() as i64])?;
         }
-        Ok(id)
+        Ok(())
     }
 
-    /// Stores a new row (the caller has checked the rowid is free and the vector valid).
-    pub fn insert(&self, rowid: i64, vector: &[f32], metas: &[Value]) -> Res<()> {
-        let chunk = self.chunk_with_room()?;
-        let validity_blob = self.blob("slots", "validity", chunk, false)?;
-        let mut validity = vec![0u8; validity_blob.len()];
-        validity_blob.read_at_exact(&mut validity, 0)?;
-        let slot = first_free(&validity, self.capacity).ok_or_else(|| {
-            corrupt(format!(
-                "{}: chunk {chunk} has free > 0 in {} but no free slot",
-                self.table,
-                self.shadow("chunks")
-            ))
-        })?;
-        self.write_slot(
-            chunk,
-            slot,
-            rowid,
-            vector,
-            validity_blob,
-            validity[slot / 8],
-        )?;
-        self.cached(&format!(
-            "UPDATE {} SET free = free - 1, version = ?2 WHERE id = ?1",
-            self.shadow("chunks")
-        ))?
-        .execute(params![chunk, fresh_version()])?;
-        let placeholders: String = (0..self.metas.len())
-            .map(|i| format!(", ?{}", i + 4))
-            .collect();
-        let cols: String = self
-            .metas
-            .iter()
-            .map(|m| format!(", {}", quote(&m.name)))
-            .collect();
+    /// Stores a new row in the lowest free slot (a new chunk when every chunk is full), unless
+    /// `rowid` is taken: then nothing is written and the answer is false. The caller has
+    /// checked the vector.
+    pub fn insert(&self, rowid: i64, vector: &[f32], metas: &[Value]) -> Res<bool> {
+        // Where the row goes, found without writing anything.
+        let lowest: Option<i64> = self
+            .stmt("SELECT id FROM {chunks} WHERE free > 0 ORDER BY id LIMIT 1")?
+            .query_row([], |r| r.get(0))
+            .optional()?;
+        let (chunk, slot, validity) = match lowest {
+            Some(chunk) => {
+                let blob = self.blob("slots", "validity", chunk, false)?;
+                let mut bitmap = vec![0u8; blob.len()];
+                blob.read_at_exact(&mut bitmap, 0)?;
+                let slot = first_free(&bitmap, self.capacity).ok_or_else(|| {
+                    corrupt(format!(
+                        "{}: chunk {chunk} has free > 0 in {} but no free slot",
+                        self.table,
+                        self.shadow("chunks")
+                    ))
+                })?;
+                (chunk, slot, Some((blob, bitmap[slot / 8])))
+            }
+            None => {
+                let next: i64 = self
+                    .stmt("SELECT coalesce(max(id), 0) + 1 FROM {chunks}")?
+                    .query_row([], |r| r.get(0))?;
+                (next, 0, None)
+            }
+        };
+        // The map's primary key says whether the rowid is free, before anything else is
+        // written (one statement instead of a lookup and then the insert).
         let mut values: Vec<Value> = vec![
             Value::Integer(rowid),
             Value::Integer(chunk),
             Value::Integer(slot as i64),
         ];
         values.extend(metas.iter().cloned());
-        self.cached(&format!(
-            "INSERT INTO {}(rowid, chunk, slot{cols}) VALUES (?1, ?2, ?3{placeholders})",
-            self.shadow("map")
-        ))?
-        .execute(params_from_iter(values))?;
+        let mapped = self
+            .stmt(
+                "INSERT INTO {map}(rowid, chunk, slot{meta_columns}) \
+                 VALUES (?1, ?2, ?3{meta_params})",
+            )?
+            .execute(params_from_iter(values));
+        match mapped {
+            Err(rusqlite::Error::SqliteFailure(e, _))
+                if e.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_PRIMARYKEY =>
+            {
+                return Ok(false);
+            }
+            other => other?,
+        };
+        let (validity_blob, validity_byte) = match validity {
+            Some(found) => found,
+            None => {
+                self.create_chunk(chunk)?;
+                (self.blob("slots", "validity", chunk, false)?, 0)
+            }
+        };
+        self.write_slot(chunk, slot, rowid, vector, validity_blob, validity_byte)?;
+        self.stmt("UPDATE {chunks} SET free = free - 1, version = ?2 WHERE id = ?1")?
+            .execute(params![chunk, fresh_version()])?;
         self.log_change(rowid)?;
-        self.bump_generation()
+        self.bump_generation()?;
+        Ok(true)
     }
 
     fn write_slot(
@@ -676,9 +689,8 @@ impl Store {
     }
 
     fn write_vector(&self, chunk: i64, slot: usize, vector: &[f32]) -> Res<()> {
-        let bytes: Vec<u8> = vector.iter().flat_map(|x| x.to_le_bytes()).collect();
         self.blob("vectors", "vectors", chunk, false)?
-            .write_at(&bytes, slot * self.dims * 4)?;
+            .write_at(&f32_le_bytes(vector), slot * self.dims * 4)?;
         if self.codes {
             let size = codes::record_bytes(self.dims);
             let mut record = vec![0u8; size];
@@ -705,11 +717,8 @@ impl Store {
     pub fn overwrite_vector(&self, rowid: i64, chunk: i64, slot: usize, vector: &[f32]) -> Res<()> {
         self.write_vector(chunk, slot, vector)?;
         self.log_change(rowid)?;
-        self.cached(&format!(
-            "UPDATE {} SET version = ?2 WHERE id = ?1",
-            self.shadow("chunks")
-        ))?
-        .execute(params![chunk, fresh_version()])?;
+        self.stmt("UPDATE {chunks} SET version = ?2 WHERE id = ?1")?
+            .execute(params![chunk, fresh_version()])?;
         self.bump_generation()
     }
 
@@ -753,23 +762,14 @@ impl Store {
                 slot * codes::record_bytes(self.dims) + codes::LIVE_AT,
             )?;
         }
-        self.cached(&format!(
-            "DELETE FROM {} WHERE rowid = ?1",
-            self.shadow("map")
-        ))?
-        .execute([rowid])?;
+        self.stmt("DELETE FROM {map} WHERE rowid = ?1")?
+            .execute([rowid])?;
         let free: i64 = self
-            .cached(&format!(
-                "UPDATE {} SET free = free + 1, version = ?2 WHERE id = ?1",
-                self.shadow("chunks")
-            ))?
+            .stmt("UPDATE {chunks} SET free = free + 1, version = ?2 WHERE id = ?1")?
             .execute(params![chunk, fresh_version()])
             .and_then(|_| {
-                self.cached(&format!(
-                    "SELECT free FROM {} WHERE id = ?1",
-                    self.shadow("chunks")
-                ))?
-                .query_row([chunk], |r| r.get(0))
+                self.stmt("SELECT free FROM {chunks} WHERE id = ?1")?
+                    .query_row([chunk], |r| r.get(0))
             })?;
         self.log_change(rowid)?;
         if free as usize >= self.capacity {
@@ -841,7 +841,12 @@ impl Store {
             let vector = bytes_to_f32(&self.read_vector(high, slot)?);
             let metas = self.read_metas(rowid)?;
             self.delete(rowid)?;
-            self.insert(rowid, &vector, &metas)?;
+            if !self.insert(rowid, &vector, &metas)? {
+                return Err(corrupt(format!(
+                    "{}: rowid {rowid} is still mapped after its delete",
+                    self.table
+                )));
+            }
             moved += 1;
         }
     }
