@@ -580,6 +580,53 @@ fn another_connections_commit_is_seen_and_reopening_reads_the_chunks() {
 }
 
 #[test]
+fn a_rolled_back_insert_moves_the_generation_for_the_next_one() {
+    // An insert that follows one into the same chunk may leave the generation alone; not when
+    // the first was rolled back: the search below would keep the image it made before.
+    let db = db();
+    db.execute_batch(
+        "CREATE VIRTUAL TABLE t USING clip_index(v float[2], chunk_size=8);
+         BEGIN;
+         INSERT INTO t(rowid, v) VALUES (1, '[1, 0]');",
+    )
+    .unwrap();
+    let sql = "SELECT rowid FROM t WHERE v MATCH ?1 AND k = 1";
+    for mode in ["", " AND mode = 'int8'"] {
+        assert_eq!(knn(&db, &format!("{sql}{mode}"), &[0.0, 1.0]), vec![1]);
+    }
+    db.execute_batch(
+        "SAVEPOINT s;
+         INSERT INTO t(rowid, v) VALUES (2, '[0, 1]');
+         ROLLBACK TO s;
+         INSERT INTO t(rowid, v) VALUES (3, '[0.1, 1]');",
+    )
+    .unwrap();
+    for mode in ["", " AND mode = 'int8'"] {
+        assert_eq!(
+            knn(&db, &format!("{sql}{mode}"), &[0.0, 1.0]),
+            vec![3],
+            "{mode}"
+        );
+    }
+    // The same through a statement that fails after its first row (its rows are rolled back).
+    db.execute_batch("CREATE TABLE src(id INTEGER, v TEXT)")
+        .unwrap();
+    db.execute_batch("INSERT INTO src VALUES (4, '[-1, 0]'), (1, '[-1, 0]');")
+        .unwrap();
+    let e = err(
+        &db,
+        "INSERT INTO t(rowid, v) SELECT id, v FROM src ORDER BY id DESC",
+    );
+    assert!(e.contains("UNIQUE constraint failed"), "{e}");
+    db.execute("INSERT INTO t(rowid, v) VALUES (5, '[-1, 0.1]')", [])
+        .unwrap();
+    assert_eq!(knn(&db, sql, &[-1.0, 0.0]), vec![5]);
+    db.execute_batch("INSERT INTO t(t) VALUES ('integrity-check'); COMMIT")
+        .unwrap();
+    assert_eq!(count(&db, "SELECT count(*) FROM t"), 3);
+}
+
+#[test]
 fn the_float32_part_is_stored_within_ten_percent_of_the_raw_vectors() {
     let db = db();
     let (dims, n) = (256usize, 3_000usize);

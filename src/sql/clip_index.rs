@@ -40,7 +40,7 @@ use rusqlite::ffi;
 use rusqlite::types::{Value, ValueRef};
 use rusqlite::vtab::{
     parameter, Context, CreateVTab, Filters, IndexConstraintOp, IndexInfo, Inserts, Module,
-    UpdateVTab, Updates, VTab, VTabConnection, VTabCursor, VTabKind,
+    TransactionVTab, UpdateVTab, Updates, VTab, VTabConnection, VTabCursor, VTabKind,
 };
 use rusqlite::{params_from_iter, Connection};
 
@@ -84,7 +84,9 @@ const DEFAULT_CHUNK_BYTES: usize = 256 << 10;
 
 /// Registers the module on a connection.
 pub fn load_module(conn: &Connection, names: SharedNames) -> rusqlite::Result<()> {
-    const MODULE: Module<IndexTab> = Module::update_module();
+    // With transaction callbacks: the store forgets its last insert when a transaction begins
+    // or ends (see `Store::insert`).
+    const MODULE: Module<IndexTab> = Module::update_module_with_tx().without_sync();
     conn.create_module(MODULE_NAME, &MODULE, Some(names))
 }
 
@@ -1022,6 +1024,23 @@ impl CreateVTab<'_> for IndexTab {
 
     fn destroy(&self) -> rusqlite::Result<()> {
         self.store.drop_all()
+    }
+}
+
+impl TransactionVTab<'_> for IndexTab {
+    fn begin(&mut self) -> rusqlite::Result<()> {
+        self.store.transaction_boundary();
+        Ok(())
+    }
+
+    fn commit(&mut self) -> rusqlite::Result<()> {
+        self.store.transaction_boundary();
+        Ok(())
+    }
+
+    fn rollback(&mut self) -> rusqlite::Result<()> {
+        self.store.transaction_boundary();
+        Ok(())
     }
 }
 

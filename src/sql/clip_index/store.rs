@@ -19,7 +19,7 @@
 //! a fresh `generation` in `t_config` (values never reused, even after a rollback), which is how
 //! readers learn what changed.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::mem::MaybeUninit;
 use std::ops::{Deref, DerefMut};
@@ -123,6 +123,12 @@ pub struct Store {
     pub codes: bool,
     /// The names of the shadow tables opened as blobs, made once (a write opens several).
     blob_tables: Vec<(&'static str, String)>,
+    /// The chunk and the version of this connection's last insert, while it is known to be
+    /// the transaction's last write and nothing on this connection has read the generation
+    /// since: a next insert into that chunk, which finds that version still stored (no
+    /// savepoint or statement rolled the insert back), leaves the generation as it is. See
+    /// [`Store::insert`].
+    recent_insert: Cell<Option<(i64, i64)>>,
 }
 
 /// Every shadow table's suffix.
@@ -164,6 +170,7 @@ impl Store {
             metas,
             hnsw: false,
             codes: false,
+            recent_insert: Cell::new(None),
             blob_tables: ["slots", "vectors", "codes", "hnsw"]
                 .into_iter()
                 .map(|suffix| (suffix, format!("{table}_{suffix}")))
@@ -483,7 +490,15 @@ impl Store {
 
     /// The index's generation: moves on every write, from any connection.
     pub fn generation(&self) -> Res<i64> {
+        // A reader may now keep what it reads under this generation: the next write moves it.
+        self.recent_insert.set(None);
         self.int_config("generation")
+    }
+
+    /// Forgets the last insert: called when a transaction begins or ends (another connection
+    /// may write between two of this one's transactions).
+    pub fn transaction_boundary(&self) {
+        self.recent_insert.set(None);
     }
 
     /// Rows in the index.
@@ -493,6 +508,7 @@ impl Store {
     }
 
     fn bump_generation(&self) -> Res<()> {
+        self.recent_insert.set(None);
         self.stmt("UPDATE {config} SET value = ?1 WHERE key = 'generation'")?
             .execute([fresh_version()])?;
         Ok(())
@@ -610,10 +626,18 @@ impl Store {
     /// checked the vector.
     pub fn insert(&self, rowid: i64, vector: &[f32], metas: &[Value]) -> Res<bool> {
         // Where the row goes, found without writing anything.
-        let lowest: Option<i64> = self
-            .stmt("SELECT id FROM {chunks} WHERE free > 0 ORDER BY id LIMIT 1")?
-            .query_row([], |r| r.get(0))
+        let lowest: Option<(i64, i64)> = self
+            .stmt("SELECT id, version FROM {chunks} WHERE free > 0 ORDER BY id LIMIT 1")?
+            .query_row([], |r| Ok((r.get(0)?, r.get(1)?)))
             .optional()?;
+        // Readers keep what they have read while the generation stays the same, so every
+        // write moves it, except an insert that follows this connection's own insert into the
+        // same chunk with nothing in between: that chunk still holding the version the last
+        // insert gave it proves the insert was not rolled back (versions are never reused),
+        // and so the generation is still the one written in this transaction, which no reader
+        // has seen (reading it forgets the insert), nor any other connection (uncommitted).
+        let keep_generation = lowest.is_some() && lowest == self.recent_insert.get();
+        let lowest = lowest.map(|(id, _)| id);
         let (chunk, slot, validity) = match lowest {
             Some(chunk) => {
                 let blob = self.blob("slots", "validity", chunk, false)?;
@@ -665,10 +689,14 @@ impl Store {
             }
         };
         self.write_slot(chunk, slot, rowid, vector, validity_blob, validity_byte)?;
+        let version = fresh_version();
         self.stmt("UPDATE {chunks} SET free = free - 1, version = ?2 WHERE id = ?1")?
-            .execute(params![chunk, fresh_version()])?;
+            .execute(params![chunk, version])?;
         self.log_change(rowid)?;
-        self.bump_generation()?;
+        if !keep_generation {
+            self.bump_generation()?;
+        }
+        self.recent_insert.set(Some((chunk, version)));
         Ok(true)
     }
 
