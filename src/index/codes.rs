@@ -47,11 +47,14 @@ pub fn record_bytes(dims: usize) -> usize {
 pub fn encode(row: &[f32], out: &mut [u8]) {
     debug_assert_eq!(out.len(), record_bytes(row.len()));
     let (head, codes) = out.split_at_mut(HEADER);
-    let (scale, err_sq) = quantize(row, codes);
+    let Quantized {
+        scale,
+        err_sq,
+        norm_sq,
+    } = quantize(row, codes);
     // Rounded up twice: the f64 sum's own rounding (relative ~d·2⁻⁵³) and the cast to f32.
     let err = (err_sq.sqrt() * (1.0 + 1e-9)) as f32;
     let err = if err > 0.0 { err.next_up() } else { 0.0 };
-    let norm_sq: f64 = row.iter().map(|&x| f64::from(x) * f64::from(x)).sum();
     let norm = (norm_sq.sqrt() * (1.0 + 1e-9)) as f32;
     let norm = if norm > 0.0 { norm.next_up() } else { 0.0 };
     head[0..4].copy_from_slice(&(inv_norm(row) as f32).to_le_bytes());
@@ -61,13 +64,71 @@ pub fn encode(row: &[f32], out: &mut [u8]) {
     head[16..20].copy_from_slice(&1u32.to_le_bytes());
 }
 
+/// What [`quantize`] measures besides the codes.
+struct Quantized {
+    scale: f32,
+    /// `Σ (x − scale·code)²` in f64.
+    err_sq: f64,
+    /// `Σ x²` in f64, summed in element order (the order records have always used).
+    norm_sq: f64,
+}
+
 /// Symmetric int8 codes of `row` into `out` (scale = max |x| / 127, rounded to nearest even,
-/// which vectorizes), and the squared error `Σ (x − scale·code)²` in f64.
-fn quantize(row: &[f32], out: &mut [u8]) -> (f32, f64) {
-    let max = row.iter().fold(0.0f32, |m, x| m.max(x.abs()));
+/// which vectorizes), the squared error and the squared norm. Compiled for AVX-512 and for
+/// AVX2 too, used where the CPU has them: the same operations in the same order per lane
+/// (Rust never fuses a multiply and an add on its own), so every build writes the same bytes.
+fn quantize(row: &[f32], out: &mut [u8]) -> Quantized {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU has the features the function is compiled for.
+            return unsafe { quantize_avx512(row, out) };
+        }
+        if is_x86_feature_detected!("avx2") {
+            // SAFETY: as above.
+            return unsafe { quantize_avx2(row, out) };
+        }
+    }
+    quantize_portable(row, out)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+fn quantize_avx512(row: &[f32], out: &mut [u8]) -> Quantized {
+    quantize_portable(row, out)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn quantize_avx2(row: &[f32], out: &mut [u8]) -> Quantized {
+    quantize_portable(row, out)
+}
+
+#[inline(always)]
+fn quantize_portable(row: &[f32], out: &mut [u8]) -> Quantized {
+    // The largest |x| over sixteen lanes: exact in any order, and not one long chain.
+    let mut lanes_max = [0.0f32; 16];
+    let mut blocks = row.chunks_exact(16);
+    for xs in &mut blocks {
+        for i in 0..16 {
+            lanes_max[i] = lanes_max[i].max(xs[i].abs());
+        }
+    }
+    let max = blocks
+        .remainder()
+        .iter()
+        .chain(&lanes_max)
+        .fold(0.0f32, |m, x| m.max(x.abs()));
+    // The squared norm is one chain of f64 additions in element order; the codes are made
+    // alongside, where they cost no time of their own.
+    let mut norm_sq = 0.0f64;
     if max == 0.0 {
         out.fill(0);
-        return (0.0, 0.0);
+        return Quantized {
+            scale: 0.0,
+            err_sq: 0.0,
+            norm_sq,
+        };
     }
     let scale = max / 127.0;
     let inv = 127.0 / max;
@@ -85,6 +146,7 @@ fn quantize(row: &[f32], out: &mut [u8]) -> (f32, f64) {
             os[i] = c as i8 as u8;
             let e = f64::from(xs[i]) - f64::from(scale) * f64::from(c);
             lanes[i] += e * e;
+            norm_sq += f64::from(xs[i]) * f64::from(xs[i]);
         }
     }
     for (o, &x) in outs.into_remainder().iter_mut().zip(rows.remainder()) {
@@ -92,8 +154,13 @@ fn quantize(row: &[f32], out: &mut [u8]) -> (f32, f64) {
         *o = c as i8 as u8;
         let e = f64::from(x) - f64::from(scale) * f64::from(c);
         lanes[0] += e * e;
+        norm_sq += f64::from(x) * f64::from(x);
     }
-    (scale, lanes.iter().sum())
+    Quantized {
+        scale,
+        err_sq: lanes.iter().sum(),
+        norm_sq,
+    }
 }
 
 /// Whether a record holds a row.
@@ -131,7 +198,7 @@ impl BoundQuery {
     /// refuses it first, so this is never asked to bound with it.
     pub fn new(query: &[f32], metric: Metric) -> BoundQuery {
         let mut bytes = vec![0u8; query.len()];
-        let (scale, err_sq) = quantize(query, &mut bytes);
+        let Quantized { scale, err_sq, .. } = quantize(query, &mut bytes);
         let codes: Vec<i8> = bytes.into_iter().map(|b| b as i8).collect();
         let norm = norm_f32(query);
         let offset = 128 * codes.iter().map(|&c| i32::from(c)).sum::<i32>();
@@ -443,6 +510,51 @@ mod tests {
     /// The bounds hold the distance the exact scan computes, for every metric, at lengths
     /// around the SIMD steps, for rows of very different magnitudes, zero rows and one-hot
     /// rows (where all the error sits in one element).
+    #[test]
+    fn every_build_of_quantize_writes_the_same_codes_and_sums() {
+        let mut seed = 7u64;
+        let mut next = move || {
+            seed = seed
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
+            ((seed >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        };
+        for dims in [1usize, 7, 16, 17, 100, 512, 515] {
+            for zero in [false, true] {
+                let row: Vec<f32> = (0..dims)
+                    .map(|_| if zero { 0.0 } else { next() * 3.0 })
+                    .collect();
+                let (mut a, mut b) = (vec![0u8; dims], vec![0u8; dims]);
+                let x = quantize(&row, &mut a);
+                let y = quantize_portable(&row, &mut b);
+                assert_eq!(a, b, "dims {dims}");
+                assert_eq!(x.scale.to_bits(), y.scale.to_bits());
+                assert_eq!(x.err_sq.to_bits(), y.err_sq.to_bits());
+                assert_eq!(x.norm_sq.to_bits(), y.norm_sq.to_bits());
+                // Against the definitions: codes rounded to nearest even, the norm summed in
+                // element order, the error within rounding of a plain sum.
+                let max = row.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+                let serial: f64 = row.iter().map(|&v| f64::from(v) * f64::from(v)).sum();
+                assert_eq!(x.norm_sq.to_bits(), serial.to_bits(), "dims {dims}");
+                let mut err_sq = 0.0f64;
+                for (&v, &c) in row.iter().zip(&a) {
+                    let want = if max == 0.0 {
+                        0.0
+                    } else {
+                        (v * (127.0 / max)).round_ties_even().clamp(-127.0, 127.0)
+                    };
+                    assert_eq!(c as i8, want as i8, "dims {dims}, x = {v}");
+                    let e = f64::from(v) - f64::from(x.scale) * f64::from(want);
+                    err_sq += e * e;
+                }
+                assert!(
+                    (x.err_sq - err_sq).abs() <= 1e-12 * err_sq.max(1e-300),
+                    "dims {dims}"
+                );
+            }
+        }
+    }
+
     #[test]
     fn bounds_hold_the_exact_scans_distance() {
         let mut next = crate::index::scan::tests::uniform(11);
