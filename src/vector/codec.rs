@@ -189,6 +189,15 @@ pub fn f32_from_blob(bytes: &[u8]) -> Result<Vec<f32>> {
     if !bytes.len().is_multiple_of(4) {
         return Err(Error::BlobLength { len: bytes.len() });
     }
+    if cfg!(target_endian = "little") {
+        let mut v = vec![0.0f32; bytes.len() / 4];
+        // SAFETY: `v` has exactly `bytes.len()` bytes, every bit pattern is an f32, and a
+        // byte copy needs no alignment of the source.
+        unsafe {
+            std::ptr::copy_nonoverlapping(bytes.as_ptr(), v.as_mut_ptr().cast::<u8>(), bytes.len());
+        }
+        return Ok(v);
+    }
     Ok(bytes
         .chunks_exact(4)
         .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
@@ -220,6 +229,15 @@ pub fn f32_le_bytes(v: &[f32]) -> std::borrow::Cow<'_, [u8]> {
 
 /// The first NaN or infinite element, as an error.
 pub fn check_finite(v: &[f32]) -> Result<()> {
+    // First a pass without an early exit, which vectorizes (every insert checks its vector);
+    // the position is looked for only when something is wrong.
+    const EXPONENT: u32 = 0x7F80_0000;
+    let bad = v.iter().fold(0u32, |bad, x| {
+        bad | u32::from(x.to_bits() & EXPONENT == EXPONENT)
+    });
+    if bad == 0 {
+        return Ok(());
+    }
     match v.iter().position(|x| !x.is_finite()) {
         Some(index) => Err(Error::NonFinite { index }),
         None => Ok(()),
@@ -417,6 +435,24 @@ mod tests {
         // The borrowed view is the same bytes as the copy: 1.0 is 0x3F800000, little-endian.
         assert_eq!(f32_le_bytes(&v).as_ref(), f32_to_blob(&v).as_slice());
         assert_eq!(&f32_le_bytes(&v)[..4], &[0, 0, 0x80, 0x3F]);
+        // Unaligned bytes read the same.
+        let mut shifted = vec![0u8];
+        shifted.extend(f32_to_blob(&v));
+        assert_eq!(f32_from_blob(&shifted[1..]).unwrap(), v);
+        // The first non-finite element is named; the extremes of finite pass.
+        let mut long = vec![1.0f32; 40];
+        assert_eq!(check_finite(&long), Ok(()));
+        long[33] = f32::NAN;
+        long[35] = f32::INFINITY;
+        assert_eq!(check_finite(&long), Err(Error::NonFinite { index: 33 }));
+        assert_eq!(
+            check_finite(&[f32::NEG_INFINITY]),
+            Err(Error::NonFinite { index: 0 })
+        );
+        assert_eq!(
+            check_finite(&[f32::MAX, f32::MIN, f32::MIN_POSITIVE / 2.0, -0.0]),
+            Ok(())
+        );
         assert_eq!(
             f32_from_blob(&[0, 0, 128]),
             Err(Error::BlobLength { len: 3 })
