@@ -627,6 +627,128 @@ fn a_rolled_back_insert_moves_the_generation_for_the_next_one() {
 }
 
 #[test]
+fn tables_of_format_1_keep_working() {
+    // Format 1 (before stop 28) kept each chunk's slot bitmap in t_slots; format 2 keeps it in
+    // t_chunks. A format-1 table is made here by moving the bitmaps back, as an older
+    // archaeclip wrote them, and then used for every kind of write.
+    let dir = std::env::temp_dir().join(format!("archaeclip-format1-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("old.db");
+    let _ = std::fs::remove_file(&path);
+    let mut rows: Vec<(i64, Vec<f32>)> = Vec::new();
+    let mut r = rng(11);
+    {
+        let db = Connection::open(&path).unwrap();
+        archaeclip::register(&db).unwrap();
+        db.execute_batch("CREATE VIRTUAL TABLE t USING clip_index(v float[3], chunk_size=8)")
+            .unwrap();
+        for i in 1..=20 {
+            let v = vec![r(), r(), r()];
+            db.execute(
+                "INSERT INTO t(rowid, v) VALUES (?1, ?2)",
+                params![i, blob(&v)],
+            )
+            .unwrap();
+            rows.push((i, v));
+        }
+        assert_eq!(
+            count(&db, "SELECT value FROM t_config WHERE key = 'format'"),
+            2
+        );
+        db.execute_batch(
+            "CREATE TABLE old_slots(id INTEGER PRIMARY KEY, validity BLOB NOT NULL,
+                                    rowids BLOB NOT NULL);
+             INSERT INTO old_slots SELECT s.id, c.validity, s.rowids
+               FROM t_slots s JOIN t_chunks c USING (id);
+             CREATE TABLE old_chunks(id INTEGER PRIMARY KEY, version INTEGER NOT NULL,
+                                     free INTEGER NOT NULL);
+             INSERT INTO old_chunks SELECT id, version, free FROM t_chunks;
+             DROP TABLE t_slots;
+             DROP TABLE t_chunks;
+             ALTER TABLE old_slots RENAME TO t_slots;
+             ALTER TABLE old_chunks RENAME TO t_chunks;
+             CREATE INDEX t_chunks_free ON t_chunks(id) WHERE free > 0;
+             UPDATE t_config SET value = 1 WHERE key = 'format';",
+        )
+        .unwrap();
+    }
+    let db = Connection::open(&path).unwrap();
+    archaeclip::register(&db).unwrap();
+    let q = [0.3f32, -0.2, 0.9];
+    let sql = "SELECT rowid FROM t WHERE v MATCH ?1 AND k = 5";
+    assert_eq!(knn(&db, sql, &q), brute(&rows, &q, 5, "cosine"));
+    // Deletes, a free slot taken again, new chunks, an update, a replace, optimize.
+    db.execute("DELETE FROM t WHERE rowid IN (3, 9, 10)", [])
+        .unwrap();
+    rows.retain(|(id, _)| ![3, 9, 10].contains(id));
+    for i in 21..=30 {
+        let v = vec![r(), r(), r()];
+        db.execute(
+            "INSERT INTO t(rowid, v) VALUES (?1, ?2)",
+            params![i, blob(&v)],
+        )
+        .unwrap();
+        rows.push((i, v));
+    }
+    let v = vec![0.3f32, -0.2, 0.9];
+    db.execute("UPDATE t SET v = ?1 WHERE rowid = 21", [blob(&v)])
+        .unwrap();
+    db.execute(
+        "INSERT OR REPLACE INTO t(rowid, v) VALUES (22, ?1)",
+        [blob(&v)],
+    )
+    .unwrap();
+    for (id, row) in rows.iter_mut() {
+        if *id == 21 || *id == 22 {
+            *row = v.clone();
+        }
+    }
+    db.execute_batch("DELETE FROM t WHERE rowid <= 8; INSERT INTO t(t) VALUES ('optimize')")
+        .unwrap();
+    rows.retain(|(id, _)| *id > 8);
+    for mode in [
+        "",
+        " AND mode = 'int8'",
+        " AND mode = 'binary' AND oversample = 16",
+    ] {
+        assert_eq!(
+            knn(&db, &format!("{sql}{mode}"), &q),
+            brute(&rows, &q, 5, "cosine"),
+            "{mode}"
+        );
+    }
+    db.execute_batch("INSERT INTO t(t) VALUES ('integrity-check')")
+        .unwrap();
+    // Still format 1: the bitmaps stayed in t_slots, and they agree with the rows.
+    assert_eq!(
+        count(&db, "SELECT value FROM t_config WHERE key = 'format'"),
+        1
+    );
+    assert_eq!(
+        count(
+            &db,
+            "SELECT count(*) FROM pragma_table_info('t_chunks') WHERE name = 'validity'"
+        ),
+        0
+    );
+    assert_eq!(count(&db, "SELECT count(*) FROM t"), rows.len() as i64);
+    // A format this version does not know is refused by name.
+    db.execute_batch("UPDATE t_config SET value = 3 WHERE key = 'format'")
+        .unwrap();
+    drop(db);
+    let db = Connection::open(&path).unwrap();
+    archaeclip::register(&db).unwrap();
+    let e = err(&db, "SELECT count(*) FROM t");
+    assert!(
+        e.contains("clip_index t: its shadow tables are of format 3")
+            && e.contains("formats 1 and 2"),
+        "{e}"
+    );
+    drop(db);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
 fn the_float32_part_is_stored_within_ten_percent_of_the_raw_vectors() {
     let db = db();
     let (dims, n) = (256usize, 3_000usize);

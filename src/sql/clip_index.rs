@@ -440,10 +440,26 @@ impl IndexTab {
             // Tables made before the codes existed have none: their exact queries scan the
             // float32 image.
             let codes = stored("codes")? == Some(1);
+            // Format 1 keeps the slot bitmaps in t_slots; a later format is not known here.
+            let validity_in_chunks = match stored("format")? {
+                Some(1) => false,
+                Some(2) => true,
+                other => {
+                    let found = other.map_or_else(|| "none".to_owned(), |n| n.to_string());
+                    return Err(err(
+                        &table,
+                        format!(
+                            "its shadow tables are of format {found}; this archaeclip reads \
+                             formats 1 and 2 (a newer version made the table?)"
+                        ),
+                    ));
+                }
+            };
             if let Some(c) = capacity {
                 store.capacity = c as usize;
             }
             store.codes = codes;
+            store.validity_in_chunks = validity_in_chunks;
         }
         // Tables made before `identity` existed share nothing (the key would be ambiguous).
         let identity = match store.config("identity")? {

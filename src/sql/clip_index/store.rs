@@ -6,13 +6,16 @@
 //! | table | columns | what |
 //! |---|---|---|
 //! | `t_config` | key, value (WITHOUT ROWID) | format, dims, capacity, metric, generation |
-//! | `t_chunks` | id, version, free | one small row per chunk; `free` slots left |
-//! | `t_slots` | id, validity, rowids | per chunk: slot bitmap, rowid of each slot (i64 LE) |
+//! | `t_chunks` | id, version, free, validity | one small row per chunk; `free` slots left, the slot bitmap |
+//! | `t_slots` | id, rowids | per chunk: the rowid of each slot (i64 LE) |
 //! | `t_vectors` | id, vectors | per chunk: `capacity x dims` float32 LE, slot-major |
 //! | `t_codes` | id, codes | (`codes=on`, the default) per chunk: one int8 record per slot ([`codes`]) |
 //! | `t_map` | rowid, chunk, slot, metadata... | where each row lives, and its metadata |
 //! | `t_hnsw` | id, data | (`hnsw=on`) the HNSW graph as saved, in parts of at most 64 MiB |
 //! | `t_hnsw_log` | seq, rowid, token | (`hnsw=on`) rows written since the graph was saved |
+//!
+//! Tables of format 1 (made before stop 28) keep the slot bitmap in `t_slots` (id, validity,
+//! rowids) instead; both formats are read and written.
 //!
 //! Blobs are written in place with incremental blob I/O (`sqlite3_blob_write`), so an insert
 //! touches a few pages, not a whole chunk. Every write stores a fresh `version` on its chunk and
@@ -121,6 +124,9 @@ pub struct Store {
     pub hnsw: bool,
     /// Whether the table keeps int8 codes with error bounds (`t_codes`) for exact search.
     pub codes: bool,
+    /// Where each chunk's slot bitmap is: in its `t_chunks` row (format 2, tables made since
+    /// stop 28), so an insert updates it with the free count, or in `t_slots` (format 1).
+    pub validity_in_chunks: bool,
     /// The names of the shadow tables opened as blobs, made once (a write opens several).
     blob_tables: Vec<(&'static str, String)>,
     /// The chunk and the version of this connection's last insert, while it is known to be
@@ -170,8 +176,9 @@ impl Store {
             metas,
             hnsw: false,
             codes: false,
+            validity_in_chunks: true,
             recent_insert: Cell::new(None),
-            blob_tables: ["slots", "vectors", "codes", "hnsw"]
+            blob_tables: ["chunks", "slots", "vectors", "codes", "hnsw"]
                 .into_iter()
                 .map(|suffix| (suffix, format!("{table}_{suffix}")))
                 .collect(),
@@ -270,10 +277,9 @@ impl Store {
         self.conn.execute_batch(&format!(
             "CREATE TABLE {config}(key TEXT PRIMARY KEY, value) WITHOUT ROWID;
              CREATE TABLE {chunks}(id INTEGER PRIMARY KEY, version INTEGER NOT NULL,
-                                   free INTEGER NOT NULL);
+                                   free INTEGER NOT NULL, validity BLOB NOT NULL);
              CREATE INDEX {schema}.{free_index} ON {chunks_table}(id) WHERE free > 0;
-             CREATE TABLE {slots}(id INTEGER PRIMARY KEY, validity BLOB NOT NULL,
-                                  rowids BLOB NOT NULL);
+             CREATE TABLE {slots}(id INTEGER PRIMARY KEY, rowids BLOB NOT NULL);
              CREATE TABLE {vectors}(id INTEGER PRIMARY KEY, vectors BLOB NOT NULL);
              CREATE TABLE {map}(rowid INTEGER PRIMARY KEY, chunk INTEGER NOT NULL,
                                 slot INTEGER NOT NULL{metas});",
@@ -294,7 +300,7 @@ impl Store {
         }
         let config = self.shadow("config");
         for (key, value) in [
-            ("format", Value::Integer(1)),
+            ("format", Value::Integer(2)),
             ("dims", Value::Integer(self.dims as i64)),
             ("capacity", Value::Integer(self.capacity as i64)),
             ("metric", Value::Text(metric.to_owned())),
@@ -535,7 +541,7 @@ impl Store {
 
     /// Reads one chunk whole: three blob reads, no row per vector.
     pub fn load_chunk(&self, id: i64, version: i64) -> Res<Chunk> {
-        let validity = self.read_all(&self.blob("slots", "validity", id, true)?)?;
+        let validity = self.read_all(&self.validity_blob(id, true)?)?;
         let rowid_bytes = self.read_all(&self.blob("slots", "rowids", id, true)?)?;
         let rowids: Vec<i64> = rowid_bytes
             .chunks_exact(8)
@@ -602,16 +608,25 @@ impl Store {
 
     /// Makes chunk `id`, empty: its rows in the tables with one row per chunk.
     fn create_chunk(&self, id: i64) -> Res<()> {
-        self.stmt("INSERT INTO {chunks}(id, version, free) VALUES (?1, ?2, ?3)")?
-            .execute(params![id, fresh_version(), self.capacity as i64])?;
-        self.stmt(
-            "INSERT INTO {slots}(id, validity, rowids) VALUES (?1, zeroblob(?2), zeroblob(?3))",
-        )?
-        .execute(params![
-            id,
-            bitmap_bytes(self.capacity) as i64,
-            (self.capacity * 8) as i64
-        ])?;
+        let bitmap = bitmap_bytes(self.capacity) as i64;
+        let rowids = (self.capacity * 8) as i64;
+        if self.validity_in_chunks {
+            self.stmt(
+                "INSERT INTO {chunks}(id, version, free, validity) \
+                 VALUES (?1, ?2, ?3, zeroblob(?4))",
+            )?
+            .execute(params![id, fresh_version(), self.capacity as i64, bitmap])?;
+            self.stmt("INSERT INTO {slots}(id, rowids) VALUES (?1, zeroblob(?2))")?
+                .execute(params![id, rowids])?;
+        } else {
+            self.stmt("INSERT INTO {chunks}(id, version, free) VALUES (?1, ?2, ?3)")?
+                .execute(params![id, fresh_version(), self.capacity as i64])?;
+            self.stmt(
+                "INSERT INTO {slots}(id, validity, rowids) \
+                 VALUES (?1, zeroblob(?2), zeroblob(?3))",
+            )?
+            .execute(params![id, bitmap, rowids])?;
+        }
         self.stmt("INSERT INTO {vectors}(id, vectors) VALUES (?1, zeroblob(?2))")?
             .execute(params![id, (self.capacity * self.dims * 4) as i64])?;
         if self.codes {
@@ -621,44 +636,66 @@ impl Store {
         Ok(())
     }
 
+    /// An incremental blob handle on a chunk's slot bitmap, wherever the format keeps it.
+    fn validity_blob(&self, chunk: i64, read_only: bool) -> Res<Blob<'_>> {
+        let table = if self.validity_in_chunks {
+            "chunks"
+        } else {
+            "slots"
+        };
+        self.blob(table, "validity", chunk, read_only)
+    }
+
     /// Stores a new row in the lowest free slot (a new chunk when every chunk is full), unless
     /// `rowid` is taken: then nothing is written and the answer is false. The caller has
     /// checked the vector.
     pub fn insert(&self, rowid: i64, vector: &[f32], metas: &[Value]) -> Res<bool> {
-        // Where the row goes, found without writing anything.
-        let lowest: Option<(i64, i64)> = self
-            .stmt("SELECT id, version FROM {chunks} WHERE free > 0 ORDER BY id LIMIT 1")?
-            .query_row([], |r| Ok((r.get(0)?, r.get(1)?)))
-            .optional()?;
+        // Where the row goes, found without writing anything: the lowest chunk with room, its
+        // version and (format 2) its bitmap, in one statement.
+        let lowest: Option<(i64, i64, Option<Vec<u8>>)> = if self.validity_in_chunks {
+            self.stmt(
+                "SELECT id, version, validity FROM {chunks} WHERE free > 0 ORDER BY id LIMIT 1",
+            )?
+            .query_row([], |r| Ok((r.get(0)?, r.get(1)?, Some(r.get(2)?))))
+            .optional()?
+        } else {
+            self.stmt("SELECT id, version FROM {chunks} WHERE free > 0 ORDER BY id LIMIT 1")?
+                .query_row([], |r| Ok((r.get(0)?, r.get(1)?, None)))
+                .optional()?
+        };
         // Readers keep what they have read while the generation stays the same, so every
         // write moves it, except an insert that follows this connection's own insert into the
         // same chunk with nothing in between: that chunk still holding the version the last
         // insert gave it proves the insert was not rolled back (versions are never reused),
         // and so the generation is still the one written in this transaction, which no reader
         // has seen (reading it forgets the insert), nor any other connection (uncommitted).
-        let keep_generation = lowest.is_some() && lowest == self.recent_insert.get();
-        let lowest = lowest.map(|(id, _)| id);
-        let (chunk, slot, validity) = match lowest {
-            Some(chunk) => {
-                let blob = self.blob("slots", "validity", chunk, false)?;
-                let mut bitmap = vec![0u8; blob.len()];
-                blob.read_at_exact(&mut bitmap, 0)?;
-                let slot = first_free(&bitmap, self.capacity).ok_or_else(|| {
-                    corrupt(format!(
-                        "{}: chunk {chunk} has free > 0 in {} but no free slot",
-                        self.table,
-                        self.shadow("chunks")
-                    ))
-                })?;
-                (chunk, slot, Some((blob, bitmap[slot / 8])))
+        let keep_generation = lowest
+            .as_ref()
+            .is_some_and(|(id, version, _)| Some((*id, *version)) == self.recent_insert.get());
+        // Format 1 reads and writes the bitmap through one handle on its `t_slots` row.
+        let mut slots_blob = None;
+        let (chunk, mut bitmap, new_chunk) = match lowest {
+            Some((id, _, Some(bitmap))) => (id, bitmap, false),
+            Some((id, _, None)) => {
+                let blob = self.validity_blob(id, false)?;
+                let bitmap = self.read_all(&blob)?;
+                slots_blob = Some(blob);
+                (id, bitmap, false)
             }
             None => {
                 let next: i64 = self
                     .stmt("SELECT coalesce(max(id), 0) + 1 FROM {chunks}")?
                     .query_row([], |r| r.get(0))?;
-                (next, 0, None)
+                (next, vec![0u8; bitmap_bytes(self.capacity)], true)
             }
         };
+        let slot = first_free(&bitmap, self.capacity).ok_or_else(|| {
+            corrupt(format!(
+                "{}: chunk {chunk} has free > 0 in {} but no free slot",
+                self.table,
+                self.shadow("chunks")
+            ))
+        })?;
         // The map's primary key says whether the rowid is free, before anything else is
         // written (one statement instead of a lookup and then the insert).
         let mut values: Vec<Value> = vec![
@@ -674,46 +711,50 @@ impl Store {
             )?
             .execute(params_from_iter(values));
         match mapped {
-            Err(rusqlite::Error::SqliteFailure(e, _))
-                if e.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_PRIMARYKEY =>
+            // A loaded extension's connection may not have extended result codes on, so a
+            // constraint failure is told apart by looking the rowid up (the map has no other
+            // constraint that an insert can break, but this does not rely on it).
+            Err(rusqlite::Error::SqliteFailure(e, message))
+                if e.code == rusqlite::ErrorCode::ConstraintViolation =>
             {
-                return Ok(false);
+                if self.locate(rowid)?.is_some() {
+                    return Ok(false);
+                }
+                return Err(rusqlite::Error::SqliteFailure(e, message));
             }
             other => other?,
         };
-        let (validity_blob, validity_byte) = match validity {
-            Some(found) => found,
-            None => {
-                self.create_chunk(chunk)?;
-                (self.blob("slots", "validity", chunk, false)?, 0)
-            }
-        };
-        self.write_slot(chunk, slot, rowid, vector, validity_blob, validity_byte)?;
+        if new_chunk {
+            self.create_chunk(chunk)?;
+        }
+        bitmap[slot / 8] |= 1 << (slot % 8);
+        if !self.validity_in_chunks {
+            // Written and closed before the same row's rowids are opened.
+            let mut blob = match slots_blob {
+                Some(blob) => blob,
+                None => self.validity_blob(chunk, false)?,
+            };
+            blob.write_at(&bitmap[slot / 8..=slot / 8], slot / 8)?;
+        }
+        self.blob("slots", "rowids", chunk, false)?
+            .write_at(&rowid.to_le_bytes(), slot * 8)?;
+        self.write_vector(chunk, slot, vector)?;
         let version = fresh_version();
-        self.stmt("UPDATE {chunks} SET free = free - 1, version = ?2 WHERE id = ?1")?
-            .execute(params![chunk, version])?;
+        if self.validity_in_chunks {
+            self.stmt(
+                "UPDATE {chunks} SET free = free - 1, version = ?2, validity = ?3 WHERE id = ?1",
+            )?
+            .execute(params![chunk, version, bitmap])?;
+        } else {
+            self.stmt("UPDATE {chunks} SET free = free - 1, version = ?2 WHERE id = ?1")?
+                .execute(params![chunk, version])?;
+        }
         self.log_change(rowid)?;
         if !keep_generation {
             self.bump_generation()?;
         }
         self.recent_insert.set(Some((chunk, version)));
         Ok(true)
-    }
-
-    fn write_slot(
-        &self,
-        chunk: i64,
-        slot: usize,
-        rowid: i64,
-        vector: &[f32],
-        mut validity_blob: Blob<'_>,
-        validity_byte: u8,
-    ) -> Res<()> {
-        validity_blob.write_at(&[validity_byte | (1 << (slot % 8))], slot / 8)?;
-        drop(validity_blob);
-        self.blob("slots", "rowids", chunk, false)?
-            .write_at(&rowid.to_le_bytes(), slot * 8)?;
-        self.write_vector(chunk, slot, vector)
     }
 
     fn write_vector(&self, chunk: i64, slot: usize, vector: &[f32]) -> Res<()> {
@@ -778,7 +819,7 @@ impl Store {
         let Some((chunk, slot)) = self.locate(rowid)? else {
             return Ok(false);
         };
-        let mut validity_blob = self.blob("slots", "validity", chunk, false)?;
+        let mut validity_blob = self.validity_blob(chunk, false)?;
         let mut byte = [0u8];
         validity_blob.read_at_exact(&mut byte, slot / 8)?;
         validity_blob.write_at(&[byte[0] & !(1 << (slot % 8))], slot / 8)?;
@@ -854,7 +895,7 @@ impl Store {
                 return Ok(moved);
             }
             // Move one row of the highest chunk; the insert lands in the lowest free slot.
-            let validity = self.read_all(&self.blob("slots", "validity", high, true)?)?;
+            let validity = self.read_all(&self.validity_blob(high, true)?)?;
             let Some(slot) = (0..self.capacity).find(|&s| bit(&validity, s)) else {
                 return Err(corrupt(format!(
                     "{}: chunk {high} is in {} but has no rows",
