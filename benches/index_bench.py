@@ -10,6 +10,7 @@ call each).
     .venv/bin/python benches/index_bench.py --n 100000
     .venv/bin/python benches/index_bench.py --n 1000000 --data clustered
     .venv/bin/python benches/index_bench.py --n 1000000 --page-size 65536   # every file with 64 KiB pages
+    .venv/bin/python benches/index_bench.py --n 1000000 --inserts-only 3     # inserts alone, alternated
 
 Data: `random` (standard normal) and `clustered` (shaped like real embeddings: a few thousand
 centres, each point a centre plus noise, all normalized); 512 dimensions, cosine, k = 10.
@@ -213,6 +214,34 @@ def plot(curves, exact_ms, kind, args):
     print(f"plot: {path}")
 
 
+def inserts_only(args, kinds, workdir):
+    """Insert throughput alone, the engines' builds alternated R times on the same data."""
+    for kind in kinds:
+        data, _ = make_data(kind, args.n, args.dims, 1)
+        rates = {"clip_index": [], "vec0": []}
+        for r in range(args.inserts_only):
+            order = ["clip_index", "vec0"] if r % 2 == 0 else ["vec0", "clip_index"]
+            for engine in order:
+                path = os.path.join(workdir, f"{engine}-{kind}-{args.n}-inserts.db")
+                for suffix in ("", "-wal", "-shm"):
+                    if os.path.exists(path + suffix):
+                        os.remove(path + suffix)
+                rate, _ = build(engine, path, data, args.page_size)
+                os.remove(path)
+                rates[engine].append(rate)
+                print(f"  {kind} build {r + 1} {engine}: {rate:,.0f} rows/s", flush=True)
+        a, b = statistics.median(rates["clip_index"]), statistics.median(rates["vec0"])
+        pairs = [x / y for x, y in zip(rates["clip_index"], rates["vec0"])]
+        print(f"\n{kind}, {args.n:,} x {args.dims}, inserts (rows/s), {args.inserts_only} builds each:\n")
+        print("| | clip_index | vec0 | clip_index / vec0 |")
+        print("|---|---:|---:|---:|")
+        print(f"| median | {a:,.0f} | {b:,.0f} | {a / b:.2f}x |")
+        print(f"| range | {min(rates['clip_index']):,.0f}-{max(rates['clip_index']):,.0f} | "
+              f"{min(rates['vec0']):,.0f}-{max(rates['vec0']):,.0f} | "
+              f"{min(pairs):.2f}-{max(pairs):.2f}x (per build pair) |")
+        print(flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=100_000)
@@ -224,12 +253,20 @@ def main():
     ap.add_argument("--page-size", type=int, default=None,
                     help="SQLite page size for every engine's file (default: SQLite's, 4096). Large reads of "
                          "chunk blobs cost one page lookup per page: 65536 cuts those 16-fold")
+    ap.add_argument("--inserts-only", type=int, default=None, metavar="R",
+                    help="only the insert comparison: build each engine's file R times, the engines "
+                         "alternated (the first engine alternating too), and print the rates, their "
+                         "medians and the ratio")
     ap.add_argument("--plot", default=None, help="write a recall/latency plot per data set: PREFIX-random.svg, PREFIX-clustered.svg")
     args = ap.parse_args()
     kinds = ["random", "clustered"] if args.data == "both" else [args.data]
     workdir = args.dir or tempfile.mkdtemp(prefix="index-bench-")
+    os.makedirs(workdir, exist_ok=True)
     print(f"{args.n:,} x {args.dims}, k = {args.k}, {args.queries} queries, page size "
           f"{args.page_size or 'default (4096)'}, files in {workdir}", flush=True)
+    if args.inserts_only:
+        inserts_only(args, kinds, workdir)
+        return
     for kind in kinds:
         data, queries = make_data(kind, args.n, args.dims, args.queries)
         truth = exact_topk(data, queries, args.k)
