@@ -552,14 +552,9 @@ fn errors_name_the_table_and_the_problem() {
 
 #[test]
 fn another_connections_commit_is_seen_and_reopening_reads_the_chunks() {
-    let dir = std::env::temp_dir().join(format!("archaeclip-index-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join("two.db");
-    let _ = std::fs::remove_file(&path);
-    let a = Connection::open(&path).unwrap();
-    archaeclip::register(&a).unwrap();
-    let b = Connection::open(&path).unwrap();
-    archaeclip::register(&b).unwrap();
+    let (dir, path) = fresh_file("two");
+    let a = file_db(&path);
+    let b = file_db(&path);
     a.execute_batch(
         "CREATE VIRTUAL TABLE t USING clip_index(v float[2], chunk_size=8);
          INSERT INTO t(rowid, v) VALUES (1, '[1, 0]');",
@@ -572,8 +567,7 @@ fn another_connections_commit_is_seen_and_reopening_reads_the_chunks() {
         .unwrap();
     assert_eq!(knn(&b, sql, &q), vec![2], "b's image follows a's commit");
     drop((a, b));
-    let c = Connection::open(&path).unwrap();
-    archaeclip::register(&c).unwrap();
+    let c = file_db(&path);
     assert_eq!(knn(&c, sql, &q), vec![2]);
     drop(c);
     let _ = std::fs::remove_dir_all(&dir);
@@ -631,26 +625,14 @@ fn tables_of_format_1_keep_working() {
     // Format 1 (before stop 28) kept each chunk's slot bitmap in t_slots; format 2 keeps it in
     // t_chunks. A format-1 table is made here by moving the bitmaps back, as an older
     // archaeclip wrote them, and then used for every kind of write.
-    let dir = std::env::temp_dir().join(format!("archaeclip-format1-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join("old.db");
-    let _ = std::fs::remove_file(&path);
+    let (dir, path) = fresh_file("format1");
     let mut rows: Vec<(i64, Vec<f32>)> = Vec::new();
     let mut r = rng(11);
     {
-        let db = Connection::open(&path).unwrap();
-        archaeclip::register(&db).unwrap();
+        let db = file_db(&path);
         db.execute_batch("CREATE VIRTUAL TABLE t USING clip_index(v float[3], chunk_size=8)")
             .unwrap();
-        for i in 1..=20 {
-            let v = vec![r(), r(), r()];
-            db.execute(
-                "INSERT INTO t(rowid, v) VALUES (?1, ?2)",
-                params![i, blob(&v)],
-            )
-            .unwrap();
-            rows.push((i, v));
-        }
+        insert_random(&db, 1..=20, &mut r, &mut rows);
         assert_eq!(
             count(&db, "SELECT value FROM t_config WHERE key = 'format'"),
             2
@@ -672,8 +654,7 @@ fn tables_of_format_1_keep_working() {
         )
         .unwrap();
     }
-    let db = Connection::open(&path).unwrap();
-    archaeclip::register(&db).unwrap();
+    let db = file_db(&path);
     let q = [0.3f32, -0.2, 0.9];
     let sql = "SELECT rowid FROM t WHERE v MATCH ?1 AND k = 5";
     assert_eq!(knn(&db, sql, &q), brute(&rows, &q, 5, "cosine"));
@@ -681,15 +662,7 @@ fn tables_of_format_1_keep_working() {
     db.execute("DELETE FROM t WHERE rowid IN (3, 9, 10)", [])
         .unwrap();
     rows.retain(|(id, _)| ![3, 9, 10].contains(id));
-    for i in 21..=30 {
-        let v = vec![r(), r(), r()];
-        db.execute(
-            "INSERT INTO t(rowid, v) VALUES (?1, ?2)",
-            params![i, blob(&v)],
-        )
-        .unwrap();
-        rows.push((i, v));
-    }
+    insert_random(&db, 21..=30, &mut r, &mut rows);
     let v = vec![0.3f32, -0.2, 0.9];
     db.execute("UPDATE t SET v = ?1 WHERE rowid = 21", [blob(&v)])
         .unwrap();
@@ -736,8 +709,7 @@ fn tables_of_format_1_keep_working() {
     db.execute_batch("UPDATE t_config SET value = 3 WHERE key = 'format'")
         .unwrap();
     drop(db);
-    let db = Connection::open(&path).unwrap();
-    archaeclip::register(&db).unwrap();
+    let db = file_db(&path);
     let e = err(&db, "SELECT count(*) FROM t");
     assert!(
         e.contains("clip_index t: its shadow tables are of format 3")
@@ -921,6 +893,24 @@ fn insert_numbered(db: &Connection, rows: &[Vec<f32>]) {
         .unwrap();
     }
     db.execute_batch("COMMIT").unwrap();
+}
+
+/// Inserts a random 3-d row for each rowid into `t`, recording it in `rows`.
+fn insert_random(
+    db: &Connection,
+    rowids: std::ops::RangeInclusive<i64>,
+    r: &mut impl FnMut() -> f32,
+    rows: &mut Vec<(i64, Vec<f32>)>,
+) {
+    for i in rowids {
+        let v = vec![r(), r(), r()];
+        db.execute(
+            "INSERT INTO t(rowid, v) VALUES (?1, ?2)",
+            params![i, blob(&v)],
+        )
+        .unwrap();
+        rows.push((i, v));
+    }
 }
 
 /// A scratch directory of this test process and a database path in it (no file yet).
