@@ -31,6 +31,7 @@ def main():
     args = ap.parse_args()
     kinds = ["random", "clustered"] if args.data == "both" else [args.data]
     workdir = args.dir or tempfile.mkdtemp(prefix="quantized-bench-")
+    os.makedirs(workdir, exist_ok=True)
     print(f"{args.n:,} x {args.dims}, k = {args.k}, {args.queries} queries, files in {workdir}", flush=True)
     for kind in kinds:
         data, queries = ib.make_data(kind, args.n, args.dims, args.queries)
