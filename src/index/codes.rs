@@ -510,6 +510,8 @@ mod tests {
     /// The bounds hold the distance the exact scan computes, for every metric, at lengths
     /// around the SIMD steps, for rows of very different magnitudes, zero rows and one-hot
     /// rows (where all the error sits in one element).
+    type QuantizeFn = fn(&[f32], &mut [u8]) -> Quantized;
+
     #[test]
     fn every_build_of_quantize_writes_the_same_codes_and_sums() {
         let mut seed = 7u64;
@@ -524,13 +526,27 @@ mod tests {
                 let row: Vec<f32> = (0..dims)
                     .map(|_| if zero { 0.0 } else { next() * 3.0 })
                     .collect();
-                let (mut a, mut b) = (vec![0u8; dims], vec![0u8; dims]);
-                let x = quantize(&row, &mut a);
-                let y = quantize_portable(&row, &mut b);
-                assert_eq!(a, b, "dims {dims}");
-                assert_eq!(x.scale.to_bits(), y.scale.to_bits());
-                assert_eq!(x.err_sq.to_bits(), y.err_sq.to_bits());
-                assert_eq!(x.norm_sq.to_bits(), y.norm_sq.to_bits());
+                let mut a = vec![0u8; dims];
+                let x = quantize_portable(&row, &mut a);
+                // Every build this CPU can run, against the baseline one.
+                let mut builds: Vec<QuantizeFn> = vec![quantize];
+                #[cfg(target_arch = "x86_64")]
+                {
+                    if is_x86_feature_detected!("avx512f") {
+                        builds.push(|r, o| unsafe { quantize_avx512(r, o) });
+                    }
+                    if is_x86_feature_detected!("avx2") {
+                        builds.push(|r, o| unsafe { quantize_avx2(r, o) });
+                    }
+                }
+                for build in builds {
+                    let mut b = vec![0u8; dims];
+                    let y = build(&row, &mut b);
+                    assert_eq!(a, b, "dims {dims}");
+                    assert_eq!(x.scale.to_bits(), y.scale.to_bits());
+                    assert_eq!(x.err_sq.to_bits(), y.err_sq.to_bits());
+                    assert_eq!(x.norm_sq.to_bits(), y.norm_sq.to_bits());
+                }
                 // Against the definitions: codes rounded to nearest even, the norm summed in
                 // element order, the error within rounding of a plain sum.
                 let max = row.iter().fold(0.0f32, |m, v| m.max(v.abs()));

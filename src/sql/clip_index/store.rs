@@ -241,7 +241,8 @@ impl Store {
                     }
                 }
                 suffix => {
-                    debug_assert!(SHADOW_SUFFIXES.contains(&suffix), "unknown {{{suffix}}}");
+                    // Checked in release builds too (the tests run them): once per prepare.
+                    assert!(SHADOW_SUFFIXES.contains(&suffix), "unknown {{{suffix}}}");
                     out.push_str(&self.shadow(suffix));
                 }
             }
