@@ -574,6 +574,125 @@ fn another_connections_commit_is_seen_and_reopening_reads_the_chunks() {
 }
 
 #[test]
+fn a_long_exact_scan_is_shared_with_a_second_connection_that_reads_only_what_this_one_sees() {
+    // 40,000 rows of 512 dims: 21 MB of int8 records, past the 16 MiB from which an exact
+    // query reads with a second connection on another thread. That connection has its own
+    // snapshot; these checks fail if it reads a chunk whose version differs from the query's.
+    let (dir, path) = fresh_file("reader");
+    let w = file_db(&path);
+    w.execute_batch(
+        "PRAGMA journal_mode = WAL;
+         CREATE VIRTUAL TABLE t USING clip_index(v float[512]);",
+    )
+    .unwrap();
+    let mut r = rng(41);
+    let mut rows: Vec<(i64, Vec<f32>)> = (1..=40_000)
+        .map(|i| (i, (0..512).map(|_| r()).collect()))
+        .collect();
+    insert_numbered(&w, &rows.iter().map(|(_, v)| v.clone()).collect::<Vec<_>>());
+    let q: Vec<f32> = (0..512).map(|_| r()).collect();
+    let far: Vec<f32> = q.iter().map(|x| -x).collect();
+    let sql = "SELECT rowid, distance FROM t WHERE v MATCH ?1 AND k = 100";
+    // The answer with f64 distances, and a check of a query's rows and distances against it.
+    let expect = |rows: &[(i64, Vec<f32>)]| {
+        let dot = |a: &[f32], b: &[f32]| -> f64 {
+            a.iter()
+                .zip(b)
+                .map(|(x, y)| f64::from(*x) * f64::from(*y))
+                .sum()
+        };
+        brute(rows, &q, 100, "cosine")
+            .into_iter()
+            .map(|id| {
+                let v = &rows.iter().find(|r| r.0 == id).unwrap().1;
+                (
+                    id,
+                    1.0 - dot(&q, v) / (dot(&q, &q).sqrt() * dot(v, v).sqrt()),
+                )
+            })
+            .collect::<Vec<(i64, f64)>>()
+    };
+    let check = |got: &[(i64, f64)], want: &[(i64, f64)], what: &str| {
+        let ids = |x: &[(i64, f64)]| x.iter().map(|h| h.0).collect::<Vec<_>>();
+        assert_eq!(ids(got), ids(want), "{what}");
+        for (g, w) in got.iter().zip(want) {
+            assert!(
+                (g.1 - w.1).abs() < 1e-5,
+                "{what}: rowid {} at {} for {}",
+                g.0,
+                g.1,
+                w.1
+            );
+        }
+    };
+    let reads = archaeclip::sql::clip_index::second_connection_reads;
+
+    // A fresh connection streams every chunk: the second connection reads some of them, and
+    // rescores some of the 100+ candidates.
+    let before = reads();
+    let a = file_db(&path);
+    let first = scored(&a, sql, &q);
+    check(&first, &expect(&rows), "a fresh connection");
+    let after = reads();
+    assert!(
+        after.0 > before.0,
+        "the second connection read chunks: {before:?} -> {after:?}"
+    );
+    assert!(
+        after.1 > before.1,
+        "and rescored rows: {before:?} -> {after:?}"
+    );
+    // Closed: no connection holds its chunks, so the next one streams them again.
+    drop(a);
+
+    // The nearest row moves away and a far row becomes the query, committed by another
+    // connection after c's read transaction began: c must not see either.
+    let (x, y) = (first[0].0, 39_999);
+    assert!(!first.iter().any(|h| h.0 == y));
+    let c = file_db(&path);
+    c.execute_batch("BEGIN").unwrap();
+    assert_eq!(count(&c, "SELECT count(*) FROM t_map"), 40_000);
+    w.execute(
+        "UPDATE t SET v = ?1 WHERE rowid = ?2",
+        params![blob(&far), x],
+    )
+    .unwrap();
+    w.execute("UPDATE t SET v = ?1 WHERE rowid = ?2", params![blob(&q), y])
+        .unwrap();
+    let before = reads();
+    check(
+        &scored(&c, sql, &q),
+        &first,
+        "c's snapshot, older than the commit",
+    );
+    let after = reads();
+    assert!(after.0 > before.0, "{before:?} -> {after:?}");
+    c.execute_batch("COMMIT").unwrap();
+    rows[(x - 1) as usize].1 = far.clone();
+    rows[(y - 1) as usize].1 = q.clone();
+    let now = scored(&c, sql, &q);
+    assert_eq!(now[0].0, y);
+    check(&now, &expect(&rows), "c after its transaction");
+    drop(c);
+
+    // A connection's own uncommitted write, which the second connection cannot see.
+    let d = file_db(&path);
+    d.execute_batch("BEGIN").unwrap();
+    let z = 20_000;
+    d.execute("UPDATE t SET v = ?1 WHERE rowid = ?2", params![blob(&q), z])
+        .unwrap();
+    let before = reads();
+    let mut mine = rows.clone();
+    mine[(z - 1) as usize].1 = q.clone();
+    check(&scored(&d, sql, &q), &expect(&mine), "d's own write");
+    let after = reads();
+    assert!(after.0 > before.0, "{before:?} -> {after:?}");
+    d.execute_batch("ROLLBACK").unwrap();
+    drop((d, w));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
 fn a_rolled_back_insert_moves_the_generation_for_the_next_one() {
     // An insert that follows one into the same chunk may leave the generation alone; not when
     // the first was rolled back: the search below would keep the image it made before.

@@ -27,6 +27,7 @@
 //! loaded again.
 
 mod exact;
+mod reader;
 mod store;
 
 use std::borrow::Cow;
@@ -1576,6 +1577,17 @@ unsafe impl VTabCursor for IndexCursor<'_> {
     fn rowid(&self) -> rusqlite::Result<i64> {
         Ok(self.rows[self.pos].0)
     }
+}
+
+/// What the second connections of exact queries (see `reader.rs`) have read in this process:
+/// chunks of int8 records, and candidate rows rescored. For tests and diagnostics.
+#[doc(hidden)]
+pub fn second_connection_reads() -> (u64, u64) {
+    use std::sync::atomic::Ordering::Relaxed;
+    (
+        reader::CHUNKS_READ.load(Relaxed),
+        reader::ROWS_READ.load(Relaxed),
+    )
 }
 
 /// What names a table's chunks across the connections of this process: the database file's

@@ -189,19 +189,30 @@ pub fn f32_from_blob(bytes: &[u8]) -> Result<Vec<f32>> {
     if !bytes.len().is_multiple_of(4) {
         return Err(Error::BlobLength { len: bytes.len() });
     }
+    let mut v = vec![0.0f32; bytes.len() / 4];
+    f32_from_le(bytes, &mut v);
+    Ok(v)
+}
+
+/// Little-endian float32 bytes into `out` (one copy on a little-endian CPU). `bytes` must be
+/// exactly `4 * out.len()` long.
+pub fn f32_from_le(bytes: &[u8], out: &mut [f32]) {
+    assert_eq!(bytes.len(), std::mem::size_of_val(out), "4 bytes per float");
     if cfg!(target_endian = "little") {
-        let mut v = vec![0.0f32; bytes.len() / 4];
-        // SAFETY: `v` has exactly `bytes.len()` bytes, every bit pattern is an f32, and a
-        // byte copy needs no alignment of the source.
+        // SAFETY: `out` has exactly `bytes.len()` bytes (asserted), every bit pattern is an
+        // f32, and a byte copy needs no alignment of the source.
         unsafe {
-            std::ptr::copy_nonoverlapping(bytes.as_ptr(), v.as_mut_ptr().cast::<u8>(), bytes.len());
+            std::ptr::copy_nonoverlapping(
+                bytes.as_ptr(),
+                out.as_mut_ptr().cast::<u8>(),
+                bytes.len(),
+            );
         }
-        return Ok(v);
+        return;
     }
-    Ok(bytes
-        .chunks_exact(4)
-        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-        .collect())
+    for (x, c) in out.iter_mut().zip(bytes.chunks_exact(4)) {
+        *x = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+    }
 }
 
 /// Floats -> little-endian float32 blob.

@@ -177,6 +177,66 @@ def test_exact_search_from_the_codes_is_the_float_scans_answer_and_checked(tmp_p
         fresh.execute("INSERT INTO a_cosine(a_cosine) VALUES ('integrity-check')")
 
 
+def test_a_long_exact_scan_read_with_a_second_connection_is_the_float_scans_answer(tmp_path):
+    """Past 16 MiB of int8 records (36,000 rows of 512 dims), an exact query reads part of them
+    with a second connection of its own, on another thread. From the real extension in the host
+    SQLite, its answers equal a codes=off table's (every row scored in float32): on fresh
+    connections, in a read transaction older than another connection's commit, and in a
+    transaction with its own uncommitted write. The second connection sees neither."""
+    import numpy as np
+
+    rng = np.random.default_rng(5)
+    n, dims = 36_000, 512
+    data = rng.standard_normal((n, dims), dtype=np.float32)
+    path = str(tmp_path / "two.db")
+    db = connect(path, isolation_level=None)
+    db.execute("PRAGMA journal_mode = WAL")
+    for name, codes in (("a", "on"), ("b", "off")):
+        db.execute(f"CREATE VIRTUAL TABLE {name} USING clip_index(v float[{dims}], codes={codes})")
+        db.execute("BEGIN")
+        db.executemany(
+            f"INSERT INTO {name}(rowid, v) VALUES (?, ?)", ((i + 1, data[i].tobytes()) for i in range(n))
+        )
+        db.execute("COMMIT")
+    db.close()
+    queries = [rng.standard_normal(dims, dtype=np.float32).tobytes() for _ in range(3)]
+    sql = "SELECT rowid, distance FROM {} WHERE v MATCH ? AND k = 50"
+
+    def both(c, q):
+        a = c.execute(sql.format("a"), (q,)).fetchall()
+        assert a == c.execute(sql.format("b"), (q,)).fetchall()
+        assert len(a) == 50
+        return a
+
+    # A fresh connection each time: no chunk is held in memory, every one is streamed.
+    for q in queries:
+        c = connect(path)
+        both(c, q)
+        c.close()
+
+    q = queries[0]
+    c = connect(path, isolation_level=None)
+    w = connect(path, isolation_level=None)
+    c.execute("BEGIN")
+    assert c.execute("SELECT count(*) FROM a_map").fetchone() == (n,)
+    for name in "ab":
+        w.execute(f"UPDATE {name} SET v = ? WHERE rowid = 35777", (q,))
+    assert both(c, q)[0][0] != 35777, "c's snapshot is older than w's commit"
+    c.execute("COMMIT")
+    c.close()
+    w.close()
+
+    d = connect(path, isolation_level=None)
+    d.execute("BEGIN")
+    for name in "ab":
+        d.execute(f"UPDATE {name} SET v = ? WHERE rowid = 35999", (q,))
+    top = both(d, q)
+    # Both rows are the query (distance 0): the smaller rowid comes first.
+    assert [r[0] for r in top[:2]] == [35777, 35999], "w's commit, and d's own write"
+    d.execute("ROLLBACK")
+    d.close()
+
+
 def test_quantized_modes_give_vec0s_answer_when_every_row_is_a_candidate():
     rows, queries = dataset(seed=11)
     ours, theirs = connect(), connect_sqlite_vec()

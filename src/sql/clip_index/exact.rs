@@ -15,15 +15,18 @@
 //! by database file, table, chunk id and version, like the float32 chunks).
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Mutex, OnceLock};
 
 use rusqlite::blob::Blob;
 
+use super::reader::{self, Reader, ReaderView};
+use super::store::Store;
 use super::{err, IndexTab};
 use crate::index::chunked::{SlotFilter, WeakPool};
 use crate::index::codes::{BoundQuery, Bounded};
 use crate::index::scan::{inv_norm, Scorer};
+use crate::vector::codec;
 use crate::vector::topk::{Hit, TopK};
 
 /// One chunk's records, as read.
@@ -40,6 +43,8 @@ pub(super) struct KeptCodes {
     chunks: HashMap<i64, Arc<CodeChunk>>,
     buffers: Vec<Vec<u8>>,
     versions: Option<(i64, Versions)>,
+    /// The second connection that reads part of a long stream.
+    reader: Reader,
 }
 
 /// Every chunk's (id, version), ordered by id.
@@ -55,6 +60,13 @@ const STREAM_BATCH_BYTES: usize = 2 << 20;
 
 /// Buffers in flight: one being read, the others being bounded.
 const STREAM_BUFFERS: usize = 3;
+
+/// Streams shorter than this are read by one connection: opening a second one's read
+/// transaction costs more than it saves.
+const READER_MIN_BYTES: usize = 16 << 20;
+
+/// Fewer candidates than this are rescored on one connection.
+const RESCORE_SPLIT_MIN: usize = 32;
 
 /// Bytes of streamed chunks a query keeps in memory for the next queries.
 const KEEP_BYTES_PER_QUERY: usize = 32 << 20;
@@ -91,7 +103,9 @@ impl IndexTab {
         }
         let capacity = self.store.capacity;
         let chunk_bytes = self.store.codes_bytes();
-        let mut kept = self.kept_codes();
+        let mut guard = self.kept_codes();
+        // Fields borrowed apart: the second connection (in `reader`) is used until the end.
+        let kept = &mut *guard;
         let generation = self.store.generation()?;
         let stored = match &kept.versions {
             Some((g, list)) if *g == generation => list.clone(),
@@ -151,14 +165,47 @@ impl IndexTab {
                 .merge(local);
         };
         // On a rayon worker (or a one-thread pool) waiting for a buffer could deadlock: bound
-        // each batch on this thread instead.
+        // each batch on the reading thread instead.
         let inline = rayon::current_num_threads() < 2 || rayon::current_thread_index().is_some();
         let mut buffers = std::mem::take(&mut kept.buffers);
+        // A long stream is read by two connections, this one and a second one on another
+        // thread (see `reader`), each taking the next batch in turn.
+        let reader = if stream.len() * chunk_bytes >= READER_MIN_BYTES
+            && rayon::current_num_threads() >= 2
+        {
+            kept.reader.get(self.db, &self.store.schema)
+        } else {
+            None
+        };
+        let readers = if reader.is_some() { 2 } else { 1 };
         let mut fresh: Vec<(i64, Arc<CodeChunk>)> = Vec::new();
         let (free_tx, free_rx) = mpsc::channel::<Vec<u8>>();
-        let mut failure: Option<rusqlite::Error> = None;
+        for _ in 0..STREAM_BUFFERS * readers {
+            let _ = free_tx.send(buffers.pop().unwrap_or_default());
+        }
+        let free_rx = Mutex::new(free_rx);
+        let take_buffer = || {
+            free_rx
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .recv()
+                .expect("a buffer comes back from every task")
+        };
         let per_batch = (STREAM_BATCH_BYTES / chunk_bytes.max(1)).max(1);
-        rayon::in_place_scope(|s| {
+        let batches: Vec<&[(usize, i64, i64)]> = stream.chunks(per_batch).collect();
+        let next = AtomicUsize::new(0);
+        let stop = AtomicBool::new(false);
+        let claim = || {
+            if stop.load(Ordering::Relaxed) {
+                return None;
+            }
+            batches.get(next.fetch_add(1, Ordering::Relaxed)).copied()
+        };
+        // Chunks the second connection did not read (another version in its snapshot, or a
+        // failed read): this connection reads them last.
+        let left: Mutex<Vec<(usize, i64, i64)>> = Mutex::new(Vec::new());
+        let mut failure: Option<rusqlite::Error> = None;
+        let view = rayon::in_place_scope(|s| {
             for group in memory.chunks(MEMORY_GROUP) {
                 let work = move || {
                     let mut local = Bounded::new(k);
@@ -173,13 +220,34 @@ impl IndexTab {
                     s.spawn(move |_| work());
                 }
             }
-            for _ in 0..STREAM_BUFFERS {
-                let _ = free_tx.send(buffers.pop().unwrap_or_default());
-            }
+            // Bounds one batch read into `buf` (`streamed`: position, id, offset in `buf`) and
+            // the chunks kept from it, then hands `buf` back.
+            let dispatch = |buf: Vec<u8>,
+                            kept_here: Vec<(usize, i64, Arc<CodeChunk>)>,
+                            streamed: Vec<(usize, i64, usize)>| {
+                let tx = free_tx.clone();
+                let work = move || {
+                    let mut local = Bounded::new(k);
+                    for (pos, id, c) in &kept_here {
+                        scan(&mut local, *pos, *id, &c.bytes);
+                    }
+                    for &(pos, id, at) in &streamed {
+                        scan(&mut local, pos, id, &buf[at..at + chunk_bytes]);
+                    }
+                    finish(local);
+                    let _ = tx.send(buf);
+                };
+                if inline {
+                    work();
+                } else {
+                    s.spawn(move |_| work());
+                }
+            };
             let mut keep_left = KEEP_BYTES_PER_QUERY;
             let mut blob: Option<Blob<'_>> = None;
-            for batch in stream.chunks(per_batch) {
-                let mut buf = free_rx.recv().expect("a buffer comes back from every task");
+            // This connection's reads of one batch.
+            let mut own_batch = |batch: &[(usize, i64, i64)]| -> rusqlite::Result<()> {
+                let mut buf = take_buffer();
                 buf.resize(batch.len() * chunk_bytes, 0);
                 let mut kept_here: Vec<(usize, i64, Arc<CodeChunk>)> = Vec::new();
                 let mut streamed: Vec<(usize, i64, usize)> = Vec::new();
@@ -198,8 +266,8 @@ impl IndexTab {
                         &mut buf[i * chunk_bytes..(i + 1) * chunk_bytes]
                     };
                     if let Err(e) = self.read_codes(&mut blob, id, target) {
-                        failure = Some(e);
-                        break;
+                        let _ = free_tx.send(buf);
+                        return Err(e);
                     }
                     if keep {
                         keep_left -= chunk_bytes;
@@ -213,31 +281,81 @@ impl IndexTab {
                         streamed.push((pos, id, i * chunk_bytes));
                     }
                 }
-                if failure.is_some() {
-                    break;
+                dispatch(buf, kept_here, streamed);
+                Ok(())
+            };
+            let view = std::thread::scope(|threads| {
+                let helper = reader.map(|conn| {
+                    let table = self.store.table.as_str();
+                    let (claim, take_buffer, dispatch, left) =
+                        (&claim, &take_buffer, &dispatch, &left);
+                    threads.spawn(move || {
+                        let view = ReaderView::begin(conn, table).ok()?;
+                        let mut blob: Option<Blob<'_>> = None;
+                        let mut broken = false;
+                        while let Some(batch) = claim() {
+                            let mut buf = take_buffer();
+                            buf.resize(batch.len() * chunk_bytes, 0);
+                            let mut streamed: Vec<(usize, i64, usize)> = Vec::new();
+                            let mut missed = Vec::new();
+                            for (i, &(pos, id, version)) in batch.iter().enumerate() {
+                                let target = &mut buf[i * chunk_bytes..(i + 1) * chunk_bytes];
+                                // After a failed read, the rest goes back too.
+                                if !broken {
+                                    match read_held(&view, &mut blob, id, version, target) {
+                                        Ok(true) => {
+                                            streamed.push((pos, id, i * chunk_bytes));
+                                            continue;
+                                        }
+                                        Ok(false) => {}
+                                        Err(_) => broken = true,
+                                    }
+                                }
+                                missed.push((pos, id, version));
+                            }
+                            if !missed.is_empty() {
+                                left.lock()
+                                    .unwrap_or_else(|p| p.into_inner())
+                                    .extend(missed);
+                            }
+                            dispatch(buf, Vec::new(), streamed);
+                            if broken {
+                                break;
+                            }
+                        }
+                        drop(blob);
+                        // Kept open for the rescoring.
+                        (!broken).then_some(view)
+                    })
+                });
+                while let Some(batch) = claim() {
+                    if let Err(e) = own_batch(batch) {
+                        failure = Some(e);
+                        stop.store(true, Ordering::Relaxed);
+                        break;
+                    }
                 }
-                let tx = free_tx.clone();
-                let work = move || {
-                    let mut local = Bounded::new(k);
-                    for (pos, id, c) in &kept_here {
-                        scan(&mut local, *pos, *id, &c.bytes);
+                helper.and_then(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+            });
+            // The second connection has ended: what it left is read here.
+            if failure.is_none() {
+                let left = std::mem::take(&mut *left.lock().unwrap_or_else(|p| p.into_inner()));
+                for batch in left.chunks(per_batch) {
+                    if let Err(e) = own_batch(batch) {
+                        failure = Some(e);
+                        break;
                     }
-                    for &(pos, id, at) in &streamed {
-                        scan(&mut local, pos, id, &buf[at..at + chunk_bytes]);
-                    }
-                    finish(local);
-                    let _ = tx.send(buf);
-                };
-                if inline {
-                    work();
-                } else {
-                    s.spawn(move |_| work());
                 }
             }
             drop(free_tx);
+            view
         });
         // Every task has ended with its scope: the buffers are back, kept for the next query.
-        kept.buffers = free_rx.try_iter().collect();
+        kept.buffers = free_rx
+            .into_inner()
+            .unwrap_or_else(|p| p.into_inner())
+            .try_iter()
+            .collect();
         if let Some(e) = failure {
             kept.chunks = held;
             return Err(e);
@@ -253,7 +371,6 @@ impl IndexTab {
         }
         held.extend(fresh);
         kept.chunks = held;
-        drop(kept);
 
         let keys = merged
             .into_inner()
@@ -262,7 +379,7 @@ impl IndexTab {
         if keys.len() > RESCORE_MAX {
             return Ok(None);
         }
-        self.rescore(&scorer, &stored, &keys, k).map(Some)
+        self.rescore(&scorer, &stored, &keys, k, view).map(Some)
     }
 
     /// Reads chunk `id`'s records into `target` through one reused blob handle.
@@ -291,53 +408,157 @@ impl IndexTab {
     }
 
     /// Scores the candidates (`(position in stored) << 24 | slot`, ascending) with their
-    /// float32 vectors: the k nearest, as the full scan ranks them.
+    /// float32 vectors: the k nearest, as the full scan ranks them. With the second
+    /// connection's `view`, the candidates are split in two and half are read on another
+    /// thread (each candidate is a blob seek and a walk along its chunk's overflow pages).
     fn rescore(
         &self,
         scorer: &Scorer<'_>,
         stored: &[(i64, i64)],
         keys: &[i64],
         k: usize,
+        view: Option<ReaderView<'_>>,
     ) -> rusqlite::Result<Vec<(i64, f64, f64)>> {
         let dims = self.decl.dims;
-        let mut top = TopK::new(k);
-        let mut vectors: Option<Blob<'_>> = None;
-        let mut rowids: Option<Blob<'_>> = None;
-        let mut open: Option<i64> = None;
-        let mut bytes = vec![0u8; dims * 4];
-        let mut row = vec![0f32; dims];
-        let mut rowid = [0u8; 8];
-        for &key in keys {
-            let (pos, slot) = ((key >> 24) as usize, (key & 0xFF_FFFF) as usize);
-            let id = stored[pos].0;
-            if open != Some(id) {
+        let view = view.filter(|_| keys.len() >= RESCORE_SPLIT_MIN);
+        let (mine, theirs) = match &view {
+            Some(_) => keys.split_at(keys.len() / 2),
+            None => (keys, &keys[..0]),
+        };
+        let (mut top, missed) = std::thread::scope(|threads| -> rusqlite::Result<_> {
+            // The view ends its read transaction when the thread drops it.
+            let helper = view.map(|view| {
+                threads.spawn(move || -> rusqlite::Result<_> {
+                    let part = rescore_part(&view, dims, scorer, stored, theirs, k)?;
+                    let read = theirs.len() - part.1.len();
+                    reader::ROWS_READ.fetch_add(read as u64, Ordering::Relaxed);
+                    Ok(part)
+                })
+            });
+            let (mut top, _) = rescore_part(&self.store, dims, scorer, stored, mine, k)?;
+            let missed = match helper.map(|h| h.join()) {
+                None => Vec::new(),
+                Some(Ok(Ok((part, missed)))) => {
+                    top.merge(part);
+                    missed
+                }
+                // A failed read on the second connection: this one reads its half.
+                Some(Ok(Err(_))) => theirs.to_vec(),
+                Some(Err(p)) => std::panic::resume_unwind(p),
+            };
+            Ok((top, missed))
+        })?;
+        if !missed.is_empty() {
+            let (part, _) = rescore_part(&self.store, dims, scorer, stored, &missed, k)?;
+            top.merge(part);
+        }
+        Ok(scorer.results(top))
+    }
+}
+
+/// Where candidates' vectors and rowids are read from: the query's connection, or the second
+/// one for the chunks its snapshot holds at the same version.
+trait Rows {
+    fn holds(&self, id: i64, version: i64) -> bool;
+    fn open(&self, suffix: &str, column: &str, id: i64) -> rusqlite::Result<Blob<'_>>;
+}
+
+impl Rows for Store {
+    fn holds(&self, _: i64, _: i64) -> bool {
+        true
+    }
+    fn open(&self, suffix: &str, column: &str, id: i64) -> rusqlite::Result<Blob<'_>> {
+        self.blob(suffix, column, id, true)
+    }
+}
+
+impl Rows for ReaderView<'_> {
+    fn holds(&self, id: i64, version: i64) -> bool {
+        ReaderView::holds(self, id, version)
+    }
+    fn open(&self, suffix: &str, column: &str, id: i64) -> rusqlite::Result<Blob<'_>> {
+        self.blob(suffix, column, id)
+    }
+}
+
+/// Scores candidates `keys` read from `rows`: the k nearest of them, and the keys of chunks
+/// that `rows` does not hold.
+fn rescore_part<R: Rows>(
+    rows: &R,
+    dims: usize,
+    scorer: &Scorer<'_>,
+    stored: &[(i64, i64)],
+    keys: &[i64],
+    k: usize,
+) -> rusqlite::Result<(TopK, Vec<i64>)> {
+    let mut top = TopK::new(k);
+    let mut missed = Vec::new();
+    let mut vectors: Option<Blob<'_>> = None;
+    let mut rowids: Option<Blob<'_>> = None;
+    let mut open: Option<(i64, bool)> = None;
+    let mut bytes = vec![0u8; dims * 4];
+    let mut row = vec![0f32; dims];
+    let mut rowid = [0u8; 8];
+    for &key in keys {
+        let (pos, slot) = ((key >> 24) as usize, (key & 0xFF_FFFF) as usize);
+        let (id, version) = stored[pos];
+        if open.map(|o| o.0) != Some(id) {
+            let held = rows.holds(id, version);
+            if held {
                 for (handle, suffix, column) in [
                     (&mut vectors, "vectors", "vectors"),
                     (&mut rowids, "slots", "rowids"),
                 ] {
                     match handle {
                         Some(b) => b.reopen(id)?,
-                        None => *handle = Some(self.store.blob(suffix, column, id, true)?),
+                        None => *handle = Some(rows.open(suffix, column, id)?),
                     }
                 }
-                open = Some(id);
             }
-            let v = vectors.as_ref().expect("opened");
-            v.read_at_exact(&mut bytes, slot * dims * 4)?;
-            rowids
-                .as_ref()
-                .expect("opened")
-                .read_at_exact(&mut rowid, slot * 8)?;
-            for (x, b) in row.iter_mut().zip(bytes.chunks_exact(4)) {
-                *x = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
-            }
-            if let Some(distance) = scorer.distance(&row, inv_norm(&row)) {
-                top.push(Hit {
-                    distance,
-                    id: i64::from_le_bytes(rowid),
-                });
-            }
+            open = Some((id, held));
         }
-        Ok(scorer.results(top))
+        if open.is_some_and(|o| !o.1) {
+            missed.push(key);
+            continue;
+        }
+        let v = vectors.as_ref().expect("opened");
+        v.read_at_exact(&mut bytes, slot * dims * 4)?;
+        rowids
+            .as_ref()
+            .expect("opened")
+            .read_at_exact(&mut rowid, slot * 8)?;
+        codec::f32_from_le(&bytes, &mut row);
+        if let Some(distance) = scorer.distance(&row, inv_norm(&row)) {
+            top.push(Hit {
+                distance,
+                id: i64::from_le_bytes(rowid),
+            });
+        }
     }
+    Ok((top, missed))
+}
+
+/// Reads chunk `id`'s records into `target` through the second connection's reused blob handle,
+/// when its snapshot holds `version` of the chunk (`Ok(false)` when not).
+fn read_held<'v>(
+    view: &'v ReaderView<'_>,
+    blob: &mut Option<Blob<'v>>,
+    id: i64,
+    version: i64,
+    target: &mut [u8],
+) -> rusqlite::Result<bool> {
+    if !view.holds(id, version) {
+        return Ok(false);
+    }
+    match blob {
+        Some(b) => b.reopen(id)?,
+        None => *blob = Some(view.blob("codes", "codes", id)?),
+    }
+    let b = blob.as_ref().expect("opened");
+    if b.len() != target.len() {
+        return Ok(false);
+    }
+    b.read_at_exact(target, 0)?;
+    reader::CHUNKS_READ.fetch_add(1, Ordering::Relaxed);
+    Ok(true)
 }

@@ -1045,9 +1045,9 @@ fn read_f32s(blob: &Blob<'_>) -> Res<Vec<f32>> {
 }
 
 pub fn bytes_to_f32(b: &[u8]) -> Vec<f32> {
-    b.chunks_exact(4)
-        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-        .collect()
+    let mut v = vec![0.0f32; b.len() / 4];
+    crate::vector::codec::f32_from_le(&b[..v.len() * 4], &mut v);
+    v
 }
 
 /// A value as an owned [`Value`] (text that is not UTF-8 is kept as a blob).

@@ -1,0 +1,144 @@
+//! A second connection to the database file of a `clip_index` table, which reads part of what
+//! an exact query streams, on another thread.
+//!
+//! Copying ~0.5 GB of records out of SQLite (one million 512-d rows) is most of the first
+//! query's time, and one connection reads on one thread at a time. A second connection reads in
+//! parallel, but in its own snapshot: it may see another connection's newer commit, and never
+//! sees this connection's uncommitted writes. So it reads only chunks whose version, in its own
+//! snapshot, equals the one the query's connection sees: versions are never reused
+//! ([`super::store::fresh_version`]), so equal versions mean equal bytes. Every other chunk, and
+//! everything the second connection fails to read, is read by the query's own connection.
+//!
+//! The connection is read-only, opened with the same VFS on the same file, and only ever runs
+//! `BEGIN`, one `SELECT id, version` on `t_chunks`, blob reads of `t_codes` and `COMMIT`. Any
+//! failure to open it (an in-memory database, a host SQLite built single-threaded, a VFS that
+//! needs per-connection setup) leaves the query on one connection, as before.
+
+use std::collections::HashMap;
+use std::ffi::{c_void, CStr, CString};
+use std::sync::atomic::AtomicU64;
+
+use rusqlite::blob::Blob;
+use rusqlite::{ffi, Connection, OpenFlags};
+
+use super::store::quote;
+
+/// Chunks of records read by second connections in this process.
+pub(super) static CHUNKS_READ: AtomicU64 = AtomicU64::new(0);
+
+/// Candidate rows rescored by second connections in this process.
+pub(super) static ROWS_READ: AtomicU64 = AtomicU64::new(0);
+
+/// The second connection of one table, opened on the first query that streams enough.
+#[derive(Default)]
+pub(super) enum Reader {
+    #[default]
+    Untried,
+    Open(Box<Connection>),
+    /// Opening failed: not tried again by this table's connection.
+    Unavailable,
+}
+
+impl Reader {
+    /// The open connection, opening it first if it was never tried.
+    pub(super) fn get(&mut self, db: *mut ffi::sqlite3, schema: &str) -> Option<&mut Connection> {
+        if matches!(self, Reader::Untried) {
+            *self = match open(db, schema) {
+                Some(c) => Reader::Open(Box::new(c)),
+                None => Reader::Unavailable,
+            };
+        }
+        match self {
+            Reader::Open(c) => Some(c),
+            _ => None,
+        }
+    }
+}
+
+/// A read-only connection to the file of `schema` on `db`, with its VFS.
+fn open(db: *mut ffi::sqlite3, schema: &str) -> Option<Connection> {
+    let schema_c = CString::new(schema).ok()?;
+    // SAFETY: a live connection handle and a NUL-terminated schema name. The file name and the
+    // VFS name belong to SQLite and are copied before anything else runs on the connection.
+    let (file, vfs) = unsafe {
+        let p = ffi::sqlite3_db_filename(db, schema_c.as_ptr());
+        if p.is_null() {
+            return None;
+        }
+        let file = CStr::from_ptr(p).to_str().ok()?.to_owned();
+        let mut vfs: *mut ffi::sqlite3_vfs = std::ptr::null_mut();
+        let rc = ffi::sqlite3_file_control(
+            db,
+            schema_c.as_ptr(),
+            ffi::SQLITE_FCNTL_VFS_POINTER,
+            (&mut vfs as *mut *mut ffi::sqlite3_vfs).cast::<c_void>(),
+        );
+        if rc != ffi::SQLITE_OK || vfs.is_null() || (*vfs).zName.is_null() {
+            return None;
+        }
+        (file, CStr::from_ptr((*vfs).zName).to_owned())
+    };
+    if file.is_empty() {
+        return None;
+    }
+    let flags = OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+    let conn = Connection::open_with_flags_and_vfs(&file, flags, vfs.as_c_str()).ok()?;
+    // Never wait for a lock: a busy file means this query reads on one connection.
+    conn.busy_timeout(std::time::Duration::ZERO).ok()?;
+    Some(conn)
+}
+
+/// One read transaction of the second connection: the chunks' versions in its snapshot. The
+/// transaction ends when the view is dropped.
+pub(super) struct ReaderView<'c> {
+    conn: &'c mut Connection,
+    table: String,
+    versions: HashMap<i64, i64>,
+}
+
+impl<'c> ReaderView<'c> {
+    /// Starts a read transaction on `conn` and reads the versions of table `table`'s chunks.
+    pub(super) fn begin(conn: &'c mut Connection, table: &str) -> rusqlite::Result<ReaderView<'c>> {
+        if !conn.is_autocommit() {
+            // Left open by a query that failed half-way.
+            conn.execute_batch("ROLLBACK")?;
+        }
+        conn.execute_batch("BEGIN")?;
+        let sql = format!(
+            "SELECT id, version FROM {}",
+            quote(&format!("{table}_chunks"))
+        );
+        let versions = conn
+            .prepare(&sql)
+            .and_then(|mut s| {
+                s.query_map([], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?)))?
+                    .collect::<rusqlite::Result<HashMap<_, _>>>()
+            })
+            .inspect_err(|_| {
+                let _ = conn.execute_batch("ROLLBACK");
+            })?;
+        Ok(ReaderView {
+            conn,
+            table: table.to_owned(),
+            versions,
+        })
+    }
+
+    /// Whether this snapshot holds chunk `id` at `version` (so its bytes are the ones the
+    /// query's connection sees).
+    pub(super) fn holds(&self, id: i64, version: i64) -> bool {
+        self.versions.get(&id) == Some(&version)
+    }
+
+    /// A read-only blob handle on chunk `id`'s row of shadow table `{table}_{suffix}`.
+    pub(super) fn blob(&self, suffix: &str, column: &str, id: i64) -> rusqlite::Result<Blob<'_>> {
+        let name = format!("{}_{suffix}", self.table);
+        self.conn.blob_open("main", name.as_str(), column, id, true)
+    }
+}
+
+impl Drop for ReaderView<'_> {
+    fn drop(&mut self) {
+        let _ = self.conn.execute_batch("COMMIT");
+    }
+}
