@@ -11,6 +11,8 @@ call each).
     .venv/bin/python benches/index_bench.py --n 1000000 --data clustered
     .venv/bin/python benches/index_bench.py --n 1000000 --page-size 65536   # every file with 64 KiB pages
     .venv/bin/python benches/index_bench.py --n 1000000 --inserts-only 3     # inserts alone, alternated
+    .venv/bin/python benches/index_bench.py --n 1000000 --first-only 7 --baseline /tmp/old/archaeclip
+                                                  # first exact query, fresh processes, alternated
 
 Data: `random` (standard normal) and `clustered` (shaped like real embeddings: a few thousand
 centres, each point a centre plus noise, all normalized); 512 dimensions, cosine, k = 10.
@@ -242,6 +244,85 @@ def inserts_only(args, kinds, workdir):
         print(flush=True)
 
 
+# One process per first query: a fresh connection in a long-lived process would find memory the
+# allocator kept from the last one, and thread pools already started.
+FIRST_QUERY = r"""
+import sqlite3, sys, time
+path, engine, ext, qfile, k, mmap = sys.argv[1:7]
+db = sqlite3.connect(path, isolation_level=None)
+db.enable_load_extension(True)
+if engine == "vec0":
+    import sqlite_vec
+    sqlite_vec.load(db)
+else:
+    db.load_extension(ext)
+if mmap != "0":
+    db.execute(f"PRAGMA mmap_size = {int(mmap)}")
+q = open(qfile, "rb").read()
+t = time.perf_counter()
+rows = db.execute("SELECT rowid FROM items WHERE embedding MATCH ? AND k = ? ORDER BY distance", (q, int(k))).fetchall()
+print((time.perf_counter() - t) * 1000, ",".join(str(r[0]) for r in rows))
+"""
+
+
+def first_only(args, kinds, workdir):
+    """The first exact query after opening, each in a new process, R rounds: clip_index, the
+    baseline build when given, and vec0, in an order that rotates each round; each with
+    SQLite's default pragmas and with PRAGMA mmap_size."""
+    import subprocess
+    import sys
+
+    builds = [("clip_index", EXT)]
+    if args.baseline:
+        builds.append(("baseline", args.baseline))
+    builds.append(("vec0", ""))
+    engines = [(name, ext, mmap) for mmap in (0, MMAP) for name, ext in builds]
+    for kind in kinds:
+        data, queries = make_data(kind, args.n, args.dims, args.first_only)
+        truth = exact_topk(data, queries, args.k)
+        paths = {}
+        for engine in ("clip_index", "vec0"):
+            path = os.path.join(workdir, f"{engine}-{kind}-{args.n}-first.db")
+            if not os.path.exists(path):
+                build(engine, path, data, args.page_size)
+            paths[engine] = path
+        del data
+        label = lambda name, mmap: name + (", mmap" if mmap else "")
+        times = {label(n, m): [] for n, _, m in engines}
+        results = {label(n, m): [] for n, _, m in engines}
+        for r in range(args.first_only):
+            qfile = os.path.join(workdir, "first-query.bin")
+            with open(qfile, "wb") as f:
+                f.write(queries[r].tobytes())
+            order = engines[r % len(engines):] + engines[: r % len(engines)]
+            for name, ext, mmap in order:
+                engine = "vec0" if name == "vec0" else "clip_index"
+                out = subprocess.run(
+                    [sys.executable, "-c", FIRST_QUERY, paths[engine], engine, ext, qfile, str(args.k), str(mmap)],
+                    check=True, capture_output=True, text=True,
+                ).stdout.split()
+                times[label(name, mmap)].append(float(out[0]))
+                results[label(name, mmap)].append([int(x) for x in out[1].split(",")])
+                print(f"  {kind} round {r + 1} {label(name, mmap)}: {float(out[0]):,.1f} ms", flush=True)
+        print(f"\n{kind}, {args.n:,} x {args.dims}, first exact query after opening (ms), "
+              f"{args.first_only} processes each:\n")
+        print("| | median | range | recall@k |")
+        print("|---|---:|---:|---:|")
+        for name, t in times.items():
+            print(f"| {name} | {statistics.median(t):,.1f} | {min(t):,.1f}-{max(t):,.1f} | "
+                  f"{recall(results[name], truth, args.k):.3f} |")
+        print()
+        for mmap in (0, MMAP):
+            ours = times[label("clip_index", mmap)]
+            for name, _ in builds[1:]:
+                theirs = times[label(name, mmap)]
+                pairs = [b / a for a, b in zip(ours, theirs)]
+                print(f"{label(name, mmap)} / {label('clip_index', mmap)}: "
+                      f"{statistics.median(theirs) / statistics.median(ours):.2f}x (medians), "
+                      f"{min(pairs):.2f}-{max(pairs):.2f}x per round")
+        print(flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=100_000)
@@ -257,6 +338,12 @@ def main():
                     help="only the insert comparison: build each engine's file R times, the engines "
                          "alternated (the first engine alternating too), and print the rates, their "
                          "medians and the ratio")
+    ap.add_argument("--first-only", type=int, default=None, metavar="R",
+                    help="only the first exact query after opening: R new processes per engine, the "
+                         "engines alternated; the files are built once and kept in --dir")
+    ap.add_argument("--baseline", default=None, metavar="EXT",
+                    help="with --first-only: another build of archaeclip (its path without .so) "
+                         "measured alongside, on the same file")
     ap.add_argument("--plot", default=None, help="write a recall/latency plot per data set: PREFIX-random.svg, PREFIX-clustered.svg")
     args = ap.parse_args()
     kinds = ["random", "clustered"] if args.data == "both" else [args.data]
@@ -266,6 +353,9 @@ def main():
           f"{args.page_size or 'default (4096)'}, files in {workdir}", flush=True)
     if args.inserts_only:
         inserts_only(args, kinds, workdir)
+        return
+    if args.first_only:
+        first_only(args, kinds, workdir)
         return
     for kind in kinds:
         data, queries = make_data(kind, args.n, args.dims, args.queries)

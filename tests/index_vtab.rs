@@ -688,7 +688,16 @@ fn a_long_exact_scan_is_shared_with_a_second_connection_that_reads_only_what_thi
     let after = reads();
     assert!(after.0 > before.0, "{before:?} -> {after:?}");
     d.execute_batch("ROLLBACK").unwrap();
-    drop((d, w));
+    drop(d);
+
+    // A connection that maps the file: the second connection maps it too.
+    let e = file_db(&path);
+    e.execute_batch("PRAGMA mmap_size = 1073741824").unwrap();
+    let before = reads();
+    check(&scored(&e, sql, &q), &expect(&rows), "e, memory-mapped");
+    let after = reads();
+    assert!(after.0 > before.0, "{before:?} -> {after:?}");
+    drop((e, w));
     let _ = std::fs::remove_dir_all(&dir);
 }
 

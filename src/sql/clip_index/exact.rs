@@ -173,7 +173,8 @@ impl IndexTab {
         let reader = if stream.len() * chunk_bytes >= READER_MIN_BYTES
             && rayon::current_num_threads() >= 2
         {
-            kept.reader.get(self.db, &self.store.schema)
+            let mmap_size = self.store.mmap_size()?;
+            kept.reader.get(self.db, &self.store.schema, mmap_size)
         } else {
             None
         };

@@ -193,8 +193,9 @@ impl Store {
 
     /// A prepared statement on the shadow tables, written as a template: `{map}`, `{chunks}`
     /// and the other suffixes stand for the quoted shadow table, `{meta_columns}` for `, "a",
-    /// "b"` (the metadata columns) and `{meta_params}` for `, ?4, ?5` (one parameter each,
-    /// after the first three). The template is expanded once, when first prepared.
+    /// "b"` (the metadata columns), `{meta_params}` for `, ?4, ?5` (one parameter each,
+    /// after the first three) and `{schema}` for the quoted schema. The template is expanded
+    /// once, when first prepared.
     pub fn stmt(&self, template: &'static str) -> Res<Cached<'_>> {
         self.loan(
             Key::Template(template.as_ptr() as usize, template.len()),
@@ -235,6 +236,7 @@ impl Store {
                         out.push_str(&quote(&m.name));
                     }
                 }
+                "schema" => out.push_str(&quote(&self.schema)),
                 "meta_params" => {
                     for i in 0..self.metas.len() {
                         out.push_str(&format!(", ?{}", i + 4));
@@ -526,6 +528,13 @@ impl Store {
         self.stmt("SELECT id, version FROM {chunks} ORDER BY id")?
             .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
             .collect()
+    }
+
+    /// The connection's `PRAGMA mmap_size` for the table's schema (0: pages are read with
+    /// system calls).
+    pub fn mmap_size(&self) -> Res<i64> {
+        self.stmt("PRAGMA {schema}.mmap_size")?
+            .query_row([], |r| r.get(0))
     }
 
     /// An incremental blob handle on a shadow table's row.
