@@ -900,10 +900,18 @@ fn the_float32_part_is_stored_within_ten_percent_of_the_raw_vectors() {
 
 #[test]
 fn quantized_modes_rescore_exactly_and_oversampling_buys_recall() {
+    // int8 is answered from the stored codes (codes=on) or from an in-memory copy (codes=off).
+    for codes in ["on", "off"] {
+        quantized_modes(codes);
+    }
+}
+
+fn quantized_modes(codes: &str) {
     let db = db();
     let dims = 32;
     db.execute_batch(&format!(
-        "CREATE VIRTUAL TABLE t USING clip_index(v float[{dims}], part integer, chunk_size=64)"
+        "CREATE VIRTUAL TABLE t USING clip_index(v float[{dims}], part integer, chunk_size=64, \
+         codes={codes})"
     ))
     .unwrap();
     let mut r = rng(5);
@@ -960,22 +968,28 @@ fn quantized_modes_rescore_exactly_and_oversampling_buys_recall() {
         );
         found4 += quick4.iter().filter(|x| exact.contains(x)).count();
         wanted += 10;
-        // Filters still apply before k.
-        let part = scored(
-            "SELECT rowid, distance FROM t WHERE v MATCH ?1 AND k = 5 AND mode = 'binary' \
-             AND oversample = 1000 AND part = 2",
-            &q,
-        );
+        // Filters still apply before k (int8 is answered from the stored codes, the others
+        // from in-memory copies).
         let subset: Vec<(i64, Vec<f32>)> =
             rows.iter().filter(|(i, _)| i % 4 == 2).cloned().collect();
-        assert_eq!(
-            part.iter().map(|x| x.0).collect::<Vec<_>>(),
-            brute(&subset, &q, 5, "cosine")
-        );
+        for mode in ["int8", "binary"] {
+            let part = scored(
+                &format!(
+                    "SELECT rowid, distance FROM t WHERE v MATCH ?1 AND k = 5 AND mode = '{mode}' \
+                     AND oversample = 1000 AND part = 2"
+                ),
+                &q,
+            );
+            assert_eq!(
+                part.iter().map(|x| x.0).collect::<Vec<_>>(),
+                brute(&subset, &q, 5, "cosine"),
+                "{mode}"
+            );
+        }
     }
     assert!(
         found as f64 / wanted as f64 >= 0.9,
-        "int8 with the default oversampling: recall {found}/{wanted}"
+        "int8 with the default oversampling, codes={codes}: recall {found}/{wanted}"
     );
     assert!(
         found4 as f64 / wanted as f64 >= 0.9,

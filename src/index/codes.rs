@@ -294,6 +294,24 @@ impl BoundQuery {
     }
 }
 
+impl BoundQuery {
+    /// The distance estimated from the int8 dot product alone, without margins: what the
+    /// `int8` mode ranks rows by (`None` for an all-zero row under cosine).
+    #[inline]
+    pub fn approx_with(&self, record: &[u8], dot: f64) -> Option<f64> {
+        let inv = f64::from(f32_at(record, 0));
+        let approx = f64::from(f32_at(record, 4)) * self.scale * dot;
+        match self.metric {
+            Metric::Cosine => (inv != 0.0).then_some(1.0 - approx * inv * self.inv),
+            Metric::Dot => Some(-approx),
+            Metric::L2 => {
+                let norm = f64::from(f32_at(record, 12));
+                Some(norm * norm + self.sq - 2.0 * approx)
+            }
+        }
+    }
+}
+
 /// An absolute margin for rounding among subnormal numbers (each f32 operation errs by at
 /// most 2⁻¹⁵⁰ there; 2⁻¹²⁰ covers 65,536 dimensions with room).
 const TINY: f64 = 7.52316384526264e-37;
@@ -400,9 +418,12 @@ fn bytemuck_i8(bytes: &[u8]) -> &[i8] {
 }
 
 /// The candidates of a bounded scan: every row whose lower bound may still be among the k
-/// best, and the k smallest upper bounds seen.
+/// best, and the k smallest upper bounds seen. Or, made by [`Bounded::approximate`], the n
+/// rows of smallest estimated distance (the `int8` mode's candidates).
 pub struct Bounded {
+    /// The k smallest upper bounds, or the n smallest estimates.
     upper: TopK,
+    approximate: bool,
     /// (lower bound, key).
     candidates: Vec<(f64, i64)>,
     /// The list's length after it was last pruned.
@@ -415,9 +436,18 @@ impl Bounded {
     pub fn new(k: usize) -> Bounded {
         Bounded {
             upper: TopK::new(k),
+            approximate: false,
             candidates: Vec::new(),
             pruned_at: 0,
             dots: Vec::new(),
+        }
+    }
+
+    /// A scan that keeps the `n` rows of smallest estimated distance instead of bounds.
+    pub fn approximate(n: usize) -> Bounded {
+        Bounded {
+            approximate: true,
+            ..Bounded::new(n)
         }
     }
 
@@ -439,6 +469,18 @@ impl Bounded {
         query.dots(records, rows, &mut self.dots);
         for (slot, record) in records.chunks_exact(size).take(rows).enumerate() {
             if !live(record) || allowed.is_some_and(|a| !bit(a, slot)) {
+                continue;
+            }
+            if self.approximate {
+                let Some(distance) = query.approx_with(record, f64::from(self.dots[slot])) else {
+                    continue;
+                };
+                if distance <= self.upper.threshold().min(ceiling) {
+                    self.upper.push(Hit {
+                        distance,
+                        id: key_base + slot as i64,
+                    });
+                }
                 continue;
             }
             let Some((lower, upper)) = query.bounds_with(record, f64::from(self.dots[slot])) else {
@@ -479,8 +521,13 @@ impl Bounded {
     }
 
     /// The candidates' keys, ascending: every row whose lower bound is at most the k-th
-    /// smallest upper bound.
+    /// smallest upper bound (or the n best estimates).
     pub fn into_keys(self) -> Vec<i64> {
+        if self.approximate {
+            let mut keys: Vec<i64> = self.upper.into_sorted().into_iter().map(|h| h.id).collect();
+            keys.sort_unstable();
+            return keys;
+        }
         let threshold = self.upper.threshold();
         let mut keys: Vec<i64> = self
             .candidates

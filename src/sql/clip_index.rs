@@ -1483,8 +1483,22 @@ unsafe impl VTabCursor for IndexCursor<'_> {
                     return Ok(());
                 }
                 let filter = tab.slot_filter(&args, &values)?;
-                if mode == Mode::Exact && tab.store.codes && (k as usize) <= exact::CODES_MAX_K {
-                    if let Some(hits) = tab.search_codes(&query, k as usize, filter.as_ref())? {
+                // Exact and int8 queries are answered from the stored int8 records (int8:
+                // candidates by estimated distance), without the float32 image.
+                let approximate =
+                    match mode {
+                        Mode::Int8 => Some((k as usize).saturating_mul(
+                            oversample.unwrap_or_else(|| mode.default_oversample()),
+                        )),
+                        _ => None,
+                    };
+                if matches!(mode, Mode::Exact | Mode::Int8)
+                    && tab.store.codes
+                    && (k as usize) <= exact::CODES_MAX_K
+                {
+                    if let Some(hits) =
+                        tab.search_codes(&query, k as usize, approximate, filter.as_ref())?
+                    {
                         self.rows = hits
                             .into_iter()
                             .map(|(id, score, distance)| (id, Some((score, distance))))

@@ -88,11 +88,14 @@ impl IndexTab {
     }
 
     /// The exact k nearest rows from the codes, or `None` when the bounds leave too many
-    /// candidates (the caller then scans the float32 image).
+    /// candidates (the caller then scans the float32 image). With `approximate = Some(n)` (the
+    /// `int8` mode), the candidates are instead the n rows of smallest estimated distance, and
+    /// every chunk streamed is kept (the mode is for repeated fast queries).
     pub(super) fn search_codes(
         &self,
         query: &[f32],
         k: usize,
+        approximate: Option<usize>,
         filter: Option<&SlotFilter>,
     ) -> rusqlite::Result<Option<Vec<(i64, f64, f64)>>> {
         let metric = self.decl.metric;
@@ -101,6 +104,13 @@ impl IndexTab {
         if k == 0 {
             return Ok(Some(Vec::new()));
         }
+        if approximate.is_some_and(|n| n > RESCORE_MAX) {
+            return Ok(None);
+        }
+        let accumulator = || match approximate {
+            None => Bounded::new(k),
+            Some(n) => Bounded::approximate(n.max(k)),
+        };
         let capacity = self.store.capacity;
         let chunk_bytes = self.store.codes_bytes();
         let mut guard = self.kept_codes();
@@ -142,7 +152,7 @@ impl IndexTab {
         let bound = BoundQuery::new(query, metric);
         // The smallest k-th upper bound any task has found: a cutoff for all of them.
         let ceiling = AtomicU64::new(f64::INFINITY.to_bits());
-        let merged = Mutex::new(Bounded::new(k));
+        let merged = Mutex::new(accumulator());
         let scan = |local: &mut Bounded, pos: usize, id: i64, records: &[u8]| {
             let allowed = match filter {
                 None => None,
@@ -209,7 +219,7 @@ impl IndexTab {
         let view = rayon::in_place_scope(|s| {
             for group in memory.chunks(MEMORY_GROUP) {
                 let work = move || {
-                    let mut local = Bounded::new(k);
+                    let mut local = accumulator();
                     for (pos, id, c) in group {
                         scan(&mut local, *pos, *id, &c.bytes);
                     }
@@ -228,7 +238,7 @@ impl IndexTab {
                             streamed: Vec<(usize, i64, usize)>| {
                 let tx = free_tx.clone();
                 let work = move || {
-                    let mut local = Bounded::new(k);
+                    let mut local = accumulator();
                     for (pos, id, c) in &kept_here {
                         scan(&mut local, *pos, *id, &c.bytes);
                     }
@@ -244,7 +254,10 @@ impl IndexTab {
                     s.spawn(move |_| work());
                 }
             };
-            let mut keep_left = KEEP_BYTES_PER_QUERY;
+            let mut keep_left = match approximate {
+                None => KEEP_BYTES_PER_QUERY,
+                Some(_) => usize::MAX,
+            };
             let mut blob: Option<Blob<'_>> = None;
             // This connection's reads of one batch.
             let mut own_batch = |batch: &[(usize, i64, i64)]| -> rusqlite::Result<()> {
