@@ -645,6 +645,21 @@ fn a_long_exact_scan_is_shared_with_a_second_connection_that_reads_only_what_thi
     // Closed: no connection holds its chunks, so the next one streams them again.
     drop(a);
 
+    // The int8 mode reads the same records, two connections too; with 1,000 candidates for
+    // 10 rows it finds the exact ones here.
+    let before = reads();
+    let a8 = file_db(&path);
+    let int8 = scored(
+        &a8,
+        "SELECT rowid, distance FROM t WHERE v MATCH ?1 AND k = 10 AND mode = 'int8' \
+         AND oversample = 100",
+        &q,
+    );
+    check(&int8, &first[..10], "int8 from the codes");
+    let after = reads();
+    assert!(after.0 > before.0, "{before:?} -> {after:?}");
+    drop(a8);
+
     // The nearest row moves away and a far row becomes the query, committed by another
     // connection after c's read transaction began: c must not see either.
     let (x, y) = (first[0].0, 39_999);

@@ -189,7 +189,32 @@ impl IndexTab {
             None
         };
         let readers = if reader.is_some() { 2 } else { 1 };
-        let mut fresh: Vec<(i64, Arc<CodeChunk>)> = Vec::new();
+        // Chunks read into copies of their own, to keep (both connections add to it).
+        let fresh: Mutex<Vec<(i64, Arc<CodeChunk>)>> = Mutex::new(Vec::new());
+        let keep_left = AtomicUsize::new(match approximate {
+            None => KEEP_BYTES_PER_QUERY,
+            Some(_) => usize::MAX,
+        });
+        // Whether the next chunk read is kept (within the query's share).
+        let take_keep = || {
+            keep_left
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |left| {
+                    left.checked_sub(chunk_bytes)
+                })
+                .is_ok()
+        };
+        // A chunk read into `own` (which a kept chunk is read into), as a kept chunk.
+        let kept_chunk = |id: i64, version: i64, own: Vec<u8>| {
+            let c = Arc::new(CodeChunk {
+                version,
+                bytes: own,
+            });
+            fresh
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push((id, c.clone()));
+            c
+        };
         let (free_tx, free_rx) = mpsc::channel::<Vec<u8>>();
         for _ in 0..STREAM_BUFFERS * readers {
             let _ = free_tx.send(buffers.pop().unwrap_or_default());
@@ -254,10 +279,6 @@ impl IndexTab {
                     s.spawn(move |_| work());
                 }
             };
-            let mut keep_left = match approximate {
-                None => KEEP_BYTES_PER_QUERY,
-                Some(_) => usize::MAX,
-            };
             let mut blob: Option<Blob<'_>> = None;
             // This connection's reads of one batch.
             let mut own_batch = |batch: &[(usize, i64, i64)]| -> rusqlite::Result<()> {
@@ -268,7 +289,7 @@ impl IndexTab {
                 for (i, &(pos, id, version)) in batch.iter().enumerate() {
                     // A chunk to keep is read straight into its own copy; the others into
                     // the batch's buffer.
-                    let keep = keep_left >= chunk_bytes;
+                    let keep = take_keep();
                     let mut own = if keep {
                         vec![0u8; chunk_bytes]
                     } else {
@@ -284,13 +305,7 @@ impl IndexTab {
                         return Err(e);
                     }
                     if keep {
-                        keep_left -= chunk_bytes;
-                        let c = Arc::new(CodeChunk {
-                            version,
-                            bytes: own,
-                        });
-                        fresh.push((id, c.clone()));
-                        kept_here.push((pos, id, c));
+                        kept_here.push((pos, id, kept_chunk(id, version, own)));
                     } else {
                         streamed.push((pos, id, i * chunk_bytes));
                     }
@@ -303,6 +318,7 @@ impl IndexTab {
                     let table = self.store.table.as_str();
                     let (claim, take_buffer, dispatch, left) =
                         (&claim, &take_buffer, &dispatch, &left);
+                    let (take_keep, kept_chunk, keep_left) = (&take_keep, &kept_chunk, &keep_left);
                     threads.spawn(move || {
                         let view = ReaderView::begin(conn, table).ok()?;
                         let mut blob: Option<Blob<'_>> = None;
@@ -310,19 +326,38 @@ impl IndexTab {
                         while let Some(batch) = claim() {
                             let mut buf = take_buffer();
                             buf.resize(batch.len() * chunk_bytes, 0);
+                            let mut kept_here: Vec<(usize, i64, Arc<CodeChunk>)> = Vec::new();
                             let mut streamed: Vec<(usize, i64, usize)> = Vec::new();
                             let mut missed = Vec::new();
                             for (i, &(pos, id, version)) in batch.iter().enumerate() {
-                                let target = &mut buf[i * chunk_bytes..(i + 1) * chunk_bytes];
                                 // After a failed read, the rest goes back too.
                                 if !broken {
+                                    let keep = take_keep();
+                                    let mut own = if keep {
+                                        vec![0u8; chunk_bytes]
+                                    } else {
+                                        Vec::new()
+                                    };
+                                    let target = if keep {
+                                        &mut own[..]
+                                    } else {
+                                        &mut buf[i * chunk_bytes..(i + 1) * chunk_bytes]
+                                    };
                                     match read_held(&view, &mut blob, id, version, target) {
+                                        Ok(true) if keep => {
+                                            let c = kept_chunk(id, version, own);
+                                            kept_here.push((pos, id, c));
+                                            continue;
+                                        }
                                         Ok(true) => {
                                             streamed.push((pos, id, i * chunk_bytes));
                                             continue;
                                         }
                                         Ok(false) => {}
                                         Err(_) => broken = true,
+                                    }
+                                    if keep {
+                                        keep_left.fetch_add(chunk_bytes, Ordering::Relaxed);
                                     }
                                 }
                                 missed.push((pos, id, version));
@@ -332,7 +367,7 @@ impl IndexTab {
                                     .unwrap_or_else(|p| p.into_inner())
                                     .extend(missed);
                             }
-                            dispatch(buf, Vec::new(), streamed);
+                            dispatch(buf, kept_here, streamed);
                             if broken {
                                 break;
                             }
@@ -374,6 +409,7 @@ impl IndexTab {
             kept.chunks = held;
             return Err(e);
         }
+        let fresh = fresh.into_inner().unwrap_or_else(|p| p.into_inner());
         // Only the chunks read by this query are new to the pool; the others came from it or
         // were published when they were read.
         if let Some(scope) = &self.scope {
