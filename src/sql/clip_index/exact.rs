@@ -203,17 +203,37 @@ impl IndexTab {
                 })
                 .is_ok()
         };
-        // A chunk read into `own` (which a kept chunk is read into), as a kept chunk.
-        let kept_chunk = |id: i64, version: i64, own: Vec<u8>| {
-            let c = Arc::new(CodeChunk {
-                version,
-                bytes: own,
-            });
-            fresh
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .push((id, c.clone()));
-            c
+        // Reads chunk `id` with `read` (`Ok(false)`: that connection does not hold this
+        // version): into a copy of its own when the query keeps it, else into `slot` of the
+        // batch's buffer.
+        let place = |id: i64,
+                     version: i64,
+                     slot: &mut [u8],
+                     read: &mut dyn FnMut(&mut [u8]) -> rusqlite::Result<bool>|
+         -> rusqlite::Result<Placed> {
+            let keep = take_keep();
+            let mut own = if keep {
+                vec![0u8; chunk_bytes]
+            } else {
+                Vec::new()
+            };
+            let got = read(if keep { &mut own[..] } else { slot });
+            if !keep {
+                return got.map(|ok| if ok { Placed::Streamed } else { Placed::Missed });
+            }
+            if let Ok(true) = got {
+                let c = Arc::new(CodeChunk {
+                    version,
+                    bytes: own,
+                });
+                fresh
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push((id, c.clone()));
+                return Ok(Placed::Kept(c));
+            }
+            keep_left.fetch_add(chunk_bytes, Ordering::Relaxed);
+            got.map(|_| Placed::Missed)
         };
         let (free_tx, free_rx) = mpsc::channel::<Vec<u8>>();
         for _ in 0..STREAM_BUFFERS * readers {
@@ -287,27 +307,15 @@ impl IndexTab {
                 let mut kept_here: Vec<(usize, i64, Arc<CodeChunk>)> = Vec::new();
                 let mut streamed: Vec<(usize, i64, usize)> = Vec::new();
                 for (i, &(pos, id, version)) in batch.iter().enumerate() {
-                    // A chunk to keep is read straight into its own copy; the others into
-                    // the batch's buffer.
-                    let keep = take_keep();
-                    let mut own = if keep {
-                        vec![0u8; chunk_bytes]
-                    } else {
-                        Vec::new()
-                    };
-                    let target = if keep {
-                        &mut own[..]
-                    } else {
-                        &mut buf[i * chunk_bytes..(i + 1) * chunk_bytes]
-                    };
-                    if let Err(e) = self.read_codes(&mut blob, id, target) {
-                        let _ = free_tx.send(buf);
-                        return Err(e);
-                    }
-                    if keep {
-                        kept_here.push((pos, id, kept_chunk(id, version, own)));
-                    } else {
-                        streamed.push((pos, id, i * chunk_bytes));
+                    let slot = &mut buf[i * chunk_bytes..(i + 1) * chunk_bytes];
+                    let mut read = |t: &mut [u8]| self.read_codes(&mut blob, id, t).map(|()| true);
+                    match place(id, version, slot, &mut read) {
+                        Ok(Placed::Kept(c)) => kept_here.push((pos, id, c)),
+                        Ok(_) => streamed.push((pos, id, i * chunk_bytes)),
+                        Err(e) => {
+                            let _ = free_tx.send(buf);
+                            return Err(e);
+                        }
                     }
                 }
                 dispatch(buf, kept_here, streamed);
@@ -318,7 +326,7 @@ impl IndexTab {
                     let table = self.store.table.as_str();
                     let (claim, take_buffer, dispatch, left) =
                         (&claim, &take_buffer, &dispatch, &left);
-                    let (take_keep, kept_chunk, keep_left) = (&take_keep, &kept_chunk, &keep_left);
+                    let place = &place;
                     threads.spawn(move || {
                         let view = ReaderView::begin(conn, table).ok()?;
                         let mut blob: Option<Blob<'_>> = None;
@@ -332,32 +340,20 @@ impl IndexTab {
                             for (i, &(pos, id, version)) in batch.iter().enumerate() {
                                 // After a failed read, the rest goes back too.
                                 if !broken {
-                                    let keep = take_keep();
-                                    let mut own = if keep {
-                                        vec![0u8; chunk_bytes]
-                                    } else {
-                                        Vec::new()
-                                    };
-                                    let target = if keep {
-                                        &mut own[..]
-                                    } else {
-                                        &mut buf[i * chunk_bytes..(i + 1) * chunk_bytes]
-                                    };
-                                    match read_held(&view, &mut blob, id, version, target) {
-                                        Ok(true) if keep => {
-                                            let c = kept_chunk(id, version, own);
+                                    let slot = &mut buf[i * chunk_bytes..(i + 1) * chunk_bytes];
+                                    let mut read =
+                                        |t: &mut [u8]| read_held(&view, &mut blob, id, version, t);
+                                    match place(id, version, slot, &mut read) {
+                                        Ok(Placed::Kept(c)) => {
                                             kept_here.push((pos, id, c));
                                             continue;
                                         }
-                                        Ok(true) => {
+                                        Ok(Placed::Streamed) => {
                                             streamed.push((pos, id, i * chunk_bytes));
                                             continue;
                                         }
-                                        Ok(false) => {}
+                                        Ok(Placed::Missed) => {}
                                         Err(_) => broken = true,
-                                    }
-                                    if keep {
-                                        keep_left.fetch_add(chunk_bytes, Ordering::Relaxed);
                                     }
                                 }
                                 missed.push((pos, id, version));
@@ -504,6 +500,16 @@ impl IndexTab {
         }
         Ok(scorer.results(top))
     }
+}
+
+/// Where a streamed chunk's records went.
+enum Placed {
+    /// Into a copy the query keeps.
+    Kept(Arc<CodeChunk>),
+    /// Into the batch's buffer.
+    Streamed,
+    /// Nowhere: the reading connection does not hold the chunk's version.
+    Missed,
 }
 
 /// Where candidates' vectors and rowids are read from: the query's connection, or the second
