@@ -712,7 +712,31 @@ fn a_long_exact_scan_is_shared_with_a_second_connection_that_reads_only_what_thi
     check(&scored(&e, sql, &q), &expect(&rows), "e, memory-mapped");
     let after = reads();
     assert!(after.0 > before.0, "{before:?} -> {after:?}");
-    drop((e, w));
+    drop(e);
+
+    // In a rollback journal a writer reads alone: spilling its page cache mid-query needs an
+    // EXCLUSIVE lock, which the second connection's read lock would hold off.
+    w.execute_batch("PRAGMA journal_mode = DELETE").unwrap();
+    let f = file_db(&path);
+    f.execute_batch("BEGIN").unwrap();
+    f.execute("UPDATE t SET v = ?1 WHERE rowid = ?2", params![blob(&q), z])
+        .unwrap();
+    let before = reads();
+    check(
+        &scored(&f, sql, &q),
+        &expect(&mine),
+        "f's own write, rollback journal",
+    );
+    assert_eq!(reads(), before, "f read alone");
+    f.execute_batch("ROLLBACK").unwrap();
+    drop(f);
+    // Without a write transaction it reads with two.
+    let g = file_db(&path);
+    let before = reads();
+    check(&scored(&g, sql, &q), &expect(&rows), "g, rollback journal");
+    let after = reads();
+    assert!(after.0 > before.0, "{before:?} -> {after:?}");
+    drop((g, w));
     let _ = std::fs::remove_dir_all(&dir);
 }
 

@@ -372,6 +372,13 @@ impl IndexTab {
         &self.store.table
     }
 
+    /// Whether this connection has a write transaction open on the table's schema.
+    fn writing(&self) -> bool {
+        let schema = CString::new(self.store.schema.as_str()).unwrap_or_default();
+        // SAFETY: a live connection handle and a NUL-terminated schema name.
+        unsafe { ffi::sqlite3_txn_state(self.db, schema.as_ptr()) == ffi::SQLITE_TXN_WRITE }
+    }
+
     fn setup(
         db: &mut VTabConnection,
         names: Option<&SharedNames>,
@@ -650,11 +657,7 @@ impl IndexTab {
         let allowed = self.allowed_rowids(args, values)?;
         // Without a write transaction this connection sees only committed rows: it may use
         // (and advance) the process's shared graph. With one, its own.
-        let writing = unsafe {
-            let schema = CString::new(self.store.schema.as_str()).unwrap_or_default();
-            ffi::sqlite3_txn_state(self.db, schema.as_ptr()) == ffi::SQLITE_TXN_WRITE
-        };
-        let shared = self.shared_graph.as_ref().filter(|_| !writing);
+        let shared = self.shared_graph.as_ref().filter(|_| !self.writing());
         let mut state = match shared {
             Some(graph) => graph.lock().unwrap_or_else(|p| p.into_inner()),
             None => self.graph_state(),

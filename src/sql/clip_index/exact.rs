@@ -180,8 +180,12 @@ impl IndexTab {
         let mut buffers = std::mem::take(&mut kept.buffers);
         // A long stream is read by two connections, this one and a second one on another
         // thread (see `reader`), each taking the next batch in turn.
+        // Not for a writer in a rollback journal: spilling its page cache mid-query needs an
+        // EXCLUSIVE lock, which the second connection's read lock would hold off until the
+        // busy timeout ran out (WAL spills into the log and needs none).
         let reader = if stream.len() * chunk_bytes >= READER_MIN_BYTES
             && rayon::current_num_threads() >= 2
+            && (!self.writing() || self.store.wal()?)
         {
             let mmap_size = self.store.mmap_size()?;
             kept.reader.get(self.db, &self.store.schema, mmap_size)

@@ -537,6 +537,14 @@ impl Store {
             .query_row([], |r| r.get(0))
     }
 
+    /// Whether the table's schema is in WAL mode.
+    pub fn wal(&self) -> Res<bool> {
+        let mode: String = self
+            .stmt("PRAGMA {schema}.journal_mode")?
+            .query_row([], |r| r.get(0))?;
+        Ok(mode.eq_ignore_ascii_case("wal"))
+    }
+
     /// An incremental blob handle on a shadow table's row.
     pub fn blob(&self, suffix: &str, column: &str, row: i64, read_only: bool) -> Res<Blob<'_>> {
         let name = self
