@@ -292,9 +292,7 @@ impl BoundQuery {
             }
         })
     }
-}
 
-impl BoundQuery {
     /// The distance estimated from the int8 dot product alone, without margins: what the
     /// `int8` mode ranks rows by (`None` for an all-zero row under cosine).
     #[inline]

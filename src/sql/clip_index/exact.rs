@@ -4,15 +4,16 @@
 //!
 //! The records are a quarter of the float32 bytes, and a query does not need them in process
 //! memory: chunks that no connection of the process holds are streamed from SQLite through
-//! one reused buffer, read on the calling thread while rayon's workers bound the previous
-//! batch. This is what makes the first query after opening cheap: it reads ~0.5 GB per million
-//! 512-d rows and allocates nothing, where a copy of the float32 vectors costs 2 GB of fresh
-//! pages (about 1.7 s on the benchmark machine).
+//! reused buffers, read on the calling thread (and, for a long stream, on a second connection
+//! of its own: [`super::reader`]) while rayon's workers bound the batches read. This is what
+//! makes the first query after opening cheap: it reads ~0.5 GB per million 512-d rows, where a
+//! copy of the float32 vectors costs 2 GB of fresh pages (about 1.7 s on the benchmark machine).
 //!
 //! Repeated queries are faster from memory, so each query also keeps a bounded share of the
-//! chunks it streams ([`KEEP_BYTES_PER_QUERY`]); after enough queries every chunk is held and
-//! no query reads the database. Kept chunks are shared by the connections of a process (keyed
-//! by database file, table, chunk id and version, like the float32 chunks).
+//! chunks it streams ([`KEEP_BYTES_PER_QUERY`]; the `int8` mode, which reads the same records,
+//! keeps all of them); after enough queries every chunk is held and no query reads the
+//! database. Kept chunks are shared by the connections of a process (keyed by database file,
+//! table, chunk id and version, like the float32 chunks).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -61,8 +62,8 @@ const STREAM_BATCH_BYTES: usize = 2 << 20;
 /// Buffers in flight: one being read, the others being bounded.
 const STREAM_BUFFERS: usize = 3;
 
-/// Streams shorter than this are read by one connection: opening a second one's read
-/// transaction costs more than it saves.
+/// Streams shorter than this are read by one connection (a second one costs a read
+/// transaction, a scan of `t_chunks` and a thread; the value is a choice, not tuned).
 const READER_MIN_BYTES: usize = 16 << 20;
 
 /// Fewer candidates than this are rescored on one connection.
