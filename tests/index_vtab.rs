@@ -150,6 +150,69 @@ fn distances_and_scores_follow_the_metric_and_json_queries_work() {
     assert_eq!(v, blob(&[1.0, 1.0]));
 }
 
+/// A streamed chunk is read and bounded a piece (~256 KiB) at a time: at 512 dims a 1024-row
+/// chunk is 3 pieces, and a filter's bits and the rows' keys must follow each piece. Every
+/// query runs on a fresh connection (the last one closed), so that it streams its chunks.
+#[test]
+fn filters_and_rowids_follow_each_piece_of_a_streamed_chunk() {
+    let (dir, path) = fresh_file("pieces");
+    let dims = 512;
+    let w = file_db(&path);
+    w.execute_batch(&format!(
+        "CREATE VIRTUAL TABLE t USING clip_index(v float[{dims}], material text, year integer,
+                                                chunk_size=1024)"
+    ))
+    .unwrap();
+    let mut r = rng(17);
+    let mut rows = Vec::new();
+    w.execute_batch("BEGIN").unwrap();
+    for i in 1..=2500i64 {
+        let v: Vec<f32> = (0..dims).map(|_| r()).collect();
+        let material = ["bronze", "glass", "bone"][(i % 3) as usize];
+        w.execute(
+            "INSERT INTO t(rowid, v, material, year) VALUES (?1, ?2, ?3, ?4)",
+            params![i, blob(&v), material, i % 50],
+        )
+        .unwrap();
+        rows.push((i, v, material, i % 50));
+    }
+    w.execute_batch("COMMIT").unwrap();
+    drop(w);
+    let subset = |f: &dyn Fn(&str, i64) -> bool| -> Vec<(i64, Vec<f32>)> {
+        rows.iter()
+            .filter(|(_, _, m, y)| f(m, *y))
+            .map(|(i, v, _, _)| (*i, v.clone()))
+            .collect()
+    };
+    for seed in 0..3 {
+        let mut r = rng(100 + seed);
+        let q: Vec<f32> = (0..dims).map(|_| r()).collect();
+        let fresh = || file_db(&path);
+        let all = knn(
+            &fresh(),
+            "SELECT rowid FROM t WHERE v MATCH ?1 AND k = 40",
+            &q,
+        );
+        assert_eq!(all, brute(&subset(&|_, _| true), &q, 40, "cosine"));
+        let got = knn(
+            &fresh(),
+            "SELECT rowid FROM t WHERE v MATCH ?1 AND k = 40 AND material = 'glass'",
+            &q,
+        );
+        assert_eq!(got, brute(&subset(&|m, _| m == "glass"), &q, 40, "cosine"));
+        let got = knn(
+            &fresh(),
+            "SELECT rowid FROM t WHERE v MATCH ?1 AND k = 10 AND material != 'glass' AND year >= 40",
+            &q,
+        );
+        assert_eq!(
+            got,
+            brute(&subset(&|m, y| m != "glass" && y >= 40), &q, 10, "cosine")
+        );
+    }
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
 #[test]
 fn metadata_filters_apply_before_k() {
     let db = db();
@@ -705,7 +768,7 @@ fn a_long_exact_scan_is_shared_with_a_second_connection_that_reads_only_what_thi
     d.execute_batch("ROLLBACK").unwrap();
     drop(d);
 
-    // A connection that maps the file: the second connection maps it too.
+    // A connection that maps the file (the second connection reads it with pread).
     let e = file_db(&path);
     e.execute_batch("PRAGMA mmap_size = 1073741824").unwrap();
     let before = reads();

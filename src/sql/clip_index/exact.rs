@@ -3,9 +3,11 @@
 //! read back as float32 and scored, and the answer is the full scan's.
 //!
 //! The records are a quarter of the float32 bytes, and a query does not need them in process
-//! memory: chunks that no connection of the process holds are streamed from SQLite through
-//! reused buffers, read on the calling thread (and, for a long stream, on a second connection
-//! of its own: [`super::reader`]) while rayon's workers bound the batches read. This is what
+//! memory: chunks that no connection of the process holds are streamed from SQLite a piece
+//! ([`PIECE_BYTES`]) at a time through a reused buffer, on the calling thread (and, for a long
+//! stream, on a second connection of its own: [`super::reader`]), and each piece is bounded by
+//! the thread that read it while it is still in that core's cache; rayon's workers bound the
+//! chunks already in memory meanwhile. This is what
 //! makes the first query after opening cheap: it reads ~0.5 GB per million 512-d rows, where a
 //! copy of the float32 vectors costs 2 GB of fresh pages (about 1.7 s on the benchmark machine).
 //!
@@ -17,7 +19,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{mpsc, Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use rusqlite::blob::Blob;
 
@@ -36,13 +38,13 @@ pub(super) struct CodeChunk {
     bytes: Vec<u8>,
 }
 
-/// The chunks' records this connection holds, by chunk id, its stream buffers, and the
+/// The chunks' records this connection holds, by chunk id, its piece buffers, and the
 /// stored (id, version) list with the index generation it was read at (a query reads the list
 /// again only when the generation moved, as the float32 image does).
 #[derive(Default)]
 pub(super) struct KeptCodes {
     chunks: HashMap<i64, Arc<CodeChunk>>,
-    buffers: Vec<Vec<u8>>,
+    pieces: Vec<Vec<u8>>,
     versions: Option<(i64, Versions)>,
     /// The second connection that reads part of a long stream.
     reader: Reader,
@@ -56,11 +58,12 @@ fn pool() -> &'static WeakPool<CodeChunk> {
     POOL.get_or_init(WeakPool::new)
 }
 
-/// Bytes of records a query reads per batch (one batch is bounded while the next is read).
+/// Bytes of records a reading connection claims at a time (at least one chunk).
 const STREAM_BATCH_BYTES: usize = 2 << 20;
 
-/// Buffers in flight: one being read, the others being bounded.
-const STREAM_BUFFERS: usize = 3;
+/// Bytes of records read at a time (rounded down to a multiple of 8 rows): each piece is
+/// bounded right after it is read, while it is in the reading core's cache.
+const PIECE_BYTES: usize = 256 << 10;
 
 /// Streams shorter than this are read by one connection (a second one costs a read
 /// transaction, a scan of `t_chunks` and a thread; the value is a choice, not tuned).
@@ -154,16 +157,18 @@ impl IndexTab {
         // The smallest k-th upper bound any task has found: a cutoff for all of them.
         let ceiling = AtomicU64::new(f64::INFINITY.to_bits());
         let merged = Mutex::new(accumulator());
-        let scan = |local: &mut Bounded, pos: usize, id: i64, records: &[u8]| {
+        // Bounds the records of chunk `id` (at `pos`) from its slot `first` on.
+        let scan_at = |local: &mut Bounded, pos: usize, id: i64, first: usize, records: &[u8]| {
             let allowed = match filter {
                 None => None,
                 Some(f) => match f.get(&id) {
                     None => return,
-                    Some(bits) => Some(bits.as_slice()),
+                    Some(bits) => Some(&bits[first / 8..]),
                 },
             };
             let cut = f64::from_bits(ceiling.load(Ordering::Relaxed));
-            local.scan(&bound, records, capacity, allowed, (pos as i64) << 24, cut);
+            let key_base = ((pos as i64) << 24) + first as i64;
+            local.scan(&bound, records, capacity - first, allowed, key_base, cut);
             let t = local.threshold();
             let _ = ceiling.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |old| {
                 (t < f64::from_bits(old)).then_some(t.to_bits())
@@ -175,10 +180,9 @@ impl IndexTab {
                 .unwrap_or_else(|p| p.into_inner())
                 .merge(local);
         };
-        // On a rayon worker (or a one-thread pool) waiting for a buffer could deadlock: bound
-        // each batch on the reading thread instead.
+        // Held chunks are bounded on rayon's workers while the stream is read; on a worker
+        // already (or a one-thread pool), on this thread.
         let inline = rayon::current_num_threads() < 2 || rayon::current_thread_index().is_some();
-        let mut buffers = std::mem::take(&mut kept.buffers);
         // A long stream is read by two connections, this one and a second one on another
         // thread (see `reader`), each taking the next batch in turn.
         // Not for a writer in a rollback journal: spilling its page cache mid-query needs an
@@ -188,12 +192,10 @@ impl IndexTab {
             && rayon::current_num_threads() >= 2
             && (!self.writing() || self.store.wal()?)
         {
-            let mmap_size = self.store.mmap_size()?;
-            kept.reader.get(self.db, &self.store.schema, mmap_size)
+            kept.reader.get(self.db, &self.store.schema)
         } else {
             None
         };
-        let readers = if reader.is_some() { 2 } else { 1 };
         // Chunks read into copies of their own, to keep (both connections add to it).
         let fresh: Mutex<Vec<(i64, Arc<CodeChunk>)>> = Mutex::new(Vec::new());
         let keep_left = AtomicUsize::new(match approximate {
@@ -208,25 +210,45 @@ impl IndexTab {
                 })
                 .is_ok()
         };
-        // Reads chunk `id` with `read` (`Ok(false)`: that connection does not hold this
-        // version): into a copy of its own when the query keeps it, else into `slot` of the
-        // batch's buffer.
-        let place = |id: i64,
-                     version: i64,
-                     slot: &mut [u8],
-                     read: &mut dyn FnMut(&mut [u8]) -> rusqlite::Result<bool>|
-         -> rusqlite::Result<Placed> {
+        let record_size = chunk_bytes / capacity.max(1);
+        let piece_rows = (PIECE_BYTES / record_size.max(1)).max(8) / 8 * 8;
+        // Reads the records of chunk `id` (at `pos`) from `records`, a piece at a time, and
+        // bounds each piece into `local` as soon as it is read, while it is still in this
+        // core's cache: into a copy of its own when the query keeps the chunk, else through
+        // `piece`, a buffer the reading thread reuses.
+        let stream_chunk = |local: &mut Bounded,
+                            records: &Blob<'_>,
+                            pos: usize,
+                            id: i64,
+                            version: i64,
+                            piece: &mut Vec<u8>|
+         -> rusqlite::Result<()> {
             let keep = take_keep();
             let mut own = if keep {
                 vec![0u8; chunk_bytes]
             } else {
+                piece.resize(piece_rows * record_size, 0);
                 Vec::new()
             };
-            let got = read(if keep { &mut own[..] } else { slot });
-            if !keep {
-                return got.map(|ok| if ok { Placed::Streamed } else { Placed::Missed });
+            let mut first = 0;
+            while first < capacity {
+                let rows = piece_rows.min(capacity - first);
+                let at = first * record_size;
+                let part = if keep {
+                    &mut own[at..at + rows * record_size]
+                } else {
+                    &mut piece[..rows * record_size]
+                };
+                if let Err(e) = records.read_at_exact(part, at) {
+                    if keep {
+                        keep_left.fetch_add(chunk_bytes, Ordering::Relaxed);
+                    }
+                    return Err(e);
+                }
+                scan_at(local, pos, id, first, part);
+                first += rows;
             }
-            if let Ok(true) = got {
+            if keep {
                 let c = Arc::new(CodeChunk {
                     version,
                     bytes: own,
@@ -234,23 +256,9 @@ impl IndexTab {
                 fresh
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
-                    .push((id, c.clone()));
-                return Ok(Placed::Kept(c));
+                    .push((id, c));
             }
-            keep_left.fetch_add(chunk_bytes, Ordering::Relaxed);
-            got.map(|_| Placed::Missed)
-        };
-        let (free_tx, free_rx) = mpsc::channel::<Vec<u8>>();
-        for _ in 0..STREAM_BUFFERS * readers {
-            let _ = free_tx.send(buffers.pop().unwrap_or_default());
-        }
-        let free_rx = Mutex::new(free_rx);
-        let take_buffer = || {
-            free_rx
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .recv()
-                .expect("a buffer comes back from every task")
+            Ok(())
         };
         let per_batch = (STREAM_BATCH_BYTES / chunk_bytes.max(1)).max(1);
         let batches: Vec<&[(usize, i64, i64)]> = stream.chunks(per_batch).collect();
@@ -266,12 +274,15 @@ impl IndexTab {
         // failed read): this connection reads them last.
         let left: Mutex<Vec<(usize, i64, i64)>> = Mutex::new(Vec::new());
         let mut failure: Option<rusqlite::Error> = None;
+        let mut pieces = std::mem::take(&mut kept.pieces);
+        let mut own_piece = pieces.pop().unwrap_or_default();
+        let mut their_piece = pieces.pop().unwrap_or_default();
         let view = rayon::in_place_scope(|s| {
             for group in memory.chunks(MEMORY_GROUP) {
                 let work = move || {
                     let mut local = accumulator();
                     for (pos, id, c) in group {
-                        scan(&mut local, *pos, *id, &c.bytes);
+                        scan_at(&mut local, *pos, *id, 0, &c.bytes);
                     }
                     finish(local);
                 };
@@ -281,83 +292,58 @@ impl IndexTab {
                     s.spawn(move |_| work());
                 }
             }
-            // Bounds one batch read into `buf` (`streamed`: position, id, offset in `buf`) and
-            // the chunks kept from it, then hands `buf` back.
-            let dispatch = |buf: Vec<u8>,
-                            kept_here: Vec<(usize, i64, Arc<CodeChunk>)>,
-                            streamed: Vec<(usize, i64, usize)>| {
-                let tx = free_tx.clone();
-                let work = move || {
-                    let mut local = accumulator();
-                    for (pos, id, c) in &kept_here {
-                        scan(&mut local, *pos, *id, &c.bytes);
-                    }
-                    for &(pos, id, at) in &streamed {
-                        scan(&mut local, pos, id, &buf[at..at + chunk_bytes]);
-                    }
-                    finish(local);
-                    let _ = tx.send(buf);
-                };
-                if inline {
-                    work();
-                } else {
-                    s.spawn(move |_| work());
-                }
-            };
             let mut blob: Option<Blob<'_>> = None;
+            let mut local = accumulator();
             // This connection's reads of one batch.
-            let mut own_batch = |batch: &[(usize, i64, i64)]| -> rusqlite::Result<()> {
-                let mut buf = take_buffer();
-                buf.resize(batch.len() * chunk_bytes, 0);
-                let mut kept_here: Vec<(usize, i64, Arc<CodeChunk>)> = Vec::new();
-                let mut streamed: Vec<(usize, i64, usize)> = Vec::new();
-                for (i, &(pos, id, version)) in batch.iter().enumerate() {
-                    let slot = &mut buf[i * chunk_bytes..(i + 1) * chunk_bytes];
-                    let mut read = |t: &mut [u8]| self.read_codes(&mut blob, id, t).map(|()| true);
-                    match place(id, version, slot, &mut read) {
-                        Ok(Placed::Kept(c)) => kept_here.push((pos, id, c)),
-                        Ok(_) => streamed.push((pos, id, i * chunk_bytes)),
-                        Err(e) => {
-                            let _ = free_tx.send(buf);
-                            return Err(e);
-                        }
+            let mut own_batch =
+                |local: &mut Bounded, batch: &[(usize, i64, i64)]| -> rusqlite::Result<()> {
+                    for &(pos, id, version) in batch {
+                        self.open_codes(&mut blob, id)?;
+                        let records = blob.as_ref().expect("opened");
+                        stream_chunk(local, records, pos, id, version, &mut own_piece)?;
                     }
-                }
-                dispatch(buf, kept_here, streamed);
-                Ok(())
-            };
+                    Ok(())
+                };
             let view = std::thread::scope(|threads| {
                 let helper = reader.map(|conn| {
                     let table = self.store.table.as_str();
-                    let (claim, take_buffer, dispatch, left) =
-                        (&claim, &take_buffer, &dispatch, &left);
-                    let place = &place;
+                    let (claim, left, stream_chunk) = (&claim, &left, &stream_chunk);
+                    let their_piece = &mut their_piece;
                     threads.spawn(move || {
                         let view = ReaderView::begin(conn, table).ok()?;
                         let mut blob: Option<Blob<'_>> = None;
+                        let mut local = accumulator();
                         let mut broken = false;
                         while let Some(batch) = claim() {
-                            let mut buf = take_buffer();
-                            buf.resize(batch.len() * chunk_bytes, 0);
-                            let mut kept_here: Vec<(usize, i64, Arc<CodeChunk>)> = Vec::new();
-                            let mut streamed: Vec<(usize, i64, usize)> = Vec::new();
                             let mut missed = Vec::new();
-                            for (i, &(pos, id, version)) in batch.iter().enumerate() {
-                                // After a failed read, the rest goes back too.
+                            for &(pos, id, version) in batch {
+                                // After a failed read, the rest goes back too. Each chunk is
+                                // bounded apart and counted only once read whole, so that a
+                                // chunk that fails half-way is bounded once, by this
+                                // connection.
                                 if !broken {
-                                    let slot = &mut buf[i * chunk_bytes..(i + 1) * chunk_bytes];
-                                    let mut read =
-                                        |t: &mut [u8]| read_held(&view, &mut blob, id, version, t);
-                                    match place(id, version, slot, &mut read) {
-                                        Ok(Placed::Kept(c)) => {
-                                            kept_here.push((pos, id, c));
-                                            continue;
+                                    let mut part = accumulator();
+                                    match open_held(&view, &mut blob, id, version, chunk_bytes) {
+                                        Ok(true) => {
+                                            let records = blob.as_ref().expect("opened");
+                                            match stream_chunk(
+                                                &mut part,
+                                                records,
+                                                pos,
+                                                id,
+                                                version,
+                                                their_piece,
+                                            ) {
+                                                Ok(()) => {
+                                                    reader::CHUNKS_READ
+                                                        .fetch_add(1, Ordering::Relaxed);
+                                                    local.merge(part);
+                                                    continue;
+                                                }
+                                                Err(_) => broken = true,
+                                            }
                                         }
-                                        Ok(Placed::Streamed) => {
-                                            streamed.push((pos, id, i * chunk_bytes));
-                                            continue;
-                                        }
-                                        Ok(Placed::Missed) => {}
+                                        Ok(false) => {}
                                         Err(_) => broken = true,
                                     }
                                 }
@@ -368,18 +354,18 @@ impl IndexTab {
                                     .unwrap_or_else(|p| p.into_inner())
                                     .extend(missed);
                             }
-                            dispatch(buf, kept_here, streamed);
                             if broken {
                                 break;
                             }
                         }
+                        finish(local);
                         drop(blob);
                         // Kept open for the rescoring.
                         (!broken).then_some(view)
                     })
                 });
                 while let Some(batch) = claim() {
-                    if let Err(e) = own_batch(batch) {
+                    if let Err(e) = own_batch(&mut local, batch) {
                         failure = Some(e);
                         stop.store(true, Ordering::Relaxed);
                         break;
@@ -390,22 +376,15 @@ impl IndexTab {
             // The second connection has ended: what it left is read here.
             if failure.is_none() {
                 let left = std::mem::take(&mut *left.lock().unwrap_or_else(|p| p.into_inner()));
-                for batch in left.chunks(per_batch) {
-                    if let Err(e) = own_batch(batch) {
-                        failure = Some(e);
-                        break;
-                    }
+                if let Err(e) = own_batch(&mut local, &left) {
+                    failure = Some(e);
                 }
             }
-            drop(free_tx);
+            finish(local);
             view
         });
-        // Every task has ended with its scope: the buffers are back, kept for the next query.
-        kept.buffers = free_rx
-            .into_inner()
-            .unwrap_or_else(|p| p.into_inner())
-            .try_iter()
-            .collect();
+        // The piece buffers are kept for the next query.
+        kept.pieces = vec![own_piece, their_piece];
         if let Some(e) = failure {
             kept.chunks = held;
             return Err(e);
@@ -433,29 +412,23 @@ impl IndexTab {
         self.rescore(&scorer, &stored, &keys, k, view).map(Some)
     }
 
-    /// Reads chunk `id`'s records into `target` through one reused blob handle.
-    fn read_codes<'a>(
-        &'a self,
-        blob: &mut Option<Blob<'a>>,
-        id: i64,
-        target: &mut [u8],
-    ) -> rusqlite::Result<()> {
+    /// Points `blob` (one reused handle) at chunk `id`'s records, checking their length.
+    fn open_codes<'a>(&'a self, blob: &mut Option<Blob<'a>>, id: i64) -> rusqlite::Result<()> {
         match blob {
             Some(b) => b.reopen(id)?,
             None => *blob = Some(self.store.blob("codes", "codes", id, true)?),
         }
-        let b = blob.as_ref().expect("opened");
-        if b.len() != target.len() {
+        let len = blob.as_ref().expect("opened").len();
+        let want = self.store.codes_bytes();
+        if len != want {
             return Err(err(
                 self.name(),
                 format!(
-                    "chunk {id} has {} bytes of codes, expected {} (run 'integrity-check')",
-                    b.len(),
-                    target.len()
+                    "chunk {id} has {len} bytes of codes, expected {want} (run 'integrity-check')"
                 ),
             ));
         }
-        b.read_at_exact(target, 0)
+        Ok(())
     }
 
     /// Scores the candidates (`(position in stored) << 24 | slot`, ascending) with their
@@ -505,16 +478,6 @@ impl IndexTab {
         }
         Ok(scorer.results(top))
     }
-}
-
-/// Where a streamed chunk's records went.
-enum Placed {
-    /// Into a copy the query keeps.
-    Kept(Arc<CodeChunk>),
-    /// Into the batch's buffer.
-    Streamed,
-    /// Nowhere: the reading connection does not hold the chunk's version.
-    Missed,
 }
 
 /// Where candidates' vectors and rowids are read from: the query's connection, or the second
@@ -599,14 +562,14 @@ fn rescore_part<R: Rows>(
     Ok((top, missed))
 }
 
-/// Reads chunk `id`'s records into `target` through the second connection's reused blob handle,
-/// when its snapshot holds `version` of the chunk (`Ok(false)` when not).
-fn read_held<'v>(
+/// Points the second connection's reused blob handle at chunk `id`'s records when its snapshot
+/// holds `version` of the chunk, with `bytes` of them (`Ok(false)` when not).
+fn open_held<'v>(
     view: &'v ReaderView<'_>,
     blob: &mut Option<Blob<'v>>,
     id: i64,
     version: i64,
-    target: &mut [u8],
+    bytes: usize,
 ) -> rusqlite::Result<bool> {
     if !view.holds(id, version) {
         return Ok(false);
@@ -615,11 +578,5 @@ fn read_held<'v>(
         Some(b) => b.reopen(id)?,
         None => *blob = Some(view.blob("codes", "codes", id)?),
     }
-    let b = blob.as_ref().expect("opened");
-    if b.len() != target.len() {
-        return Ok(false);
-    }
-    b.read_at_exact(target, 0)?;
-    reader::CHUNKS_READ.fetch_add(1, Ordering::Relaxed);
-    Ok(true)
+    Ok(blob.as_ref().expect("opened").len() == bytes)
 }

@@ -34,37 +34,24 @@ pub(super) static ROWS_READ: AtomicU64 = AtomicU64::new(0);
 pub(super) enum Reader {
     #[default]
     Untried,
-    /// With the `mmap_size` it was last given.
-    Open(Box<Connection>, i64),
+    Open(Box<Connection>),
     /// Opening failed: not tried again by this table's connection.
     Unavailable,
 }
 
 impl Reader {
-    /// The open connection, opening it first if it was never tried. It reads the file as the
-    /// query's connection does: memory-mapped when that one has `PRAGMA mmap_size` set
-    /// (`mmap_size`, its current value), with `pread` otherwise.
-    pub(super) fn get(
-        &mut self,
-        db: *mut ffi::sqlite3,
-        schema: &str,
-        mmap_size: i64,
-    ) -> Option<&mut Connection> {
+    /// The open connection, opening it first if it was never tried. It reads the file with
+    /// `pread` whatever the query's connection does: it never maps the file, and with pieces
+    /// bounded as they are read, `pread` was the faster of the two (see `exact`).
+    pub(super) fn get(&mut self, db: *mut ffi::sqlite3, schema: &str) -> Option<&mut Connection> {
         if matches!(self, Reader::Untried) {
             *self = match open(db, schema) {
-                Some(c) => Reader::Open(Box::new(c), 0),
+                Some(c) => Reader::Open(Box::new(c)),
                 None => Reader::Unavailable,
             };
         }
         match self {
-            Reader::Open(c, mmap) => {
-                if *mmap != mmap_size {
-                    c.execute_batch(&format!("PRAGMA mmap_size = {mmap_size}"))
-                        .ok()?;
-                    *mmap = mmap_size;
-                }
-                Some(c)
-            }
+            Reader::Open(c) => Some(c),
             _ => None,
         }
     }

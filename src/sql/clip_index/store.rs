@@ -530,13 +530,6 @@ impl Store {
             .collect()
     }
 
-    /// The connection's `PRAGMA mmap_size` for the table's schema (0: pages are read with
-    /// system calls).
-    pub fn mmap_size(&self) -> Res<i64> {
-        self.stmt("PRAGMA {schema}.mmap_size")?
-            .query_row([], |r| r.get(0))
-    }
-
     /// Whether the table's schema is in WAL mode.
     pub fn wal(&self) -> Res<bool> {
         let mode: String = self
