@@ -150,7 +150,7 @@ fn distances_and_scores_follow_the_metric_and_json_queries_work() {
     assert_eq!(v, blob(&[1.0, 1.0]));
 }
 
-/// A streamed chunk is read and bounded a piece (~256 KiB) at a time: at 512 dims a 1024-row
+/// A large streamed chunk is read and bounded a piece (<= 256 KiB) at a time: at 512 dims a 1024-row
 /// chunk is 3 pieces, and a filter's bits and the rows' keys must follow each piece. Every
 /// query runs on a fresh connection (the last one closed), so that it streams its chunks.
 #[test]

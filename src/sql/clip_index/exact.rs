@@ -3,12 +3,12 @@
 //! read back as float32 and scored, and the answer is the full scan's.
 //!
 //! The records are a quarter of the float32 bytes, and a query does not need them in process
-//! memory: chunks that no connection of the process holds are streamed from SQLite a piece
-//! ([`PIECE_BYTES`]) at a time through a reused buffer, on the calling thread (and, for a long
-//! stream, on a second connection of its own: [`super::reader`]), and each piece is bounded by
-//! the thread that read it while it is still in that core's cache; rayon's workers bound the
-//! chunks already in memory meanwhile. This is what
-//! makes the first query after opening cheap: it reads ~0.5 GB per million 512-d rows, where a
+//! memory: chunks that no connection of the process holds are streamed from SQLite a chunk
+//! (or a piece of at most [`PIECE_BYTES`]) at a time through a reused buffer, on the calling
+//! thread (and, for a long stream, on a second connection of its own: [`super::reader`]), and
+//! each piece is bounded by the thread that read it while it is still in that core's cache;
+//! rayon's workers bound the chunks already in memory meanwhile. This is what makes the first
+//! query after opening cheap: it reads ~0.5 GB per million 512-d rows, where a
 //! copy of the float32 vectors costs 2 GB of fresh pages (about 1.7 s on the benchmark machine).
 //!
 //! Repeated queries are faster from memory, so each query also keeps a bounded share of the
@@ -61,8 +61,9 @@ fn pool() -> &'static WeakPool<CodeChunk> {
 /// Bytes of records a reading connection claims at a time (at least one chunk).
 const STREAM_BATCH_BYTES: usize = 2 << 20;
 
-/// Bytes of records read at a time (rounded down to a multiple of 8 rows): each piece is
-/// bounded right after it is read, while it is in the reading core's cache.
+/// Most bytes of records read at a time (rounded down to a multiple of 8 rows): each piece is
+/// bounded right after it is read, while it is in the reading core's cache. A chunk no larger
+/// (the default 128 rows at 512 dims is 68 KB) is read whole.
 const PIECE_BYTES: usize = 256 << 10;
 
 /// Streams shorter than this are read by one connection (a second one costs a read
