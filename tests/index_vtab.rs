@@ -150,6 +150,40 @@ fn distances_and_scores_follow_the_metric_and_json_queries_work() {
     assert_eq!(v, blob(&[1.0, 1.0]));
 }
 
+/// A row of `t(v, material, year)`: rowid, vector, material, year.
+type MetaRow = (i64, Vec<f32>, &'static str, i64);
+
+/// Inserts a random vector for each rowid in `ids` into `t(v, material, year)`, with a
+/// material by rowid mod 3 and a year of rowid mod 50; returns the rows.
+fn insert_materials(
+    db: &Connection,
+    dims: usize,
+    ids: std::ops::RangeInclusive<i64>,
+    seed: u64,
+) -> Vec<MetaRow> {
+    let mut r = rng(seed);
+    let mut rows = Vec::new();
+    for i in ids {
+        let v: Vec<f32> = (0..dims).map(|_| r()).collect();
+        let material = ["bronze", "glass", "bone"][(i % 3) as usize];
+        db.execute(
+            "INSERT INTO t(rowid, v, material, year) VALUES (?1, ?2, ?3, ?4)",
+            params![i, blob(&v), material, i % 50],
+        )
+        .unwrap();
+        rows.push((i, v, material, i % 50));
+    }
+    rows
+}
+
+/// The rows whose material and year pass `f`, as (rowid, vector).
+fn matching(rows: &[MetaRow], f: &dyn Fn(&str, i64) -> bool) -> Vec<(i64, Vec<f32>)> {
+    rows.iter()
+        .filter(|(_, _, m, y)| f(m, *y))
+        .map(|(i, v, _, _)| (*i, v.clone()))
+        .collect()
+}
+
 /// A large streamed chunk is read and bounded a piece (<= 256 KiB) at a time: at 512 dims a 1024-row
 /// chunk is 3 pieces, and a filter's bits and the rows' keys must follow each piece. Every
 /// query runs on a fresh connection (the last one closed), so that it streams its chunks.
@@ -163,27 +197,11 @@ fn filters_and_rowids_follow_each_piece_of_a_streamed_chunk() {
                                                 chunk_size=1024)"
     ))
     .unwrap();
-    let mut r = rng(17);
-    let mut rows = Vec::new();
     w.execute_batch("BEGIN").unwrap();
-    for i in 1..=2500i64 {
-        let v: Vec<f32> = (0..dims).map(|_| r()).collect();
-        let material = ["bronze", "glass", "bone"][(i % 3) as usize];
-        w.execute(
-            "INSERT INTO t(rowid, v, material, year) VALUES (?1, ?2, ?3, ?4)",
-            params![i, blob(&v), material, i % 50],
-        )
-        .unwrap();
-        rows.push((i, v, material, i % 50));
-    }
+    let rows = insert_materials(&w, dims, 1..=2500, 17);
     w.execute_batch("COMMIT").unwrap();
     drop(w);
-    let subset = |f: &dyn Fn(&str, i64) -> bool| -> Vec<(i64, Vec<f32>)> {
-        rows.iter()
-            .filter(|(_, _, m, y)| f(m, *y))
-            .map(|(i, v, _, _)| (*i, v.clone()))
-            .collect()
-    };
+    let subset = |f: &dyn Fn(&str, i64) -> bool| matching(&rows, f);
     for seed in 0..3 {
         let mut r = rng(100 + seed);
         let q: Vec<f32> = (0..dims).map(|_| r()).collect();
@@ -222,25 +240,10 @@ fn metadata_filters_apply_before_k() {
                                                 chunk_size=16)"
     ))
     .unwrap();
-    let mut r = rng(2);
-    let mut rows = Vec::new();
-    for i in 0..400i64 {
-        let v: Vec<f32> = (0..dims).map(|_| r()).collect();
-        let material = ["bronze", "glass", "bone"][(i % 3) as usize];
-        db.execute(
-            "INSERT INTO t(rowid, v, material, year) VALUES (?1, ?2, ?3, ?4)",
-            params![i, blob(&v), material, i % 50],
-        )
-        .unwrap();
-        rows.push((i, v, material, i % 50));
-    }
+    let rows = insert_materials(&db, dims, 0..=399, 2);
+    let mut r = rng(3);
     let q: Vec<f32> = (0..dims).map(|_| r()).collect();
-    let subset = |f: &dyn Fn(&str, i64) -> bool| -> Vec<(i64, Vec<f32>)> {
-        rows.iter()
-            .filter(|(_, _, m, y)| f(m, *y))
-            .map(|(i, v, _, _)| (*i, v.clone()))
-            .collect()
-    };
+    let subset = |f: &dyn Fn(&str, i64) -> bool| matching(&rows, f);
     let got = knn(
         &db,
         "SELECT rowid FROM t WHERE v MATCH ?1 AND k = 7 AND material = 'glass'",
