@@ -160,6 +160,12 @@ impl IndexTab {
         // The smallest k-th upper bound any task has found: a cutoff for all of them.
         let ceiling = AtomicU64::new(f64::INFINITY.to_bits());
         let merged = Mutex::new(accumulator());
+        // Lowers the cutoff to `t`, a task's k-th smallest upper bound, if that is lower.
+        let tighten = |t: f64| {
+            let _ = ceiling.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |old| {
+                (t < f64::from_bits(old)).then_some(t.to_bits())
+            });
+        };
         // Bounds the records of chunk `id` (at `pos`) from its slot `first` on.
         let scan_at = |local: &mut Bounded, pos: usize, id: i64, first: usize, records: &[u8]| {
             let allowed = match filter {
@@ -172,10 +178,7 @@ impl IndexTab {
             let cut = f64::from_bits(ceiling.load(Ordering::Relaxed));
             let key_base = ((pos as i64) << 24) + first as i64;
             local.scan(&bound, records, capacity - first, allowed, key_base, cut);
-            let t = local.threshold();
-            let _ = ceiling.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |old| {
-                (t < f64::from_bits(old)).then_some(t.to_bits())
-            });
+            tighten(local.threshold());
         };
         let finish = |local: Bounded| {
             merged
@@ -341,6 +344,7 @@ impl IndexTab {
                                                     reader::CHUNKS_READ
                                                         .fetch_add(1, Ordering::Relaxed);
                                                     local.merge(part);
+                                                    tighten(local.threshold());
                                                     continue;
                                                 }
                                                 Err(_) => broken = true,
