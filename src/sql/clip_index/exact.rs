@@ -27,7 +27,7 @@ use super::reader::{self, Reader, ReaderView};
 use super::store::Store;
 use super::{err, IndexTab};
 use crate::index::chunked::{SlotFilter, WeakPool};
-use crate::index::codes::{BoundQuery, Bounded};
+use crate::index::codes::{record_bytes, BoundQuery, Bounded};
 use crate::index::scan::{inv_norm, Scorer};
 use crate::vector::codec;
 use crate::vector::topk::{Hit, TopK};
@@ -44,7 +44,8 @@ pub(super) struct CodeChunk {
 #[derive(Default)]
 pub(super) struct KeptCodes {
     chunks: HashMap<i64, Arc<CodeChunk>>,
-    pieces: Vec<Vec<u8>>,
+    /// Reused piece buffers: this connection's and the second connection's.
+    pieces: [Vec<u8>; 2],
     versions: Option<(i64, Versions)>,
     /// The second connection that reads part of a long stream.
     reader: Reader,
@@ -216,7 +217,7 @@ impl IndexTab {
                 })
                 .is_ok()
         };
-        let record_size = chunk_bytes / capacity.max(1);
+        let record_size = record_bytes(self.decl.dims);
         let piece_rows = (PIECE_BYTES / record_size.max(1)).max(8) / 8 * 8;
         // Reads the records of chunk `id` (at `pos`) from `records`, a piece at a time, and
         // bounds each piece into `local` as soon as it is read, while it is still in this
@@ -280,9 +281,7 @@ impl IndexTab {
         // failed read): this connection reads them last.
         let left: Mutex<Vec<(usize, i64, i64)>> = Mutex::new(Vec::new());
         let mut failure: Option<rusqlite::Error> = None;
-        let mut pieces = std::mem::take(&mut kept.pieces);
-        let mut own_piece = pieces.pop().unwrap_or_default();
-        let mut their_piece = pieces.pop().unwrap_or_default();
+        let [mut own_piece, mut their_piece] = std::mem::take(&mut kept.pieces);
         let view = rayon::in_place_scope(|s| {
             for group in memory.chunks(MEMORY_GROUP) {
                 let work = move || {
@@ -391,7 +390,7 @@ impl IndexTab {
             view
         });
         // The piece buffers are kept for the next query.
-        kept.pieces = vec![own_piece, their_piece];
+        kept.pieces = [own_piece, their_piece];
         if let Some(e) = failure {
             kept.chunks = held;
             return Err(e);
