@@ -232,6 +232,51 @@ fn filters_and_rowids_follow_each_piece_of_a_streamed_chunk() {
 }
 
 #[test]
+fn a_connections_first_exact_query_keeps_no_chunks_and_later_ones_do() {
+    let (dir, path) = fresh_file("keep");
+    let dims = 64;
+    let w = file_db(&path);
+    w.execute_batch(&format!(
+        "CREATE VIRTUAL TABLE t USING clip_index(v float[{dims}], material text, year integer,
+                                                chunk_size=128)"
+    ))
+    .unwrap();
+    w.execute_batch("BEGIN").unwrap();
+    let rows = insert_materials(&w, dims, 1..=2000, 5);
+    w.execute_batch("COMMIT").unwrap();
+    drop(w);
+    let chunks = 2000_u64.div_ceil(128);
+    let kept = archaeclip::sql::clip_index::chunks_kept_on_this_thread;
+    let mut r = rng(41);
+    let q: Vec<f32> = (0..dims).map(|_| r()).collect();
+    let want = brute(&matching(&rows, &|_, _| true), &q, 10, "cosine");
+    let sql = "SELECT rowid FROM t WHERE v MATCH ?1 AND k = 10";
+    let a = file_db(&path);
+    // The first exact query streams every chunk and keeps none of them.
+    let before = kept();
+    assert_eq!(knn(&a, sql, &q), want);
+    assert_eq!(kept() - before, 0, "the first query kept chunks");
+    // The second keeps what it streams (all of them: far below its 32 MB share).
+    assert_eq!(knn(&a, sql, &q), want);
+    assert_eq!(kept() - before, chunks, "the second query's chunks");
+    // The third finds them all in memory: nothing streamed, nothing new kept.
+    assert_eq!(knn(&a, sql, &q), want);
+    assert_eq!(kept() - before, chunks, "the third query kept more");
+    drop(a);
+    // The int8 mode keeps every chunk it streams, from its first query on.
+    let b = file_db(&path);
+    let before = kept();
+    knn(
+        &b,
+        "SELECT rowid FROM t WHERE v MATCH ?1 AND k = 10 AND mode = 'int8'",
+        &q,
+    );
+    assert_eq!(kept() - before, chunks, "int8's first query");
+    drop(b);
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
 fn metadata_filters_apply_before_k() {
     let db = db();
     let dims = 8;
@@ -607,6 +652,24 @@ fn errors_name_the_table_and_the_problem() {
         "SELECT rowid FROM t WHERE v MATCH '[1, 2, 3]' AND k = -1",
     );
     assert!(e.contains("k must be an integer from 0"), "{e}");
+    let e = err(
+        &db,
+        "SELECT rowid FROM t WHERE v MATCH '[1, 2, 3]' AND k = 1 AND mode = 4",
+    );
+    assert!(
+        e.contains(
+            "clip_index t: mode must be 'exact', 'int8', 'int4', 'binary' or 'hnsw', found an integer"
+        ),
+        "{e}"
+    );
+    let e = err(
+        &db,
+        "SELECT rowid FROM t WHERE v MATCH '[1, 2, 3]' AND k = 1 AND mode = 'int2'",
+    );
+    assert!(
+        e.contains("clip_index t: unknown mode 'int2', expected"),
+        "{e}"
+    );
     let e = err(&db, "INSERT INTO t(t) VALUES ('vacuum')");
     assert!(e.contains("unknown command 'vacuum'"), "{e}");
     let e = err(

@@ -1447,7 +1447,7 @@ unsafe impl VTabCursor for IndexCursor<'_> {
                     return Err(err(
                         tab.name(),
                         format!(
-                            "mode must be 'exact', 'int8', 'binary' or 'hnsw', found {}",
+                            "mode must be 'exact', 'int8', 'int4', 'binary' or 'hnsw', found {}",
                             super::type_name(other)
                         ),
                     ))
@@ -1605,6 +1605,13 @@ pub fn second_connection_reads() -> (u64, u64) {
         reader::CHUNKS_READ.load(Relaxed),
         reader::ROWS_READ.load(Relaxed),
     )
+}
+
+/// How many chunks of int8 records the exact and `int8` queries run on the calling thread have
+/// kept in memory. For tests and diagnostics.
+#[doc(hidden)]
+pub fn chunks_kept_on_this_thread() -> u64 {
+    exact::KEPT_ON_THIS_THREAD.with(|n| n.get())
 }
 
 /// What names a table's chunks across the connections of this process: the database file's

@@ -11,10 +11,10 @@
 //! query after opening cheap: it reads ~0.5 GB per million 512-d rows, where a
 //! copy of the float32 vectors costs 2 GB of fresh pages (about 1.7 s on the benchmark machine).
 //!
-//! Repeated queries are faster from memory, so each query also keeps a bounded share of the
-//! chunks it streams ([`KEEP_BYTES_PER_QUERY`]; the `int8` mode, which reads the same records,
-//! keeps all of them); after enough queries every chunk is held and no query reads the
-//! database. Kept chunks are shared by the connections of a process (keyed by database file,
+//! Repeated queries are faster from memory, so each query after a connection's first also keeps
+//! a bounded share of the chunks it streams ([`KEEP_BYTES_PER_QUERY`]; the `int8` mode, which
+//! reads the same records, keeps all of them from its first query on); after enough queries
+//! every chunk is held and no query reads the database. Kept chunks are shared by the connections of a process (keyed by database file,
 //! table, chunk id and version, like the float32 chunks).
 
 use std::collections::HashMap;
@@ -49,10 +49,18 @@ pub(super) struct KeptCodes {
     versions: Option<(i64, Versions)>,
     /// The second connection that reads part of a long stream.
     reader: Reader,
+    /// Whether an exact query of this connection has streamed chunks before: the first one
+    /// keeps none (see [`KEEP_BYTES_PER_QUERY`]).
+    streamed: bool,
 }
 
 /// Every chunk's (id, version), ordered by id.
 type Versions = Arc<[(i64, i64)]>;
+
+thread_local! {
+    /// Chunks kept by exact and int8 queries run on this thread. For tests and diagnostics.
+    pub(super) static KEPT_ON_THIS_THREAD: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
 
 fn pool() -> &'static WeakPool<CodeChunk> {
     static POOL: OnceLock<WeakPool<CodeChunk>> = OnceLock::new();
@@ -76,7 +84,11 @@ const READER_MIN_BYTES: usize = 16 << 20;
 /// Fewer candidates than this are rescored on one connection.
 const RESCORE_SPLIT_MIN: usize = 32;
 
-/// Bytes of streamed chunks a query keeps in memory for the next queries.
+/// Bytes of streamed chunks a query keeps in memory for the next queries. A connection's
+/// first exact query keeps none: a one-off query (the sqlite3 shell, a script) would never use
+/// them, and their fresh pages cost the first query most of its ~15 ms of faults. Measured in
+/// stop 31 (first queries of new processes, 1M x 512, medians of 9): with 64 KiB pages 68 ms
+/// keeping none against 81 ms keeping 32 MB (random data), 66 against 84 (clustered).
 const KEEP_BYTES_PER_QUERY: usize = 32 << 20;
 
 /// Largest k answered from the codes; a larger k scans the float32 image (rescoring k rows
@@ -206,6 +218,7 @@ impl IndexTab {
         // Chunks read into copies of their own, to keep (both connections add to it).
         let fresh: Mutex<Vec<(i64, Arc<CodeChunk>)>> = Mutex::new(Vec::new());
         let keep_left = AtomicUsize::new(match approximate {
+            None if !kept.streamed => 0,
             None => KEEP_BYTES_PER_QUERY,
             Some(_) => usize::MAX,
         });
@@ -405,8 +418,10 @@ impl IndexTab {
                     .map(|(id, c)| ((scope.clone(), *id, c.version), c)),
             );
         }
+        KEPT_ON_THIS_THREAD.with(|n| n.set(n.get() + fresh.len() as u64));
         held.extend(fresh);
         kept.chunks = held;
+        kept.streamed |= !stream.is_empty();
 
         let keys = merged
             .into_inner()
