@@ -187,20 +187,32 @@ fn matching(rows: &[MetaRow], f: &dyn Fn(&str, i64) -> bool) -> Vec<(i64, Vec<f3
 /// A large streamed chunk is read and bounded a piece (<= 256 KiB) at a time: at 512 dims a 1024-row
 /// chunk is 3 pieces, and a filter's bits and the rows' keys must follow each piece. Every
 /// query runs on a fresh connection (the last one closed), so that it streams its chunks.
-#[test]
-fn filters_and_rowids_follow_each_piece_of_a_streamed_chunk() {
-    let (dir, path) = fresh_file("pieces");
-    let dims = 512;
+/// A file database with table `t` (`dims`-d vectors, material and year, `chunk_size` rows a
+/// chunk) holding rows 1..=n of [`insert_materials`], committed and closed.
+fn materials_file(
+    name: &str,
+    dims: usize,
+    chunk_size: usize,
+    n: i64,
+    seed: u64,
+) -> (std::path::PathBuf, std::path::PathBuf, Vec<MetaRow>) {
+    let (dir, path) = fresh_file(name);
     let w = file_db(&path);
     w.execute_batch(&format!(
         "CREATE VIRTUAL TABLE t USING clip_index(v float[{dims}], material text, year integer,
-                                                chunk_size=1024)"
+                                                chunk_size={chunk_size})"
     ))
     .unwrap();
     w.execute_batch("BEGIN").unwrap();
-    let rows = insert_materials(&w, dims, 1..=2500, 17);
+    let rows = insert_materials(&w, dims, 1..=n, seed);
     w.execute_batch("COMMIT").unwrap();
-    drop(w);
+    (dir, path, rows)
+}
+
+#[test]
+fn filters_and_rowids_follow_each_piece_of_a_streamed_chunk() {
+    let dims = 512;
+    let (dir, path, rows) = materials_file("pieces", dims, 1024, 2500, 17);
     let subset = |f: &dyn Fn(&str, i64) -> bool| matching(&rows, f);
     for seed in 0..3 {
         let mut r = rng(100 + seed);
@@ -233,18 +245,8 @@ fn filters_and_rowids_follow_each_piece_of_a_streamed_chunk() {
 
 #[test]
 fn a_connections_first_exact_query_keeps_no_chunks_and_later_ones_do() {
-    let (dir, path) = fresh_file("keep");
     let dims = 64;
-    let w = file_db(&path);
-    w.execute_batch(&format!(
-        "CREATE VIRTUAL TABLE t USING clip_index(v float[{dims}], material text, year integer,
-                                                chunk_size=128)"
-    ))
-    .unwrap();
-    w.execute_batch("BEGIN").unwrap();
-    let rows = insert_materials(&w, dims, 1..=2000, 5);
-    w.execute_batch("COMMIT").unwrap();
-    drop(w);
+    let (dir, path, rows) = materials_file("keep", dims, 128, 2000, 5);
     let chunks = 2000_u64.div_ceil(128);
     let kept = archaeclip::sql::clip_index::chunks_kept_on_this_thread;
     let mut r = rng(41);
