@@ -184,9 +184,6 @@ fn matching(rows: &[MetaRow], f: &dyn Fn(&str, i64) -> bool) -> Vec<(i64, Vec<f3
         .collect()
 }
 
-/// A large streamed chunk is read and bounded a piece (<= 256 KiB) at a time: at 512 dims a 1024-row
-/// chunk is 3 pieces, and a filter's bits and the rows' keys must follow each piece. Every
-/// query runs on a fresh connection (the last one closed), so that it streams its chunks.
 /// A file database with table `t` (`dims`-d vectors, material and year, `chunk_size` rows a
 /// chunk) holding rows 1..=n of [`insert_materials`], committed and closed.
 fn materials_file(
@@ -209,6 +206,9 @@ fn materials_file(
     (dir, path, rows)
 }
 
+/// A large streamed chunk is read and bounded a piece (<= 256 KiB) at a time: at 512 dims a
+/// 1024-row chunk is 3 pieces, and a filter's bits and the rows' keys must follow each piece.
+/// Every query runs on a fresh connection (the last one closed), so that it streams its chunks.
 #[test]
 fn filters_and_rowids_follow_each_piece_of_a_streamed_chunk() {
     let dims = 512;

@@ -113,6 +113,9 @@ pub enum Mode {
 }
 
 impl Mode {
+    /// The names [`Mode::parse`] accepts, as error messages list them.
+    pub const NAMES: &'static str = "'exact', 'int8', 'int4', 'binary' or 'hnsw'";
+
     pub fn parse(name: &str) -> Result<Mode> {
         match name.to_ascii_lowercase().as_str() {
             "exact" => Ok(Mode::Exact),
@@ -121,9 +124,7 @@ impl Mode {
             "binary" => Ok(Mode::Binary),
             "hnsw" => Ok(Mode::Hnsw),
             _ => Err(Error::InvalidArgument {
-                what: format!(
-                    "unknown mode '{name}', expected 'exact', 'int8', 'int4', 'binary' or 'hnsw'"
-                ),
+                what: format!("unknown mode '{name}', expected {}", Mode::NAMES),
             }),
         }
     }

@@ -1447,7 +1447,8 @@ unsafe impl VTabCursor for IndexCursor<'_> {
                     return Err(err(
                         tab.name(),
                         format!(
-                            "mode must be 'exact', 'int8', 'int4', 'binary' or 'hnsw', found {}",
+                            "mode must be {}, found {}",
+                            Mode::NAMES,
                             super::type_name(other)
                         ),
                     ))

@@ -14,8 +14,9 @@
 //! Repeated queries are faster from memory, so each query after a connection's first also keeps
 //! a bounded share of the chunks it streams ([`KEEP_BYTES_PER_QUERY`]; the `int8` mode, which
 //! reads the same records, keeps all of them from its first query on); after enough queries
-//! every chunk is held and no query reads the database. Kept chunks are shared by the connections of a process (keyed by database file,
-//! table, chunk id and version, like the float32 chunks).
+//! every chunk is held and no query reads the database. Kept chunks are shared by the
+//! connections of a process (keyed by database file, table, chunk id and version, like the
+//! float32 chunks).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -49,8 +50,8 @@ pub(super) struct KeptCodes {
     versions: Option<(i64, Versions)>,
     /// The second connection that reads part of a long stream.
     reader: Reader,
-    /// Whether an exact query of this connection has streamed chunks before: the first one
-    /// keeps none (see [`KEEP_BYTES_PER_QUERY`]).
+    /// Whether a query of this connection (exact or `int8`) has streamed chunks before: until
+    /// one has, an exact query keeps none (see [`KEEP_BYTES_PER_QUERY`]).
     streamed: bool,
 }
 
@@ -86,7 +87,7 @@ const RESCORE_SPLIT_MIN: usize = 32;
 
 /// Bytes of streamed chunks a query keeps in memory for the next queries. A connection's
 /// first exact query keeps none: a one-off query (the sqlite3 shell, a script) would never use
-/// them, and their fresh pages cost the first query most of its ~15 ms of faults. Measured in
+/// them, and their fresh pages (~8,200 faults) cost the first query 13-18 ms. Measured in
 /// stop 31 (first queries of new processes, 1M x 512, medians of 9): with 64 KiB pages 68 ms
 /// keeping none against 81 ms keeping 32 MB (random data), 66 against 84 (clustered).
 const KEEP_BYTES_PER_QUERY: usize = 32 << 20;
