@@ -193,18 +193,27 @@ pub fn quantize_int4(row: &[f32], out: &mut Vec<u8>) -> f32 {
     scale
 }
 
-/// The int4 dot product `Σ q[i] * (code[i] - 8)` over a row of nibbles, `q` padded with zeros
-/// to twice the row's bytes, given `offset` = [`int4_offset`]`(q)` (computed once per query).
-pub fn dot_int4(q: &[i8], codes: &[u8], offset: i32) -> i32 {
-    assert_eq!(q.len(), 2 * codes.len());
+/// The int4 dot products `Σ q[i] * (code[i] - 8)` of the query with each row of `half` bytes of
+/// nibbles in `codes`, into `out` (one entry per row). `q` is padded with zeros to `2 * half`,
+/// and `offset` = [`int4_offset`]`(q)` (computed once per query). A chunk's rows go through in
+/// one call: with a call per row, the loop around it took as many samples as the dot products
+/// themselves (perf, stop 32).
+pub fn dots_int4(q: &[i8], codes: &[u8], half: usize, offset: i32, out: &mut Vec<i32>) {
+    assert_eq!(q.len(), 2 * half);
+    assert!(half > 0 && codes.len().is_multiple_of(half));
+    out.clear();
+    out.resize(codes.len() / half, 0);
     #[cfg(target_arch = "x86_64")]
     if is_x86_feature_detected!("avx2") {
-        // SAFETY: AVX2 is present; the lengths are checked above.
-        return unsafe { dot_nibbles_avx2(q, codes) } - offset;
+        // SAFETY: AVX2 is present; `q` has 2 * half bytes and `codes` out.len() rows of half
+        // bytes (asserted and sized above).
+        unsafe { dots_nibbles_avx2(q, codes, half, offset, out) };
+        return;
     }
-    dot_nibbles(q, codes) - offset
+    for (o, row) in out.iter_mut().zip(codes.chunks_exact(half)) {
+        *o = dot_nibbles(q, row) - offset;
+    }
 }
-
 /// `8 * Σ q`: what the +8 of the stored codes adds to a dot product.
 pub fn int4_offset(q: &[i8]) -> i32 {
     q.iter().map(|&v| i32::from(v)).sum::<i32>() * 8
@@ -225,29 +234,64 @@ fn dot_halves(lo: &[i8], hi: &[i8], codes: &[u8]) -> i32 {
         .sum()
 }
 
+/// [`dots_int4`] with AVX2, two rows at a time: each 32-byte block of the query is loaded
+/// once for both rows, and the two accumulators are independent.
+///
+/// # Safety
+/// The CPU must have AVX2; `q` must hold `2 * half` bytes and `codes` `out.len() * half`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-unsafe fn dot_nibbles_avx2(q: &[i8], codes: &[u8]) -> i32 {
+unsafe fn dots_nibbles_avx2(q: &[i8], codes: &[u8], half: usize, offset: i32, out: &mut [i32]) {
     use std::arch::x86_64::*;
-    let half = codes.len();
     let (lo_q, hi_q) = q.split_at(half);
     let mask = _mm256_set1_epi8(15);
     let ones = _mm256_set1_epi16(1);
-    let mut acc = _mm256_setzero_si256();
-    let mut i = 0;
-    while i + 32 <= half {
-        let c = _mm256_loadu_si256(codes.as_ptr().add(i).cast());
+    let done = half / 32 * 32;
+    // u8 x i8 -> pairs summed into i16: at most 2 * 15 * 128 per lane, twice: no overflow.
+    let block = |acc: __m256i, p: *const u8, ql: __m256i, qh: __m256i| {
+        let c = _mm256_loadu_si256(p.cast());
         let lo = _mm256_and_si256(c, mask);
         let hi = _mm256_and_si256(_mm256_srli_epi16(c, 4), mask);
-        // u8 x i8 -> pairs summed into i16: at most 2 * 15 * 128 per lane, twice: no overflow.
-        let a = _mm256_maddubs_epi16(lo, _mm256_loadu_si256(lo_q.as_ptr().add(i).cast()));
-        let b = _mm256_maddubs_epi16(hi, _mm256_loadu_si256(hi_q.as_ptr().add(i).cast()));
-        acc = _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_add_epi16(a, b), ones));
-        i += 32;
+        let a = _mm256_maddubs_epi16(lo, ql);
+        let b = _mm256_maddubs_epi16(hi, qh);
+        _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_add_epi16(a, b), ones))
+    };
+    let sum = |acc: __m256i| {
+        let s = _mm_add_epi32(
+            _mm256_castsi256_si128(acc),
+            _mm256_extracti128_si256(acc, 1),
+        );
+        let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b01_00_11_10));
+        _mm_cvtsi128_si32(_mm_add_epi32(s, _mm_shuffle_epi32(s, 0b10_11_00_01)))
+    };
+    let tail = |row: &[u8]| dot_halves(&lo_q[done..], &hi_q[done..], &row[done..]);
+    let rows = out.len();
+    let base = codes.as_ptr();
+    let mut r = 0;
+    while r + 2 <= rows {
+        let (p0, p1) = (base.add(r * half), base.add((r + 1) * half));
+        let mut a0 = _mm256_setzero_si256();
+        let mut a1 = _mm256_setzero_si256();
+        for i in (0..done).step_by(32) {
+            let ql = _mm256_loadu_si256(lo_q.as_ptr().add(i).cast());
+            let qh = _mm256_loadu_si256(hi_q.as_ptr().add(i).cast());
+            a0 = block(a0, p0.add(i), ql, qh);
+            a1 = block(a1, p1.add(i), ql, qh);
+        }
+        out[r] = sum(a0) + tail(&codes[r * half..(r + 1) * half]) - offset;
+        out[r + 1] = sum(a1) + tail(&codes[(r + 1) * half..(r + 2) * half]) - offset;
+        r += 2;
     }
-    let mut lanes = [0i32; 8];
-    _mm256_storeu_si256(lanes.as_mut_ptr().cast(), acc);
-    lanes.iter().sum::<i32>() + dot_halves(&lo_q[i..], &hi_q[i..], &codes[i..])
+    if r < rows {
+        let p0 = base.add(r * half);
+        let mut a0 = _mm256_setzero_si256();
+        for i in (0..done).step_by(32) {
+            let ql = _mm256_loadu_si256(lo_q.as_ptr().add(i).cast());
+            let qh = _mm256_loadu_si256(hi_q.as_ptr().add(i).cast());
+            a0 = block(a0, p0.add(i), ql, qh);
+        }
+        out[r] = sum(a0) + tail(&codes[r * half..(r + 1) * half]) - offset;
+    }
 }
 
 /// Sign bits, bit `i % 8` of byte `i / 8` set when element i > 0.
@@ -652,16 +696,22 @@ impl ChunkSet {
             }
         };
         // Candidate ids: (chunk position << 24) | slot, so the rescoring finds the row again.
-        let scan = |mut top: TopK, (position, chunk): (usize, &Arc<Chunk>)| -> TopK {
+        // A worker's heap, and the int4 dot products of its current chunk.
+        type State = (TopK, Vec<i32>);
+        let scan = |(mut top, mut int4_dots): State, (position, chunk): (usize, &Arc<Chunk>)| {
             let allowed = match filter {
                 None => None,
                 Some(f) => match f.get(&chunk.id) {
-                    None => return top,
+                    None => return (top, int4_dots),
                     Some(bits) => Some(bits),
                 },
             };
             let codes = match mode {
-                Mode::Int4 => Codes::Int4(chunk.nibbles(dims)),
+                Mode::Int4 => {
+                    let nibbles = chunk.nibbles(dims);
+                    dots_int4(&q4, &nibbles.codes, half, q4_offset, &mut int4_dots);
+                    Codes::Int4(nibbles)
+                }
                 Mode::Binary => Codes::Bits(chunk.quantized(dims)),
                 _ => Codes::Int8(chunk.quantized(dims)),
             };
@@ -683,9 +733,7 @@ impl ChunkSet {
                             inv,
                         ),
                         Codes::Int4(nz) => from_dot(
-                            f64::from(dot_int4(&q4, &nz.codes[slot * half..][..half], q4_offset))
-                                * f64::from(nz.scales[slot])
-                                * q_scale,
+                            f64::from(int4_dots[slot]) * f64::from(nz.scales[slot]) * q_scale,
                             inv,
                         ),
                     };
@@ -700,14 +748,15 @@ impl ChunkSet {
                     }
                 }
             }
-            top
+            (top, int4_dots)
         };
         let picked = self
             .chunks
             .par_iter()
             .enumerate()
             .with_min_len(4)
-            .fold(|| TopK::new(candidates), scan)
+            .fold(|| (TopK::new(candidates), Vec::new()), scan)
+            .map(|(top, _)| top)
             .reduce(
                 || TopK::new(candidates),
                 |mut a, b| {
@@ -955,36 +1004,58 @@ mod tests {
 
     /// int4 codes and their dot product against plain arithmetic, for even and odd lengths,
     /// lengths around the 32-byte vector step, and the extremes of both operands.
+    /// Element `i` of one row of nibbles, as a code (-8..=7).
+    fn nibble(row: &[u8], i: usize) -> i32 {
+        let half = row.len();
+        let b = row[i % half];
+        i32::from(if i < half { b & 15 } else { b >> 4 }) - 8
+    }
+
     #[test]
     fn int4_codes_and_dot_products_match_plain_arithmetic() {
         let mut next = crate::index::scan::tests::uniform(7);
-        for dims in [1usize, 2, 3, 63, 64, 65, 127, 512, 515] {
-            let row: Vec<f32> = (0..dims).map(|_| next()).collect();
+        // Row counts odd and even (the kernel takes rows in pairs); lengths around its 32-byte
+        // blocks.
+        for (dims, rows) in [(1usize, 1usize), (2, 2), (3, 3), (63, 5), (64, 4), (65, 3)]
+            .into_iter()
+            .chain([(127, 2), (128, 7), (512, 9), (515, 4)])
+        {
             let mut codes = Vec::new();
-            let scale = quantize_int4(&row, &mut codes);
             let half = dims.div_ceil(2);
-            assert_eq!(codes.len(), half);
-            let code = |i: usize| -> i32 {
-                let b = codes[i % half];
-                i32::from(if i < half { b & 15 } else { b >> 4 }) - 8
-            };
-            let max = row.iter().fold(0f32, |m, x| m.max(x.abs()));
-            for (i, &x) in row.iter().enumerate() {
-                assert!((-7..=7).contains(&code(i)));
-                assert!((code(i) as f32 * scale - x).abs() <= max / 14.0 + 1e-6);
-            }
-            if dims % 2 == 1 {
-                assert_eq!(code(dims), 0, "the padding nibble is a zero code");
+            for r in 0..rows {
+                let row: Vec<f32> = (0..dims).map(|_| next()).collect();
+                let scale = quantize_int4(&row, &mut codes);
+                assert_eq!(codes.len(), (r + 1) * half);
+                let max = row.iter().fold(0f32, |m, x| m.max(x.abs()));
+                for (i, &x) in row.iter().enumerate() {
+                    let c = nibble(&codes[r * half..(r + 1) * half], i);
+                    assert!((-7..=7).contains(&c));
+                    assert!((c as f32 * scale - x).abs() <= max / 14.0 + 1e-6);
+                }
+                if dims % 2 == 1 {
+                    let pad = nibble(&codes[r * half..(r + 1) * half], dims);
+                    assert_eq!(pad, 0, "the padding nibble is a zero code");
+                }
             }
             for q_fill in [None, Some(127i8), Some(-128i8)] {
                 let mut q: Vec<i8> = (0..dims)
                     .map(|_| q_fill.unwrap_or((next() * 127.0) as i8))
                     .collect();
-                let want: i32 = (0..dims).map(|i| i32::from(q[i]) * code(i)).sum();
+                let want: Vec<i32> = (0..rows)
+                    .map(|r| {
+                        let row = &codes[r * half..(r + 1) * half];
+                        (0..dims).map(|i| i32::from(q[i]) * nibble(row, i)).sum()
+                    })
+                    .collect();
                 q.resize(2 * half, 0);
                 let offset = int4_offset(&q);
-                assert_eq!(dot_int4(&q, &codes, offset), want, "dims {dims}");
-                assert_eq!(dot_nibbles(&q, &codes) - offset, want);
+                let mut got = vec![-1; 3];
+                dots_int4(&q, &codes, half, offset, &mut got);
+                assert_eq!(got, want, "dims {dims}, {rows} rows");
+                for (r, w) in want.iter().enumerate() {
+                    let row = &codes[r * half..(r + 1) * half];
+                    assert_eq!(dot_nibbles(&q, row) - offset, *w);
+                }
             }
         }
         let mut zeros = Vec::new();
