@@ -125,6 +125,54 @@ fn exact_search_matches_brute_force_for_every_metric_across_chunks() {
 }
 
 #[test]
+fn rescoring_reads_candidates_nearest_bound_first_and_stops_past_the_kth() {
+    // The bounds from the int8 codes leave more candidates than k. They are read back nearest
+    // lower bound first, and the reading stops at the first whose bound is past the k-th
+    // distance found: fewer rows read than candidates, and still the exact answer, ties
+    // included (copies of the query's nearest row tie at its distance).
+    let db = db();
+    let dims = 128;
+    let mut r = rng(12);
+    for metric in ["cosine", "dot", "l2"] {
+        db.execute_batch(&format!(
+            "DROP TABLE IF EXISTS t;
+             CREATE VIRTUAL TABLE t USING clip_index(v float[{dims}], metric={metric});"
+        ))
+        .unwrap();
+        let mut rows: Vec<(i64, Vec<f32>)> = (1..=20_000)
+            .map(|i| (i, (0..dims).map(|_| r()).collect()))
+            .collect();
+        for i in [5_000, 12_000, 19_999] {
+            rows[i - 1].1 = rows[99].1.clone();
+        }
+        insert_numbered(
+            &db,
+            &rows.iter().map(|(_, v)| v.clone()).collect::<Vec<_>>(),
+        );
+        let before = archaeclip::sql::clip_index::rescored_on_this_thread();
+        for trial in 0..6 {
+            let q: Vec<f32> = if trial == 0 {
+                rows[99].1.iter().map(|x| x * 0.9 + 0.01).collect()
+            } else {
+                (0..dims).map(|_| r()).collect()
+            };
+            let got = knn(
+                &db,
+                "SELECT rowid FROM t WHERE v MATCH ?1 AND k = 10 ORDER BY distance",
+                &q,
+            );
+            assert_eq!(got, brute(&rows, &q, 10, metric), "{metric}, query {trial}");
+        }
+        let after = archaeclip::sql::clip_index::rescored_on_this_thread();
+        let (candidates, read) = (after.0 - before.0, after.1 - before.1);
+        assert!(
+            read >= 60 && read < candidates,
+            "{metric}: {read} of {candidates} candidates read"
+        );
+    }
+}
+
+#[test]
 fn distances_and_scores_follow_the_metric_and_json_queries_work() {
     let db = db();
     db.execute_batch(

@@ -518,23 +518,27 @@ impl Bounded {
         self.candidates.extend(other.candidates);
     }
 
-    /// The candidates' keys, ascending: every row whose lower bound is at most the k-th
-    /// smallest upper bound (or the n best estimates).
-    pub fn into_keys(self) -> Vec<i64> {
+    /// The candidates as (lower bound, key): every row whose lower bound is at most the k-th
+    /// smallest upper bound, nearest lower bound first (ties by key). The candidates of an
+    /// approximate scan (the n best estimates) have no bound: their lower bound is minus
+    /// infinity, and they come by key.
+    pub fn into_candidates(self) -> Vec<(f64, i64)> {
         if self.approximate {
             let mut keys: Vec<i64> = self.upper.into_sorted().into_iter().map(|h| h.id).collect();
             keys.sort_unstable();
-            return keys;
+            return keys
+                .into_iter()
+                .map(|key| (f64::NEG_INFINITY, key))
+                .collect();
         }
         let threshold = self.upper.threshold();
-        let mut keys: Vec<i64> = self
+        let mut candidates: Vec<(f64, i64)> = self
             .candidates
             .into_iter()
             .filter(|c| c.0 <= threshold)
-            .map(|c| c.1)
             .collect();
-        keys.sort_unstable();
-        keys
+        candidates.sort_unstable_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+        candidates
     }
 }
 
@@ -751,8 +755,17 @@ mod tests {
                         a.threshold(),
                     );
                     a.merge(b);
-                    let keys = a.into_keys();
+                    let candidates = a.into_candidates();
+                    assert!(candidates.is_sorted_by(|x, y| x.0 <= y.0));
+                    let keys: Vec<i64> = candidates.iter().map(|c| c.1).collect();
                     assert!(!keys.contains(&3));
+                    // Each lower bound is one: the rescoring stops at the first candidate
+                    // whose bound exceeds the k-th exact distance.
+                    for &(lower, key) in &candidates {
+                        let row = &rows[key as usize];
+                        let exact = scorer.distance(row, inv_norm(row)).unwrap();
+                        assert!(lower <= exact, "{metric:?}: row {key} {lower} > {exact}");
+                    }
                     for hit in exact.into_sorted() {
                         assert!(
                             keys.contains(&hit.id),
@@ -775,6 +788,7 @@ mod tests {
         allowed[1] = 0b0000_0100; // slot 10
         let mut f = Bounded::new(5);
         f.scan(&bound, &recs, 4000, Some(&allowed), 0, f64::INFINITY);
-        assert_eq!(f.into_keys(), vec![10]);
+        let candidates = f.into_candidates();
+        assert_eq!(candidates.iter().map(|c| c.1).collect::<Vec<_>>(), vec![10]);
     }
 }

@@ -1608,6 +1608,14 @@ pub fn second_connection_reads() -> (u64, u64) {
     )
 }
 
+/// The candidates of the exact and `int8` queries run on the calling thread (rows whose bounds
+/// left them possible), and how many of those were read back and scored: reading stops once
+/// the rest are known to be farther than the k-th. For tests and diagnostics.
+#[doc(hidden)]
+pub fn rescored_on_this_thread() -> (u64, u64) {
+    exact::RESCORED_ON_THIS_THREAD.with(|n| n.get())
+}
+
 /// How many chunks of int8 records the exact and `int8` queries run on the calling thread have
 /// kept in memory. For tests and diagnostics.
 #[doc(hidden)]

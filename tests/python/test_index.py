@@ -237,6 +237,43 @@ def test_a_long_exact_scan_read_with_a_second_connection_is_the_float_scans_answ
     d.close()
 
 
+def test_the_second_connection_maps_a_file_of_small_pages_and_reads_large_ones(tmp_path):
+    """The second connection maps the file when its pages are 16 KiB or smaller (at SQLite's
+    default 4 KiB, a system call per page was most of a first query) and reads it with `pread`
+    when they are larger; the query's own connection is left as the host set it (unmapped
+    here). Either way the answer is numpy's exact top-k."""
+    import numpy as np
+
+    rng = np.random.default_rng(9)
+    n, dims = 36_000, 512
+    data = rng.standard_normal((n, dims), dtype=np.float32)
+    q = rng.standard_normal(dims, dtype=np.float32)
+    unit = data / np.linalg.norm(data, axis=1, keepdims=True)
+    want = [int(i) + 1 for i in np.argsort(-(unit @ (q / np.linalg.norm(q))))[:10]]
+
+    def mapped(path):
+        with open("/proc/self/maps") as f:
+            return any(line.rstrip("\n").endswith(" " + path) for line in f)
+
+    for page_size, maps in ((4096, True), (16384, True), (65536, False)):
+        path = str(tmp_path / f"pages-{page_size}.db")
+        db = connect(path, isolation_level=None)
+        db.execute(f"PRAGMA page_size = {page_size}")
+        db.execute(f"CREATE VIRTUAL TABLE t USING clip_index(v float[{dims}])")
+        db.execute("BEGIN")
+        db.executemany("INSERT INTO t(rowid, v) VALUES (?, ?)", ((i + 1, data[i].tobytes()) for i in range(n)))
+        db.execute("COMMIT")
+        assert db.execute("PRAGMA page_size").fetchone() == (page_size,)
+        db.close()
+        c = connect(path)
+        assert not mapped(path)
+        got = [r[0] for r in c.execute("SELECT rowid FROM t WHERE v MATCH ? AND k = 10", (q.tobytes(),))]
+        assert got == want, page_size
+        assert mapped(path) == maps, f"{page_size}-byte pages"
+        c.close()
+        assert not mapped(path), "closing the connection closes the second one"
+
+
 def test_quantized_modes_give_vec0s_answer_when_every_row_is_a_candidate():
     rows, queries = dataset(seed=11)
     ours, theirs = connect(), connect_sqlite_vec()

@@ -61,6 +61,10 @@ type Versions = Arc<[(i64, i64)]>;
 thread_local! {
     /// Chunks kept by exact and int8 queries run on this thread. For tests and diagnostics.
     pub(super) static KEPT_ON_THIS_THREAD: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+    /// Candidates of the exact and int8 queries run on this thread, and how many of them were
+    /// read back and scored (by either connection). For tests and diagnostics.
+    pub(super) static RESCORED_ON_THIS_THREAD: std::cell::Cell<(u64, u64)> =
+        const { std::cell::Cell::new((0, 0)) };
 }
 
 fn pool() -> &'static WeakPool<CodeChunk> {
@@ -424,14 +428,15 @@ impl IndexTab {
         kept.chunks = held;
         kept.streamed |= !stream.is_empty();
 
-        let keys = merged
+        let candidates = merged
             .into_inner()
             .unwrap_or_else(|p| p.into_inner())
-            .into_keys();
-        if keys.len() > RESCORE_MAX {
+            .into_candidates();
+        if candidates.len() > RESCORE_MAX {
             return Ok(None);
         }
-        self.rescore(&scorer, &stored, &keys, k, view).map(Some)
+        self.rescore(&scorer, &stored, &candidates, k, view)
+            .map(Some)
     }
 
     /// Points `blob` (one reused handle) at chunk `id`'s records, checking their length.
@@ -453,52 +458,88 @@ impl IndexTab {
         Ok(())
     }
 
-    /// Scores the candidates (`(position in stored) << 24 | slot`, ascending) with their
-    /// float32 vectors: the k nearest, as the full scan ranks them. With the second
-    /// connection's `view`, the candidates are split in two and half are read on another
-    /// thread (each candidate is a blob seek and a walk along its chunk's overflow pages).
+    /// Scores the candidates ((lower bound, `(position in stored) << 24 | slot`), nearest
+    /// bound first) with their float32 vectors: the k nearest, as the full scan ranks them.
+    /// Once k rows are scored, a candidate whose lower bound exceeds the k-th distance cannot
+    /// be among the k nearest, and nor can any after it: the reading stops there. With the
+    /// second connection's `view`, the candidates are dealt out in turn and half are read on
+    /// another thread (each candidate is a blob seek and a walk along its chunk's overflow
+    /// pages); the two share the lower of their k-th distances.
     fn rescore(
         &self,
         scorer: &Scorer<'_>,
         stored: &[(i64, i64)],
-        keys: &[i64],
+        candidates: &[(f64, i64)],
         k: usize,
         view: Option<ReaderView<'_>>,
     ) -> rusqlite::Result<Vec<(i64, f64, f64)>> {
         let dims = self.decl.dims;
-        let view = view.filter(|_| keys.len() >= RESCORE_SPLIT_MIN);
-        let (mine, theirs) = match &view {
-            Some(_) => keys.split_at(keys.len() / 2),
-            None => (keys, &keys[..0]),
-        };
-        let (mut top, missed) = std::thread::scope(|threads| -> rusqlite::Result<_> {
+        let view = view.filter(|_| candidates.len() >= RESCORE_SPLIT_MIN);
+        let split = view.is_some();
+        let cut = Cut::default();
+        let (mut top, missed, mut read) = std::thread::scope(|threads| -> rusqlite::Result<_> {
+            let cut = &cut;
             // The view ends its read transaction when the thread drops it.
             let helper = view.map(|view| {
                 threads.spawn(move || -> rusqlite::Result<_> {
-                    let part = rescore_part(&view, dims, scorer, stored, theirs, k)?;
-                    let read = theirs.len() - part.1.len();
-                    reader::ROWS_READ.fetch_add(read as u64, Ordering::Relaxed);
+                    let theirs = candidates.iter().skip(1).step_by(2);
+                    let part = rescore_part(&view, dims, scorer, stored, theirs, k, cut)?;
+                    reader::ROWS_READ.fetch_add(part.read as u64, Ordering::Relaxed);
                     Ok(part)
                 })
             });
-            let (mut top, _) = rescore_part(&self.store, dims, scorer, stored, mine, k)?;
-            let missed = match helper.map(|h| h.join()) {
-                None => Vec::new(),
-                Some(Ok(Ok((part, missed)))) => {
-                    top.merge(part);
-                    missed
+            let mine = candidates.iter().step_by(if split { 2 } else { 1 });
+            let Rescored { mut top, read, .. } =
+                rescore_part(&self.store, dims, scorer, stored, mine, k, cut)?;
+            match helper.map(|h| h.join()) {
+                None => Ok((top, Vec::new(), read)),
+                Some(Ok(Ok(part))) => {
+                    top.merge(part.top);
+                    Ok((top, part.missed, read + part.read))
                 }
-                // A failed read on the second connection: this one reads its half.
-                Some(Ok(Err(_))) => theirs.to_vec(),
+                // A failed read on the second connection: this one reads its share.
+                Some(Ok(Err(_))) => {
+                    let theirs = candidates.iter().skip(1).step_by(2).copied().collect();
+                    Ok((top, theirs, read))
+                }
                 Some(Err(p)) => std::panic::resume_unwind(p),
-            };
-            Ok((top, missed))
+            }
         })?;
         if !missed.is_empty() {
-            let (part, _) = rescore_part(&self.store, dims, scorer, stored, &missed, k)?;
-            top.merge(part);
+            let part = rescore_part(&self.store, dims, scorer, stored, missed.iter(), k, &cut)?;
+            top.merge(part.top);
+            read += part.read;
         }
+        RESCORED_ON_THIS_THREAD.with(|n| {
+            let (c, r) = n.get();
+            n.set((c + candidates.len() as u64, r + read as u64));
+        });
         Ok(scorer.results(top))
+    }
+}
+
+/// The smallest k-th distance either rescoring thread has found (f64 bits; infinity until one
+/// has scored k rows): no row with a larger lower bound can be among the k nearest.
+struct Cut(AtomicU64);
+
+impl Default for Cut {
+    fn default() -> Cut {
+        Cut(AtomicU64::new(f64::INFINITY.to_bits()))
+    }
+}
+
+impl Cut {
+    fn get(&self) -> f64 {
+        f64::from_bits(self.0.load(Ordering::Relaxed))
+    }
+
+    /// Lowers the cut to `t` if that is lower.
+    fn lower(&self, t: f64) {
+        let _ = self
+            .0
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |old| {
+                (t < f64::from_bits(old)).then_some(t.to_bits())
+            });
     }
 }
 
@@ -527,25 +568,40 @@ impl Rows for ReaderView<'_> {
     }
 }
 
-/// Scores candidates `keys` read from `rows`: the k nearest of them, and the keys of chunks
-/// that `rows` does not hold.
-fn rescore_part<R: Rows>(
+/// What one connection's share of the rescoring found.
+struct Rescored {
+    /// The k nearest of the rows read.
+    top: TopK,
+    /// The candidates of chunks that the connection does not hold (at the query's version).
+    missed: Vec<(f64, i64)>,
+    /// Rows read.
+    read: usize,
+}
+
+/// Scores candidates (nearest lower bound first) read from `rows`, until a lower bound passes
+/// `cut` or the k-th distance of those read.
+fn rescore_part<'c, R: Rows>(
     rows: &R,
     dims: usize,
     scorer: &Scorer<'_>,
     stored: &[(i64, i64)],
-    keys: &[i64],
+    candidates: impl Iterator<Item = &'c (f64, i64)>,
     k: usize,
-) -> rusqlite::Result<(TopK, Vec<i64>)> {
+    cut: &Cut,
+) -> rusqlite::Result<Rescored> {
     let mut top = TopK::new(k);
     let mut missed = Vec::new();
+    let mut read = 0;
     let mut vectors: Option<Blob<'_>> = None;
     let mut rowids: Option<Blob<'_>> = None;
     let mut open: Option<(i64, bool)> = None;
     let mut bytes = vec![0u8; dims * 4];
     let mut row = vec![0f32; dims];
     let mut rowid = [0u8; 8];
-    for &key in keys {
+    for &(lower, key) in candidates {
+        if lower > top.threshold().min(cut.get()) {
+            break;
+        }
         let (pos, slot) = ((key >> 24) as usize, (key & 0xFF_FFFF) as usize);
         let (id, version) = stored[pos];
         if open.map(|o| o.0) != Some(id) {
@@ -564,7 +620,7 @@ fn rescore_part<R: Rows>(
             open = Some((id, held));
         }
         if open.is_some_and(|o| !o.1) {
-            missed.push(key);
+            missed.push((lower, key));
             continue;
         }
         let v = vectors.as_ref().expect("opened");
@@ -573,15 +629,17 @@ fn rescore_part<R: Rows>(
             .as_ref()
             .expect("opened")
             .read_at_exact(&mut rowid, slot * 8)?;
+        read += 1;
         codec::f32_from_le(&bytes, &mut row);
         if let Some(distance) = scorer.distance(&row, inv_norm(&row)) {
             top.push(Hit {
                 distance,
                 id: i64::from_le_bytes(rowid),
             });
+            cut.lower(top.threshold());
         }
     }
-    Ok((top, missed))
+    Ok(Rescored { top, missed, read })
 }
 
 /// Points the second connection's reused blob handle at chunk `id`'s records when its snapshot
