@@ -50,6 +50,8 @@ pub(super) struct KeptCodes {
     versions: Option<(i64, Versions)>,
     /// The second connection that reads part of a long stream.
     reader: Reader,
+    /// A third, which this thread reads through where the second maps the file.
+    own_reader: Reader,
     /// Whether a query of this connection (exact or `int8`) has streamed chunks before: until
     /// one has, an exact query keeps none (see [`KEEP_BYTES_PER_QUERY`]).
     streamed: bool,
@@ -212,14 +214,26 @@ impl IndexTab {
         // Not for a writer in a rollback journal: spilling its page cache mid-query needs an
         // EXCLUSIVE lock, which the second connection's read lock would hold off until the
         // busy timeout ran out (WAL spills into the log and needs none).
-        let reader = if stream.len() * chunk_bytes >= READER_MIN_BYTES
+        let long = stream.len() * chunk_bytes >= READER_MIN_BYTES
             && rayon::current_num_threads() >= 2
-            && (!self.writing() || self.store.wal()?)
-        {
+            && (!self.writing() || self.store.wal()?);
+        let reader = if long {
             kept.reader.get(self.db, &self.store.schema)
         } else {
             None
         };
+        // Where the second connection maps the file (small pages), this thread reads through
+        // a mapped connection of its own too (see `reader`): its chunks go back to the query's
+        // connection like the other's.
+        let own_view = match reader {
+            Some((_, true)) => kept
+                .own_reader
+                .get(self.db, &self.store.schema)
+                .filter(|(_, mapped)| *mapped)
+                .and_then(|(conn, _)| ReaderView::begin(conn, &self.store.table).ok()),
+            _ => None,
+        };
+        let reader = reader.map(|(conn, _)| conn);
         // Chunks read into copies of their own, to keep (both connections add to it).
         let fresh: Mutex<Vec<(i64, Arc<CodeChunk>)>> = Mutex::new(Vec::new());
         let keep_left = AtomicUsize::new(match approximate {
@@ -300,7 +314,7 @@ impl IndexTab {
         let left: Mutex<Vec<(usize, i64, i64)>> = Mutex::new(Vec::new());
         let mut failure: Option<rusqlite::Error> = None;
         let [mut own_piece, mut their_piece] = std::mem::take(&mut kept.pieces);
-        let view = rayon::in_place_scope(|s| {
+        let (view, own_broken) = rayon::in_place_scope(|s| {
             for group in memory.chunks(MEMORY_GROUP) {
                 let work = move || {
                     let mut local = accumulator();
@@ -318,94 +332,101 @@ impl IndexTab {
             let mut blob: Option<Blob<'_>> = None;
             let mut local = accumulator();
             // This connection's reads of one batch.
-            let mut own_batch =
-                |local: &mut Bounded, batch: &[(usize, i64, i64)]| -> rusqlite::Result<()> {
-                    for &(pos, id, version) in batch {
-                        self.open_codes(&mut blob, id)?;
-                        let records = blob.as_ref().expect("opened");
-                        stream_chunk(local, records, pos, id, version, &mut own_piece)?;
+            let mut own_batch = |local: &mut Bounded,
+                                 batch: &[(usize, i64, i64)],
+                                 piece: &mut Vec<u8>|
+             -> rusqlite::Result<()> {
+                for &(pos, id, version) in batch {
+                    self.open_codes(&mut blob, id)?;
+                    let records = blob.as_ref().expect("opened");
+                    stream_chunk(local, records, pos, id, version, piece)?;
+                }
+                Ok(())
+            };
+            // A second connection's reads: batches in turn until none is left or a read
+            // fails (then `true`). What its snapshot does not hold at the query's version, or
+            // failed to read, goes to `left`.
+            let read_with =
+                |view: &ReaderView<'_>, local: &mut Bounded, piece: &mut Vec<u8>| -> bool {
+                    let mut blob: Option<Blob<'_>> = None;
+                    let mut broken = false;
+                    while let Some(batch) = claim() {
+                        let mut missed = Vec::new();
+                        for &(pos, id, version) in batch {
+                            // After a failed read, the rest goes back too. Each chunk is
+                            // bounded apart and counted only once read whole, so that a chunk
+                            // that fails half-way is bounded once, by the query's connection.
+                            if !broken {
+                                let mut part = accumulator();
+                                match open_held(view, &mut blob, id, version, chunk_bytes) {
+                                    Ok(true) => {
+                                        let records = blob.as_ref().expect("opened");
+                                        match stream_chunk(
+                                            &mut part, records, pos, id, version, piece,
+                                        ) {
+                                            Ok(()) => {
+                                                reader::CHUNKS_READ.fetch_add(1, Ordering::Relaxed);
+                                                local.merge(part);
+                                                tighten(local.threshold());
+                                                continue;
+                                            }
+                                            Err(_) => broken = true,
+                                        }
+                                    }
+                                    Ok(false) => {}
+                                    Err(_) => broken = true,
+                                }
+                            }
+                            missed.push((pos, id, version));
+                        }
+                        if !missed.is_empty() {
+                            left.lock()
+                                .unwrap_or_else(|p| p.into_inner())
+                                .extend(missed);
+                        }
+                        if broken {
+                            break;
+                        }
                     }
-                    Ok(())
+                    broken
                 };
-            let view = std::thread::scope(|threads| {
+            let (view, own_broken) = std::thread::scope(|threads| {
                 let helper = reader.map(|conn| {
                     let table = self.store.table.as_str();
-                    let (claim, left, stream_chunk) = (&claim, &left, &stream_chunk);
-                    let their_piece = &mut their_piece;
+                    let (read_with, their_piece) = (&read_with, &mut their_piece);
                     threads.spawn(move || {
                         let view = ReaderView::begin(conn, table).ok()?;
-                        let mut blob: Option<Blob<'_>> = None;
                         let mut local = accumulator();
-                        let mut broken = false;
-                        while let Some(batch) = claim() {
-                            let mut missed = Vec::new();
-                            for &(pos, id, version) in batch {
-                                // After a failed read, the rest goes back too. Each chunk is
-                                // bounded apart and counted only once read whole, so that a
-                                // chunk that fails half-way is bounded once, by this
-                                // connection.
-                                if !broken {
-                                    let mut part = accumulator();
-                                    match open_held(&view, &mut blob, id, version, chunk_bytes) {
-                                        Ok(true) => {
-                                            let records = blob.as_ref().expect("opened");
-                                            match stream_chunk(
-                                                &mut part,
-                                                records,
-                                                pos,
-                                                id,
-                                                version,
-                                                their_piece,
-                                            ) {
-                                                Ok(()) => {
-                                                    reader::CHUNKS_READ
-                                                        .fetch_add(1, Ordering::Relaxed);
-                                                    local.merge(part);
-                                                    tighten(local.threshold());
-                                                    continue;
-                                                }
-                                                Err(_) => broken = true,
-                                            }
-                                        }
-                                        Ok(false) => {}
-                                        Err(_) => broken = true,
-                                    }
-                                }
-                                missed.push((pos, id, version));
-                            }
-                            if !missed.is_empty() {
-                                left.lock()
-                                    .unwrap_or_else(|p| p.into_inner())
-                                    .extend(missed);
-                            }
-                            if broken {
-                                break;
-                            }
-                        }
+                        let broken = read_with(&view, &mut local, their_piece);
                         finish(local);
-                        drop(blob);
                         // Kept open for the rescoring.
                         (!broken).then_some(view)
                     })
                 });
+                let own_broken = own_view
+                    .as_ref()
+                    .is_some_and(|v| read_with(v, &mut local, &mut own_piece));
+                // Batches nobody has claimed (all of them without a mapped connection).
                 while let Some(batch) = claim() {
-                    if let Err(e) = own_batch(&mut local, batch) {
+                    if let Err(e) = own_batch(&mut local, batch, &mut own_piece) {
                         failure = Some(e);
                         stop.store(true, Ordering::Relaxed);
                         break;
                     }
                 }
-                helper.and_then(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+                let view =
+                    helper.and_then(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)));
+                (view, own_broken)
             });
-            // The second connection has ended: what it left is read here.
+            // The second connections have ended: what they left is read here.
             if failure.is_none() {
                 let left = std::mem::take(&mut *left.lock().unwrap_or_else(|p| p.into_inner()));
-                if let Err(e) = own_batch(&mut local, &left) {
+                if let Err(e) = own_batch(&mut local, &left, &mut own_piece) {
                     failure = Some(e);
                 }
             }
             finish(local);
-            view
+            (view, own_broken)
         });
         // The piece buffers are kept for the next query.
         kept.pieces = [own_piece, their_piece];
@@ -435,7 +456,8 @@ impl IndexTab {
         if candidates.len() > RESCORE_MAX {
             return Ok(None);
         }
-        self.rescore(&scorer, &stored, &candidates, k, view)
+        let own_view = own_view.filter(|_| !own_broken);
+        self.rescore(&scorer, &stored, &candidates, k, [view, own_view])
             .map(Some)
     }
 
@@ -462,50 +484,67 @@ impl IndexTab {
     /// bound first) with their float32 vectors: the k nearest, as the full scan ranks them.
     /// Once k rows are scored, a candidate whose lower bound exceeds the k-th distance cannot
     /// be among the k nearest, and nor can any after it: the reading stops there. With the
-    /// second connection's `view`, the candidates are dealt out in turn and half are read on
-    /// another thread (each candidate is a blob seek and a walk along its chunk's overflow
-    /// pages); the two share the lower of their k-th distances.
+    /// second connection's view (`views[0]`), the candidates are dealt out in turn and half
+    /// are read on another thread (each candidate is a blob seek and a walk along its chunk's
+    /// overflow pages); the two share the lower of their k-th distances. This thread's half is
+    /// read through `views[1]` when there is one (a mapped connection), else through the
+    /// query's connection, which also reads whatever the views' snapshots do not hold.
     fn rescore(
         &self,
         scorer: &Scorer<'_>,
         stored: &[(i64, i64)],
         candidates: &[(f64, i64)],
         k: usize,
-        view: Option<ReaderView<'_>>,
+        views: [Option<ReaderView<'_>>; 2],
     ) -> rusqlite::Result<Vec<(i64, f64, f64)>> {
         let dims = self.decl.dims;
+        let [view, own_view] = views;
         let view = view.filter(|_| candidates.len() >= RESCORE_SPLIT_MIN);
         let split = view.is_some();
         let cut = Cut::default();
-        let (mut top, missed, mut read) = std::thread::scope(|threads| -> rusqlite::Result<_> {
-            let cut = &cut;
-            // The view ends its read transaction when the thread drops it.
-            let helper = view.map(|view| {
-                threads.spawn(move || -> rusqlite::Result<_> {
-                    let theirs = candidates.iter().skip(1).step_by(2);
-                    let part = rescore_part(&view, dims, scorer, stored, theirs, k, cut)?;
-                    reader::ROWS_READ.fetch_add(part.read as u64, Ordering::Relaxed);
-                    Ok(part)
-                })
-            });
-            let mine = candidates.iter().step_by(if split { 2 } else { 1 });
-            let Rescored { mut top, read, .. } =
-                rescore_part(&self.store, dims, scorer, stored, mine, k, cut)?;
-            match helper.map(|h| h.join()) {
-                None => Ok((top, Vec::new(), read)),
-                Some(Ok(Ok(part))) => {
-                    top.merge(part.top);
-                    Ok((top, part.missed, read + part.read))
+        let (mut top, mut missed, mut read) =
+            std::thread::scope(|threads| -> rusqlite::Result<_> {
+                let cut = &cut;
+                // The view ends its read transaction when the thread drops it.
+                let helper = view.map(|view| {
+                    threads.spawn(move || -> rusqlite::Result<_> {
+                        let theirs = candidates.iter().skip(1).step_by(2);
+                        let part = rescore_part(&view, dims, scorer, stored, theirs, k, cut)?;
+                        reader::ROWS_READ.fetch_add(part.read as u64, Ordering::Relaxed);
+                        Ok(part)
+                    })
+                });
+                let mine = || candidates.iter().step_by(if split { 2 } else { 1 });
+                // A failed read through the mapped connection: the query's connection reads them.
+                let own = own_view
+                    .as_ref()
+                    .and_then(|v| rescore_part(v, dims, scorer, stored, mine(), k, cut).ok());
+                let Rescored {
+                    mut top,
+                    mut missed,
+                    read,
+                } = match own {
+                    Some(part) => part,
+                    None => rescore_part(&self.store, dims, scorer, stored, mine(), k, cut)?,
+                };
+                match helper.map(|h| h.join()) {
+                    None => Ok((top, missed, read)),
+                    Some(Ok(Ok(part))) => {
+                        top.merge(part.top);
+                        missed.extend(part.missed);
+                        Ok((top, missed, read + part.read))
+                    }
+                    // A failed read on the second connection: this one reads its share.
+                    Some(Ok(Err(_))) => {
+                        missed.extend(candidates.iter().skip(1).step_by(2));
+                        Ok((top, missed, read))
+                    }
+                    Some(Err(p)) => std::panic::resume_unwind(p),
                 }
-                // A failed read on the second connection: this one reads its share.
-                Some(Ok(Err(_))) => {
-                    let theirs = candidates.iter().skip(1).step_by(2).copied().collect();
-                    Ok((top, theirs, read))
-                }
-                Some(Err(p)) => std::panic::resume_unwind(p),
-            }
-        })?;
+            })?;
         if !missed.is_empty() {
+            // From two lists, each in order: the reading stops at the first bound past the cut.
+            missed.sort_unstable_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
             let part = rescore_part(&self.store, dims, scorer, stored, missed.iter(), k, &cut)?;
             top.merge(part.top);
             read += part.read;

@@ -35,7 +35,8 @@ pub(super) static ROWS_READ: AtomicU64 = AtomicU64::new(0);
 pub(super) enum Reader {
     #[default]
     Untried,
-    Open(Box<Connection>),
+    /// The connection, and whether it maps the file.
+    Open(Box<Connection>, bool),
     /// Opening failed: not tried again by this table's connection.
     Unavailable,
 }
@@ -44,22 +45,28 @@ impl Reader {
     /// The open connection, opening it first if it was never tried. Whatever the query's
     /// connection does, it maps the file when its pages are small ([`MAP_MAX_PAGE_SIZE`]) and
     /// reads it with `pread` when they are large.
-    pub(super) fn get(&mut self, db: *mut ffi::sqlite3, schema: &str) -> Option<&mut Connection> {
+    /// With it, whether it maps the file.
+    pub(super) fn get(
+        &mut self,
+        db: *mut ffi::sqlite3,
+        schema: &str,
+    ) -> Option<(&mut Connection, bool)> {
         if matches!(self, Reader::Untried) {
             *self = match open(db, schema) {
-                Some(c) => Reader::Open(Box::new(c)),
+                Some((c, mapped)) => Reader::Open(Box::new(c), mapped),
                 None => Reader::Unavailable,
             };
         }
         match self {
-            Reader::Open(c) => Some(c),
+            Reader::Open(c, mapped) => Some((c, *mapped)),
             _ => None,
         }
     }
 }
 
-/// A read-only connection to the file of `schema` on `db`, with its VFS.
-fn open(db: *mut ffi::sqlite3, schema: &str) -> Option<Connection> {
+/// A read-only connection to the file of `schema` on `db`, with its VFS, and whether it maps
+/// the file.
+fn open(db: *mut ffi::sqlite3, schema: &str) -> Option<(Connection, bool)> {
     let schema_c = CString::new(schema).ok()?;
     // SAFETY: a live connection handle and a NUL-terminated schema name. The file name and the
     // VFS name belong to SQLite and are copied before anything else runs on the connection.
@@ -89,12 +96,11 @@ fn open(db: *mut ffi::sqlite3, schema: &str) -> Option<Connection> {
     // Never wait for a lock: a busy file means this query reads on one connection.
     conn.busy_timeout(std::time::Duration::ZERO).ok()?;
     let page_size: i64 = conn.query_row("PRAGMA page_size", [], |r| r.get(0)).ok()?;
-    if page_size <= MAP_MAX_PAGE_SIZE {
-        // Capped by the host SQLite's SQLITE_MAX_MMAP_SIZE (2 GB unless built otherwise);
-        // pages past the mapping are read with `pread`. A failure leaves `pread` for all.
-        let _ = conn.pragma_update(None, "mmap_size", 1i64 << 40);
-    }
-    Some(conn)
+    // Capped by the host SQLite's SQLITE_MAX_MMAP_SIZE (2 GB unless built otherwise); pages
+    // past the mapping are read with `pread`. A failure leaves `pread` for all.
+    let mapped =
+        page_size <= MAP_MAX_PAGE_SIZE && conn.pragma_update(None, "mmap_size", 1i64 << 40).is_ok();
+    Some((conn, mapped))
 }
 
 /// Largest page size at which the second connection maps the file. Through `pread`, each page
