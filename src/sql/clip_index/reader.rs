@@ -9,6 +9,11 @@
 //! ([`super::store::fresh_version`]), so equal versions mean equal bytes. Every other chunk, and
 //! everything the second connection fails to read, is read by the query's own connection.
 //!
+//! Where the file's pages are small, the connection maps the file ([`MAP_MAX_PAGE_SIZE`]), and
+//! the query's thread reads through a third one of the same kind (`exact`'s `own_reader`),
+//! with the same checks, rather than through the query's own connection, whose settings are
+//! the host's.
+//!
 //! The connection is read-only, opened with the same VFS on the same file, and only ever runs
 //! `PRAGMA page_size` and `mmap_size` once, then `BEGIN`, one `SELECT id, version` on
 //! `t_chunks`, blob reads of `t_codes`, `t_vectors` and `t_slots`, and `COMMIT`. Any
