@@ -214,6 +214,7 @@ pub fn dots_int4(q: &[i8], codes: &[u8], half: usize, offset: i32, out: &mut Vec
         *o = dot_nibbles(q, row) - offset;
     }
 }
+
 /// `8 * Σ q`: what the +8 of the stored codes adds to a dot product.
 pub fn int4_offset(q: &[i8]) -> i32 {
     q.iter().map(|&v| i32::from(v)).sum::<i32>() * 8
