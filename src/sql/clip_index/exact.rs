@@ -358,20 +358,20 @@ impl IndexTab {
                             // that fails half-way is bounded once, by the query's connection.
                             if !broken {
                                 let mut part = accumulator();
-                                match open_held(view, &mut blob, id, version, chunk_bytes) {
+                                let read = open_held(view, &mut blob, id, version, chunk_bytes)
+                                    .and_then(|held| {
+                                        let Some(records) = blob.as_ref().filter(|_| held) else {
+                                            return Ok(false);
+                                        };
+                                        stream_chunk(&mut part, records, pos, id, version, piece)
+                                            .map(|()| true)
+                                    });
+                                match read {
                                     Ok(true) => {
-                                        let records = blob.as_ref().expect("opened");
-                                        match stream_chunk(
-                                            &mut part, records, pos, id, version, piece,
-                                        ) {
-                                            Ok(()) => {
-                                                reader::CHUNKS_READ.fetch_add(1, Ordering::Relaxed);
-                                                local.merge(part);
-                                                tighten(local.threshold());
-                                                continue;
-                                            }
-                                            Err(_) => broken = true,
-                                        }
+                                        reader::CHUNKS_READ.fetch_add(1, Ordering::Relaxed);
+                                        local.merge(part);
+                                        tighten(local.threshold());
+                                        continue;
                                     }
                                     Ok(false) => {}
                                     Err(_) => broken = true,

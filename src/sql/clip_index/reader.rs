@@ -47,10 +47,9 @@ pub(super) enum Reader {
 }
 
 impl Reader {
-    /// The open connection, opening it first if it was never tried. Whatever the query's
-    /// connection does, it maps the file when its pages are small ([`MAP_MAX_PAGE_SIZE`]) and
-    /// reads it with `pread` when they are large.
-    /// With it, whether it maps the file.
+    /// The open connection, opening it first if it was never tried, and whether it maps the
+    /// file: whatever the query's connection does, it maps it when its pages are small
+    /// ([`MAP_MAX_PAGE_SIZE`]) and reads it with `pread` when they are large.
     pub(super) fn get(
         &mut self,
         db: *mut ffi::sqlite3,
@@ -101,10 +100,15 @@ fn open(db: *mut ffi::sqlite3, schema: &str) -> Option<(Connection, bool)> {
     // Never wait for a lock: a busy file means this query reads on one connection.
     conn.busy_timeout(std::time::Duration::ZERO).ok()?;
     let page_size: i64 = conn.query_row("PRAGMA page_size", [], |r| r.get(0)).ok()?;
-    // Capped by the host SQLite's SQLITE_MAX_MMAP_SIZE (2 GB unless built otherwise); pages
-    // past the mapping are read with `pread`. A failure leaves `pread` for all.
-    let mapped =
-        page_size <= MAP_MAX_PAGE_SIZE && conn.pragma_update(None, "mmap_size", 1i64 << 40).is_ok();
+    // SQLite caps the size at its SQLITE_MAX_MMAP_SIZE (about 2 GB unless built otherwise;
+    // pages past the mapping are read with `pread`) and answers with the size it took: 0 where
+    // the host cannot map, and a failure, leave `pread` for all.
+    let mapped = page_size <= MAP_MAX_PAGE_SIZE
+        && conn
+            .query_row("PRAGMA mmap_size = 1099511627776", [], |r| {
+                r.get::<_, i64>(0)
+            })
+            .is_ok_and(|size| size > 0);
     Some((conn, mapped))
 }
 
