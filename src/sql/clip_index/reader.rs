@@ -117,7 +117,8 @@ fn open(db: *mut ffi::sqlite3, schema: &str) -> Option<(Connection, bool)> {
 /// the first query, and a mapped read avoids the call. At 64 KiB the calls are few and `pread`
 /// was the faster. Measured in stop 32 (first exact queries of new processes, 1M x 512, the
 /// query's connection on `pread`, medians of 7): 4 KiB pages 86 ms mapped against 114 with
-/// `pread` (random data), 67 against 101 (clustered); 16 KiB 54 against 58 (random); 64 KiB
+/// `pread` (random data), 67 against 101 (clustered); 16 KiB 54 against 58 (random; the
+/// `pread` build there already stopped its rescoring early, the mapped one did not); 64 KiB
 /// 68 against 54 (random), 58 against 53 (clustered).
 const MAP_MAX_PAGE_SIZE: i64 = 16 << 10;
 
