@@ -306,7 +306,8 @@ fn a_connections_first_exact_query_keeps_no_chunks_and_later_ones_do() {
     let before = kept();
     assert_eq!(knn(&a, sql, &q), want);
     assert_eq!(kept() - before, 0, "the first query kept chunks");
-    // The second keeps what it streams (all of them: far below its 32 MB share).
+    // The second keeps what it streams (all of them: far below its 32 MB share). The stream
+    // is short (0.15 MB), so one connection reads it through SQLite's pager.
     assert_eq!(knn(&a, sql, &q), want);
     assert_eq!(kept() - before, chunks, "the second query's chunks");
     // The third finds them all in memory: nothing streamed, nothing new kept.
@@ -324,6 +325,47 @@ fn a_connections_first_exact_query_keeps_no_chunks_and_later_ones_do() {
     assert_eq!(kept() - before, chunks, "int8's first query");
     drop(b);
     std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn exact_queries_streaming_through_mapped_connections_keep_nothing() {
+    // 36,000 rows of 512 dims: 19 MB of int8 records, read with second connections that map
+    // the file (with 4 KiB pages from the first query on, with 64 KiB from the second). They
+    // read the file's pages again about as fast as from memory, so no exact query keeps a
+    // chunk, and each streams again (the short stream above is kept from the second query on).
+    let reads = archaeclip::sql::clip_index::second_connection_reads;
+    let kept = archaeclip::sql::clip_index::chunks_kept_on_this_thread;
+    let mut r = rng(43);
+    let rows: Vec<(i64, Vec<f32>)> = (1..=36_000)
+        .map(|i| (i, (0..512).map(|_| r()).collect()))
+        .collect();
+    for page_size in [4096, 65536] {
+        let (dir, path) = fresh_file(&format!("mapped-{page_size}"));
+        let w = file_db(&path);
+        w.execute_batch(&format!(
+            "PRAGMA page_size = {page_size};
+             CREATE VIRTUAL TABLE t USING clip_index(v float[512]);"
+        ))
+        .unwrap();
+        insert_numbered(&w, &rows.iter().map(|(_, v)| v.clone()).collect::<Vec<_>>());
+        assert_eq!(count(&w, "PRAGMA page_size"), page_size);
+        drop(w);
+        let a = file_db(&path);
+        let before = kept();
+        for query in 0..3 {
+            let q: Vec<f32> = (0..512).map(|_| r()).collect();
+            let read = reads().0;
+            assert_eq!(
+                knn(&a, "SELECT rowid FROM t WHERE v MATCH ?1 AND k = 10", &q),
+                brute(&rows, &q, 10, "cosine"),
+                "{page_size}-byte pages, query {query}"
+            );
+            assert!(reads().0 > read, "{page_size}-byte pages, query {query}");
+        }
+        assert_eq!(kept() - before, 0, "{page_size}-byte pages: chunks kept");
+        drop(a);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }
 
 #[test]

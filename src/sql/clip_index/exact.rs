@@ -11,12 +11,14 @@
 //! query after opening cheap: it reads ~0.5 GB per million 512-d rows, where a
 //! copy of the float32 vectors costs 2 GB of fresh pages (about 1.7 s on the benchmark machine).
 //!
-//! Repeated queries are faster from memory, so each query after a connection's first also keeps
-//! a bounded share of the chunks it streams ([`KEEP_BYTES_PER_QUERY`]; the `int8` mode, which
-//! reads the same records, keeps all of them from its first query on); after enough queries
-//! every chunk is held and no query reads the database. Kept chunks are shared by the
-//! connections of a process (keyed by database file, table, chunk id and version, like the
-//! float32 chunks).
+//! Where a stream goes through SQLite's pager (a short one, or a host that cannot map the
+//! file), repeated queries are faster from memory, so each query after a connection's first
+//! keeps a bounded share of the chunks it streams ([`KEEP_BYTES_PER_QUERY`]); after enough
+//! queries every chunk is held and no query reads the database. A long stream read through
+//! mapped connections is kept by no exact query: it reads the file's pages again about as fast.
+//! The `int8` mode, which reads the same records, keeps all of them from its first query on.
+//! Kept chunks are shared by the connections of a process (keyed by database file, table,
+//! chunk id and version, like the float32 chunks), and exact queries use them.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -53,7 +55,8 @@ pub(super) struct KeptCodes {
     /// A third, which this thread reads through where the second maps the file.
     own_reader: Reader,
     /// Whether a query of this connection (exact or `int8`) has streamed chunks before: until
-    /// one has, an exact query keeps none (see [`KEEP_BYTES_PER_QUERY`]).
+    /// one has, an exact query keeps none (see [`KEEP_BYTES_PER_QUERY`]) and the second
+    /// connections read large pages with `pread` (see `reader`).
     streamed: bool,
 }
 
@@ -91,11 +94,18 @@ const READER_MIN_BYTES: usize = 16 << 20;
 /// Fewer candidates than this are rescored on one connection.
 const RESCORE_SPLIT_MIN: usize = 32;
 
-/// Bytes of streamed chunks a query keeps in memory for the next queries. A connection's
-/// first exact query keeps none: a one-off query (the sqlite3 shell, a script) would never use
-/// them, and their fresh pages (~8,200 faults) cost the first query 13-18 ms. Measured in
-/// stop 31 (first queries of new processes, 1M x 512, medians of 9): with 64 KiB pages 68 ms
-/// keeping none against 81 ms keeping 32 MB (random data), 66 against 84 (clustered).
+/// Bytes of streamed chunks an exact query keeps in memory for the next queries, where it
+/// streams through SQLite's pager. None are kept by a connection's first exact query (a
+/// one-off query, the sqlite3 shell or a script, would never use them, and their fresh pages,
+/// ~8,200 faults, cost the first query 13-18 ms), nor by a query that streams through mapped
+/// connections (`reader`): those read the file's pages again nearly as fast as from memory,
+/// while keeping costs each of the next ~16 queries 10-20 ms and the process 0.53 GB per
+/// million 512-d rows. Measured in stop 33 (1M x 512, random data, queries 2-40 of new
+/// processes, medians of 19 or 20 per process): 4 KiB pages 43-53 ms keeping none against
+/// 55-67 while keeping and 33-48 once all was kept; 64 KiB pages, mapped from the second query
+/// on, 35-40 against 46-49 and 31-35. Measured in stop 31 (first queries of new processes,
+/// 1M x 512, medians of 9): with 64 KiB pages 68 ms keeping none against 81 ms keeping 32 MB
+/// (random data), 66 against 84 (clustered).
 const KEEP_BYTES_PER_QUERY: usize = 32 << 20;
 
 /// Largest k answered from the codes; a larger k scans the float32 image (rescoring k rows
@@ -218,7 +228,7 @@ impl IndexTab {
             && rayon::current_num_threads() >= 2
             && (!self.writing() || self.store.wal()?);
         let reader = if long {
-            kept.reader.get(self.db, &self.store.schema)
+            kept.reader.get(self.db, &self.store.schema, kept.streamed)
         } else {
             None
         };
@@ -228,7 +238,7 @@ impl IndexTab {
         let own_view = match reader {
             Some((_, true)) => kept
                 .own_reader
-                .get(self.db, &self.store.schema)
+                .get(self.db, &self.store.schema, kept.streamed)
                 .filter(|(_, mapped)| *mapped)
                 .and_then(|(conn, _)| ReaderView::begin(conn, &self.store.table).ok()),
             _ => None,
@@ -237,7 +247,8 @@ impl IndexTab {
         // Chunks read into copies of their own, to keep (both connections add to it).
         let fresh: Mutex<Vec<(i64, Arc<CodeChunk>)>> = Mutex::new(Vec::new());
         let keep_left = AtomicUsize::new(match approximate {
-            None if !kept.streamed => 0,
+            // The first query keeps nothing, nor one that streams through mapped connections.
+            None if !kept.streamed || own_view.is_some() => 0,
             None => KEEP_BYTES_PER_QUERY,
             Some(_) => usize::MAX,
         });

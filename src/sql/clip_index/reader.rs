@@ -9,7 +9,8 @@
 //! ([`super::store::fresh_version`]), so equal versions mean equal bytes. Every other chunk, and
 //! everything the second connection fails to read, is read by the query's own connection.
 //!
-//! Where the file's pages are small, the connection maps the file ([`MAP_MAX_PAGE_SIZE`]), and
+//! Where the file's pages are small, the connection maps the file ([`MAP_MAX_PAGE_SIZE`]);
+//! where they are large, from the table connection's second streaming query on. While it maps,
 //! the query's thread reads through a third one of the same kind (`exact`'s `own_reader`),
 //! with the same checks, rather than through the query's own connection, whose settings are
 //! the host's.
@@ -40,37 +41,54 @@ pub(super) static ROWS_READ: AtomicU64 = AtomicU64::new(0);
 pub(super) enum Reader {
     #[default]
     Untried,
-    /// The connection, and whether it maps the file.
-    Open(Box<Connection>, bool),
+    /// The connection, and how it reads the file.
+    Open(Box<Connection>, Reads),
     /// Opening failed: not tried again by this table's connection.
     Unavailable,
 }
 
+/// How a second connection reads the file.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(super) enum Reads {
+    /// Through SQLite's memory map (pages past the map with `pread`).
+    Mapped,
+    /// With `pread`: the host cannot map.
+    Pread,
+    /// With `pread` for now: large pages, mapped from a later query on ([`MAP_MAX_PAGE_SIZE`]).
+    PreadFirst,
+}
+
 impl Reader {
     /// The open connection, opening it first if it was never tried, and whether it maps the
-    /// file: whatever the query's connection does, it maps it when its pages are small
-    /// ([`MAP_MAX_PAGE_SIZE`]) and reads it with `pread` when they are large.
+    /// file. Whatever the query's connection does, it maps it when its pages are small
+    /// ([`MAP_MAX_PAGE_SIZE`]); when they are large, it reads with `pread` until `again` (the
+    /// table's connection has streamed before), and maps from then on.
     pub(super) fn get(
         &mut self,
         db: *mut ffi::sqlite3,
         schema: &str,
+        again: bool,
     ) -> Option<(&mut Connection, bool)> {
         if matches!(self, Reader::Untried) {
             *self = match open(db, schema) {
-                Some((c, mapped)) => Reader::Open(Box::new(c), mapped),
+                Some((c, reads)) => Reader::Open(Box::new(c), reads),
                 None => Reader::Unavailable,
             };
         }
         match self {
-            Reader::Open(c, mapped) => Some((c, *mapped)),
+            Reader::Open(c, reads) => {
+                if *reads == Reads::PreadFirst && again {
+                    *reads = if map(c) { Reads::Mapped } else { Reads::Pread };
+                }
+                Some((c, *reads == Reads::Mapped))
+            }
             _ => None,
         }
     }
 }
 
-/// A read-only connection to the file of `schema` on `db`, with its VFS, and whether it maps
-/// the file.
-fn open(db: *mut ffi::sqlite3, schema: &str) -> Option<(Connection, bool)> {
+/// A read-only connection to the file of `schema` on `db`, with its VFS, and how it reads it.
+fn open(db: *mut ffi::sqlite3, schema: &str) -> Option<(Connection, Reads)> {
     let schema_c = CString::new(schema).ok()?;
     // SAFETY: a live connection handle and a NUL-terminated schema name. The file name and the
     // VFS name belong to SQLite and are copied before anything else runs on the connection.
@@ -100,22 +118,36 @@ fn open(db: *mut ffi::sqlite3, schema: &str) -> Option<(Connection, bool)> {
     // Never wait for a lock: a busy file means this query reads on one connection.
     conn.busy_timeout(std::time::Duration::ZERO).ok()?;
     let page_size: i64 = conn.query_row("PRAGMA page_size", [], |r| r.get(0)).ok()?;
-    // SQLite caps the size at its SQLITE_MAX_MMAP_SIZE (about 2 GB unless built otherwise;
-    // pages past the mapping are read with `pread`) and answers with the size it took: 0 where
-    // the host cannot map, and a failure, leave `pread` for all.
-    let mapped = page_size <= MAP_MAX_PAGE_SIZE
-        && conn
-            .query_row("PRAGMA mmap_size = 1099511627776", [], |r| {
-                r.get::<_, i64>(0)
-            })
-            .is_ok_and(|size| size > 0);
-    Some((conn, mapped))
+    let reads = if page_size > MAP_MAX_PAGE_SIZE {
+        Reads::PreadFirst
+    } else if map(&conn) {
+        Reads::Mapped
+    } else {
+        Reads::Pread
+    };
+    Some((conn, reads))
 }
 
-/// Largest page size at which the second connection maps the file. Through `pread`, each page
-/// is a system call and a pass through SQLite's pager: at 4 KiB pages that overhead is most of
-/// the first query, and a mapped read avoids the call. At 64 KiB the calls are few and `pread`
-/// was the faster. Measured in stop 32 (first exact queries of new processes, 1M x 512, the
+/// Asks SQLite to map the file of `conn`, and whether it does. SQLite caps the size at its
+/// SQLITE_MAX_MMAP_SIZE (about 2 GB unless built otherwise; pages past the mapping are read
+/// with `pread`) and answers with the size it took: 0 where the host cannot map.
+fn map(conn: &Connection) -> bool {
+    conn.query_row("PRAGMA mmap_size = 1099511627776", [], |r| {
+        r.get::<_, i64>(0)
+    })
+    .is_ok_and(|size| size > 0)
+}
+
+/// Largest page size at which the second connection maps the file from its first query on.
+/// Through `pread`, each page is a system call and a pass through SQLite's pager: at 4 KiB
+/// pages that overhead is most of the first query, and a mapped read avoids the call. At 64
+/// KiB the calls are few, and `pread` is the faster for a process's first query: a mapped read
+/// pays, once per process, for the kernel to map each page it touches. Later queries find the
+/// pages mapped, so with larger pages the connection maps from its table connection's second
+/// streaming query on. Measured in stop 33 (1M x 512, 64 KiB pages): first queries of new
+/// processes 73.1 ms mapped against 66.0 with `pread` (random data), 69.8 against 60.8
+/// (clustered), medians of 9; queries 2-40 of one process, keeping no chunk in memory, 35-40
+/// ms mapped against 53-63 with `pread` (random, medians of 19 and 20). Measured in stop 32 (first exact queries of new processes, 1M x 512, the
 /// query's connection on `pread`, medians of 7): 4 KiB pages 86 ms mapped against 114 with
 /// `pread` (random data), 67 against 101 (clustered); 16 KiB 54 against 58 (random; the
 /// `pread` build there already stopped its rescoring early, the mapped one did not); 64 KiB
