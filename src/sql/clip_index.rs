@@ -1597,15 +1597,12 @@ unsafe impl VTabCursor for IndexCursor<'_> {
     }
 }
 
-/// What the second connections of exact queries (see `reader.rs`) have read in this process:
-/// chunks of int8 records, and candidate rows rescored. For tests and diagnostics.
+/// What the second connections (see `reader.rs`) of the exact and `int8` queries run on the
+/// calling thread have read: chunks of int8 records, and candidate rows rescored. For tests and
+/// diagnostics.
 #[doc(hidden)]
 pub fn second_connection_reads() -> (u64, u64) {
-    use std::sync::atomic::Ordering::Relaxed;
-    (
-        reader::CHUNKS_READ.load(Relaxed),
-        reader::ROWS_READ.load(Relaxed),
-    )
+    reader::READS.with(|r| r.get())
 }
 
 /// The candidates of the exact and `int8` queries run on the calling thread (rows whose bounds

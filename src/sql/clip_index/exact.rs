@@ -98,14 +98,17 @@ const RESCORE_SPLIT_MIN: usize = 32;
 /// streams through SQLite's pager. None are kept by a connection's first exact query (a
 /// one-off query, the sqlite3 shell or a script, would never use them, and their fresh pages,
 /// ~8,200 faults, cost the first query 13-18 ms), nor by a query that streams through mapped
-/// connections (`reader`): those read the file's pages again nearly as fast as from memory,
-/// while keeping costs each of the next ~16 queries 10-20 ms and the process 0.53 GB per
-/// million 512-d rows. Measured in stop 33 (1M x 512, random data, queries 2-40 of new
-/// processes, medians of 19 or 20 per process): 4 KiB pages 43-53 ms keeping none against
-/// 55-67 while keeping and 33-48 once all was kept; 64 KiB pages, mapped from the second query
-/// on, 35-40 against 46-49 and 31-35. Measured in stop 31 (first queries of new processes,
-/// 1M x 512, medians of 9): with 64 KiB pages 68 ms keeping none against 81 ms keeping 32 MB
-/// (random data), 66 against 84 (clustered).
+/// connections (`reader`): those read the file's pages again in 1.2-1.6x the time of chunks
+/// held in memory, while keeping costs each of the next ~16 queries 10-20 ms and the process
+/// 0.53 GB per million 512-d rows.
+///
+/// Measured in stop 33 (1M x 512, random data, new processes, three each, medians per
+/// process): with 4 KiB pages queries 2-20 took 46-49 ms keeping none against 57-91 keeping 32
+/// MB each (worst queries 89-129 ms), and queries 21-40 47-51 against 31-33 once all was kept;
+/// with 64 KiB pages (mapped from the second query on when keeping none) 37-45 against 50-56
+/// (one process with a cold page cache: 70), and 38-43 against 31-33. Measured in stop 31
+/// (first queries of new processes, 1M x 512, medians of 9): with 64 KiB pages 68 ms keeping
+/// none against 81 ms keeping 32 MB (random data), 66 against 84 (clustered).
 const KEEP_BYTES_PER_QUERY: usize = 32 << 20;
 
 /// Largest k answered from the codes; a larger k scans the float32 image (rescoring k rows
@@ -313,6 +316,8 @@ impl IndexTab {
         let per_batch = (STREAM_BATCH_BYTES / chunk_bytes.max(1)).max(1);
         let batches: Vec<&[(usize, i64, i64)]> = stream.chunks(per_batch).collect();
         let next = AtomicUsize::new(0);
+        // Chunks read whole by the second (and third) connections.
+        let chunks_read = AtomicU64::new(0);
         let stop = AtomicBool::new(false);
         let claim = || {
             if stop.load(Ordering::Relaxed) {
@@ -379,7 +384,7 @@ impl IndexTab {
                                     });
                                 match read {
                                     Ok(true) => {
-                                        reader::CHUNKS_READ.fetch_add(1, Ordering::Relaxed);
+                                        chunks_read.fetch_add(1, Ordering::Relaxed);
                                         local.merge(part);
                                         tighten(local.threshold());
                                         continue;
@@ -441,6 +446,7 @@ impl IndexTab {
         });
         // The piece buffers are kept for the next query.
         kept.pieces = [own_piece, their_piece];
+        reader::count_reads(chunks_read.into_inner(), 0);
         if let Some(e) = failure {
             kept.chunks = held;
             return Err(e);
@@ -520,9 +526,7 @@ impl IndexTab {
                 let helper = view.map(|view| {
                     threads.spawn(move || -> rusqlite::Result<_> {
                         let theirs = candidates.iter().skip(1).step_by(2);
-                        let part = rescore_part(&view, dims, scorer, stored, theirs, k, cut)?;
-                        reader::ROWS_READ.fetch_add(part.read as u64, Ordering::Relaxed);
-                        Ok(part)
+                        rescore_part(&view, dims, scorer, stored, theirs, k, cut)
                     })
                 });
                 let mine = || candidates.iter().step_by(if split { 2 } else { 1 });
@@ -541,6 +545,7 @@ impl IndexTab {
                 match helper.map(|h| h.join()) {
                     None => Ok((top, missed, read)),
                     Some(Ok(Ok(part))) => {
+                        reader::count_reads(0, part.read as u64);
                         top.merge(part.top);
                         missed.extend(part.missed);
                         Ok((top, missed, read + part.read))

@@ -21,20 +21,29 @@
 //! failure to open it (an in-memory database, a host SQLite built single-threaded, a VFS that
 //! needs per-connection setup) leaves the query on one connection, as before.
 
+use std::cell::Cell;
 use std::collections::HashMap;
 use std::ffi::{c_void, CStr, CString};
-use std::sync::atomic::AtomicU64;
 
 use rusqlite::blob::Blob;
 use rusqlite::{ffi, Connection, OpenFlags};
 
 use super::store::quote;
 
-/// Chunks of records read by second connections in this process.
-pub(super) static CHUNKS_READ: AtomicU64 = AtomicU64::new(0);
+thread_local! {
+    /// Chunks of records read, and candidate rows rescored, by the second connections of the
+    /// queries run on this thread (counted on the query's thread, so that tests running side by
+    /// side do not see each other's). For tests and diagnostics.
+    pub(super) static READS: Cell<(u64, u64)> = const { Cell::new((0, 0)) };
+}
 
-/// Candidate rows rescored by second connections in this process.
-pub(super) static ROWS_READ: AtomicU64 = AtomicU64::new(0);
+/// Adds a query's second-connection reads to this thread's count.
+pub(super) fn count_reads(chunks: u64, rows: u64) {
+    READS.with(|r| {
+        let (c, n) = r.get();
+        r.set((c + chunks, n + rows));
+    });
+}
 
 /// The second connection of one table, opened on the first query that streams enough.
 #[derive(Default)]
@@ -144,14 +153,16 @@ fn map(conn: &Connection) -> bool {
 /// KiB the calls are few, and `pread` is the faster for a process's first query: a mapped read
 /// pays, once per process, for the kernel to map each page it touches. Later queries find the
 /// pages mapped, so with larger pages the connection maps from its table connection's second
-/// streaming query on. Measured in stop 33 (1M x 512, 64 KiB pages): first queries of new
-/// processes 73.1 ms mapped against 66.0 with `pread` (random data), 69.8 against 60.8
-/// (clustered), medians of 9; queries 2-40 of one process, keeping no chunk in memory, 35-40
-/// ms mapped against 53-63 with `pread` (random, medians of 19 and 20). Measured in stop 32 (first exact queries of new processes, 1M x 512, the
-/// query's connection on `pread`, medians of 7): 4 KiB pages 86 ms mapped against 114 with
-/// `pread` (random data), 67 against 101 (clustered); 16 KiB 54 against 58 (random; the
-/// `pread` build there already stopped its rescoring early, the mapped one did not); 64 KiB
-/// 68 against 54 (random), 58 against 53 (clustered).
+/// streaming query on.
+///
+/// Measured in stop 33 (1M x 512, 64 KiB pages): first queries of new processes 73.1 ms
+/// mapped against 66.0 with `pread` (random data), 69.8 against 60.8 (clustered), medians of
+/// 9; queries 2-40 of one process, keeping no chunk in memory, 35-40 ms mapped against 53-71
+/// with `pread` (random, medians of 19 or 20 per process). Measured in stop 32 (first exact
+/// queries of new processes, 1M x 512, the query's connection on `pread`, medians of 7): 4 KiB
+/// pages 86 ms mapped against 114 with `pread` (random data), 67 against 101 (clustered); 16
+/// KiB 54 against 58 (random; the `pread` build there already stopped its rescoring early, the
+/// mapped one did not); 64 KiB 68 against 54 (random), 58 against 53 (clustered).
 const MAP_MAX_PAGE_SIZE: i64 = 16 << 10;
 
 /// One read transaction of the second connection: the chunks' versions in its snapshot. The
