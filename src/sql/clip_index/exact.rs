@@ -15,7 +15,8 @@
 //! file), repeated queries are faster from memory, so each query after a connection's first
 //! keeps a bounded share of the chunks it streams ([`KEEP_BYTES_PER_QUERY`]); after enough
 //! queries every chunk is held and no query reads the database. A long stream read through
-//! mapped connections is kept by no exact query: it reads the file's pages again about as fast.
+//! mapped connections is kept by no exact query: reading the file's pages again takes 1.2-1.6x
+//! the time of chunks held in memory, and holds nothing.
 //! The `int8` mode, which reads the same records, keeps all of them from its first query on.
 //! Kept chunks are shared by the connections of a process (keyed by database file, table,
 //! chunk id and version, like the float32 chunks), and exact queries use them.
@@ -99,8 +100,8 @@ const RESCORE_SPLIT_MIN: usize = 32;
 /// one-off query, the sqlite3 shell or a script, would never use them, and their fresh pages,
 /// ~8,200 faults, cost the first query 13-18 ms), nor by a query that streams through mapped
 /// connections (`reader`): those read the file's pages again in 1.2-1.6x the time of chunks
-/// held in memory, while keeping costs each of the next ~16 queries 10-20 ms and the process
-/// 0.53 GB per million 512-d rows.
+/// held in memory, while keeping costs each of the next ~16 queries 10-20 ms (more where fresh
+/// pages need reclaim) and the process 0.53 GB per million 512-d rows.
 ///
 /// Measured in stop 33 (1M x 512, random data, new processes, three each, medians per
 /// process): with 4 KiB pages queries 2-20 took 46-49 ms keeping none against 57-91 keeping 32
