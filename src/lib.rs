@@ -114,11 +114,15 @@ pub const CLIP_SCALARS: &[ClipScalar] = &[
 /// `clip_search` table-valued function, the CLIP functions and the connection's
 /// `temp.clip_models` table of model names.
 pub fn register(db: &Connection) -> rusqlite::Result<()> {
+    // Decided before anything is registered: when the load fails, SQLite unloads the library
+    // at once, and a function registered before the failure would leave the connection a
+    // destructor pointing into unmapped code, called when it closes (a crash at exit).
+    let policy = connection_policy(db)?;
     for s in SCALARS {
         register_scalar(db, s)?;
     }
     db.create_aggregate_function("vec_avg", 1, PURE_VECTOR, v::VecAvg)?;
-    let names = SharedNames::new(Mutex::new(ModelNames::new(connection_policy(db)?)));
+    let names = SharedNames::new(Mutex::new(ModelNames::new(policy)));
     search::load_module(db, names.clone())?;
     clip_models::load_module(db, names.clone())?;
     sql::embed_batch::load_modules(db, names.clone())?;
