@@ -15,7 +15,10 @@ build: $(EXT)
 $(EXT): $(shell find src -name '*.rs') Cargo.toml Cargo.lock build.rs
 	$(CARGO) build --release --locked
 	mkdir -p dist
-	cp target/release/libarchaeclip.so $(EXT)
+	# A new file renamed over the old one: a process that has the old one loaded keeps it
+	# (copying over it in place would change its mapped code under that process: SIGBUS).
+	cp target/release/libarchaeclip.so $(EXT).tmp
+	mv -f $(EXT).tmp $(EXT)
 
 # A venv from Debian's Python, whose sqlite3 module can load extensions (pyenv's cannot).
 $(VENV)/.installed: tests/requirements.txt site/requirements.txt
