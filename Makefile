@@ -12,11 +12,11 @@ all: build
 
 build: $(EXT)
 
+# The new library is renamed over the old one: a process that has the old one loaded keeps it
+# (copying over it in place would change its mapped code under that process: SIGBUS).
 $(EXT): $(shell find src -name '*.rs') Cargo.toml Cargo.lock build.rs
 	$(CARGO) build --release --locked
 	mkdir -p dist
-	# A new file renamed over the old one: a process that has the old one loaded keeps it
-	# (copying over it in place would change its mapped code under that process: SIGBUS).
 	cp target/release/libarchaeclip.so $(EXT).tmp
 	mv -f $(EXT).tmp $(EXT)
 

@@ -123,7 +123,7 @@ fn parse_declaration(table: &str, args: &[&[u8]]) -> rusqlite::Result<Declaratio
     let mut graph = GraphOptions::default();
     let usage = "declare it as clip_index(embedding float[512] [, metadata_column type ...] \
                  [, metric=cosine|dot|l2] [, content='table'] [, content_rowid='id'] \
-                 [, chunk_size=N] [, codes=on|off] [, hnsw=on [, hnsw_m=16] \
+                 [, chunk_size=N] [, codes=on|off] [, hnsw=on [, hnsw_m=32] \
                  [, hnsw_ef_construction=128]])";
     let switch = |key: &str, value: &str| match value.to_ascii_lowercase().as_str() {
         "on" | "true" | "1" | "yes" => Ok(true),
