@@ -11,6 +11,8 @@ call each).
     .venv/bin/python benches/index_bench.py --n 1000000 --data clustered
     .venv/bin/python benches/index_bench.py --n 1000000 --page-size 65536   # every file with 64 KiB pages
     .venv/bin/python benches/index_bench.py --n 1000000 --inserts-only 3     # inserts alone, alternated
+    .venv/bin/python benches/index_bench.py --n 1000000 --data clustered --hnsw-only --hnsw-m 16
+                                                  # the HNSW graph alone, with another M
     .venv/bin/python benches/index_bench.py --n 1000000 --first-only 7 --baseline /tmp/old/archaeclip
                                                   # first exact query, fresh processes, alternated
 
@@ -152,7 +154,7 @@ def hnsw_run(path, queries, k, truth, mmap):
     first, _ = timed_queries(db, sql.format(10), queries[:1], k)
     memory = rss_mib() - before
     curves = []
-    for f in (1, 2, 4, 10, 20):
+    for f in (1, 2, 4, 10, 20, 40):
         t, r = timed_queries(db, sql.format(f), queries, k)
         curves.append(("hnsw", f, statistics.median(t), recall(r, truth, k), missed(r, truth, k)))
     db.close()
@@ -348,6 +350,61 @@ def first_only(args, kinds, workdir):
         print(flush=True)
 
 
+def hnsw_section(kind, data, queries, truth, args, workdir):
+    """Builds the HNSW table on a file of its own, then runs the queries on fresh connections,
+    with SQLite's default pragmas and with PRAGMA mmap_size; the file is removed."""
+    path = os.path.join(workdir, f"hnsw-{kind}-{args.n}.db")
+    for suffix in ("", "-wal", "-shm"):
+        if os.path.exists(path + suffix):
+            os.remove(path + suffix)
+    options = {"hnsw_m": args.hnsw_m, "hnsw_ef_construction": args.hnsw_ef_construction}
+    options = {name: value for name, value in options.items() if value is not None}
+    t = time.perf_counter()
+    rate, size = build("hnsw", path, data, args.page_size, options)
+    built = time.perf_counter() - t
+    graph_bytes = sqlite3.connect(path).execute("SELECT sum(length(data)) FROM items_hnsw").fetchone()[0]
+    runs = {}
+    for mmap in (False, True):
+        first, memory, curves = hnsw_run(path, queries, args.k, truth, mmap)
+        runs[mmap] = dict(first=first, memory=memory, curves=curves)
+        print(f"  {kind} hnsw mmap={mmap}: {runs[mmap]}", flush=True)
+    os.remove(path)
+    return dict(options=options, built=built, rate=rate, size=size, graph_bytes=graph_bytes, runs=runs)
+
+
+def print_hnsw(kind, hnsw, raw, queries, args, vec0_median=None):
+    h = hnsw["runs"]
+    described = ", ".join(f"{name}={value}" for name, value in hnsw["options"].items()) or "the table's defaults"
+    print(f"\nclip_index HNSW (hnsw=on, {described}; int8 graph, exact rescoring; {kind}, {queries} queries):\n")
+    print("| | |")
+    print("|---|---:|")
+    print(f"| build: inserts + final save (s) | {hnsw['built']:,.1f} ({hnsw['rate']:,.0f} rows/s) |")
+    print(f"| graph on disk (MiB) | {hnsw['graph_bytes'] / 2**20:,.0f} ({hnsw['graph_bytes'] / raw:.2f}x the raw vectors) |")
+    print(f"| file size / raw float32 | {hnsw['size'] / raw:.3f} |")
+    for mmap in (False, True):
+        label = "PRAGMA mmap_size" if mmap else "default pragmas"
+        print(f"| first HNSW query after open, {label} (ms) | {h[mmap]['first']:,.1f} |")
+        print(f"| memory taken by loading the graph, {label} (MiB) | {h[mmap]['memory']:,.0f} |")
+    ratio = " vec0 exact / this |" if vec0_median else ""
+    print(f"\n| oversample (ef = k x oversample) | median (ms) | median, mmap (ms) | recall@{args.k} | "
+          f"queries with none of their top {args.k} |{ratio}")
+    print("|---:|---:|---:|---:|---:|" + ("---:|" if vec0_median else ""))
+    for (_, f, med, rec, miss), (_, _, med_m, _, _) in zip(h[False]["curves"], h[True]["curves"]):
+        extra = f" {vec0_median / med:.0f}x |" if vec0_median else ""
+        print(f"| {f} | {med:,.2f} | {med_m:,.2f} | {rec:.3f} | {miss} |{extra}")
+    print(flush=True)
+
+
+def hnsw_only(args, kinds, workdir):
+    """Only the HNSW table: build, graph size, first query, and the recall/latency curve."""
+    for kind in kinds:
+        data, queries = make_data(kind, args.n, args.dims, args.queries,
+                                  extra=max(0, args.recall_queries - args.queries))
+        truth = exact_topk(data, queries, args.k)
+        hnsw = hnsw_section(kind, data, queries, truth, args, workdir)
+        print_hnsw(kind, hnsw, data.nbytes, len(queries), args)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=100_000)
@@ -376,6 +433,8 @@ def main():
     ap.add_argument("--baseline", default=None, metavar="EXT",
                     help="with --first-only: another build of archaeclip (its path without .so) "
                          "measured alongside, on the same file")
+    ap.add_argument("--hnsw-only", action="store_true",
+                    help="only the HNSW table (with --hnsw-m / --hnsw-ef-construction to compare graphs)")
     ap.add_argument("--plot", default=None, help="write a recall/latency plot per data set: PREFIX-random.svg, PREFIX-clustered.svg")
     args = ap.parse_args()
     kinds = ["random", "clustered"] if args.data == "both" else [args.data]
@@ -389,6 +448,9 @@ def main():
         return
     if args.first_only:
         first_only(args, kinds, workdir)
+        return
+    if args.hnsw_only:
+        hnsw_only(args, kinds, workdir)
         return
     for kind in kinds:
         data, queries = make_data(kind, args.n, args.dims, args.queries,
@@ -418,23 +480,7 @@ def main():
                 rows[engine]["median_mmap"] = statistics.median(times[1:])
             print(f"  {kind} {engine}: {rows[engine]}", flush=True)
             os.remove(path)
-        # The HNSW graph on its own file.
-        path = os.path.join(workdir, f"hnsw-{kind}-{args.n}.db")
-        for suffix in ("", "-wal", "-shm"):
-            if os.path.exists(path + suffix):
-                os.remove(path + suffix)
-        t = time.perf_counter()
-        options = {"hnsw_m": args.hnsw_m, "hnsw_ef_construction": args.hnsw_ef_construction}
-        options = {name: value for name, value in options.items() if value is not None}
-        rate, size = build("hnsw", path, data, args.page_size, options)
-        built = time.perf_counter() - t
-        graph_bytes = sqlite3.connect(path).execute("SELECT sum(length(data)) FROM items_hnsw").fetchone()[0]
-        h = {}
-        for mmap in (False, True):
-            first, memory, curves = hnsw_run(path, queries, args.k, truth, mmap)
-            h[mmap] = dict(first=first, memory=memory, curves=curves)
-            print(f"  {kind} hnsw mmap={mmap}: {h[mmap]}", flush=True)
-        os.remove(path)
+        hnsw = hnsw_section(kind, data, queries, truth, args, workdir)
         del data
         a, b = rows["clip_index"], rows["vec0"]
         print(f"\n{kind}, {args.n:,} x {args.dims}, exact top-{args.k} cosine:\n")
@@ -454,24 +500,10 @@ def main():
             print(f"| {mode} | {f} | {med:,.2f} | {rec:.3f} | {miss} | {b['median'] / med:.0f}x |")
         print("\nEach mode's first query, which builds its in-memory copy (not in the medians): "
               + ", ".join(f"{m} {ms:,.0f} ms" for m, ms in a["copies"].items()))
-        described = ", ".join(f"{name}={value}" for name, value in options.items()) or "the table's defaults"
-        print(f"\nclip_index HNSW (hnsw=on, {described}; int8 graph, exact rescoring; {kind}, {len(queries)} queries):\n")
-        print("| | |")
-        print("|---|---:|")
-        print(f"| build: inserts + final save (s) | {built:,.1f} ({rate:,.0f} rows/s) |")
-        print(f"| graph on disk (MiB) | {graph_bytes / 2**20:,.0f} ({graph_bytes / raw:.2f}x the raw vectors) |")
-        print(f"| file size / raw float32 | {size / raw:.3f} |")
-        for mmap in (False, True):
-            label = "PRAGMA mmap_size" if mmap else "default pragmas"
-            print(f"| first HNSW query after open, {label} (ms) | {h[mmap]['first']:,.1f} |")
-            print(f"| memory taken by loading the graph, {label} (MiB) | {h[mmap]['memory']:,.0f} |")
-        print(f"\n| oversample (ef = k x oversample) | median (ms) | median, mmap (ms) | recall@{args.k} | queries with none of their top {args.k} | vec0 exact / this |")
-        print("|---:|---:|---:|---:|---:|---:|")
-        for (_, f, med, rec, miss), (_, _, med_m, _, _) in zip(h[False]["curves"], h[True]["curves"]):
-            print(f"| {f} | {med:,.2f} | {med_m:,.2f} | {rec:.3f} | {miss} | {b['median'] / med:.0f}x |")
+        print_hnsw(kind, hnsw, raw, len(queries), args, b["median"])
         print(flush=True)
         if args.plot:
-            plot(a["curves"] + h[False]["curves"], a["median"], kind, args)
+            plot(a["curves"] + hnsw["runs"][False]["curves"], a["median"], kind, args)
 
 
 if __name__ == "__main__":
