@@ -73,6 +73,21 @@ def make_data(kind, n, dims, queries, seed=0, extra=0):
     return data, np.concatenate([q, q2])
 
 
+def data_and_truth(kind, args):
+    """The rows, the queries (the exact ones, then the extra ones of the approximate modes) and
+    each query's exact top k."""
+    data, queries = make_data(kind, args.n, args.dims, args.queries,
+                              extra=max(0, args.recall_queries - args.queries))
+    return data, queries, exact_topk(data, queries, args.k)
+
+
+def remove_db(path):
+    """Removes a database file and its WAL and shared-memory files, where present."""
+    for suffix in ("", "-wal", "-shm"):
+        if os.path.exists(path + suffix):
+            os.remove(path + suffix)
+
+
 def exact_topk(data, queries, k):
     """Exact cosine top-k (float64 scores over unit rows), in blocks to bound memory."""
     norms = np.linalg.norm(data, axis=1).astype(np.float64)
@@ -246,11 +261,9 @@ def inserts_only(args, kinds, workdir):
             order = ["clip_index", "vec0"] if r % 2 == 0 else ["vec0", "clip_index"]
             for engine in order:
                 path = os.path.join(workdir, f"{engine}-{kind}-{args.n}-inserts.db")
-                for suffix in ("", "-wal", "-shm"):
-                    if os.path.exists(path + suffix):
-                        os.remove(path + suffix)
+                remove_db(path)
                 rate, _ = build(engine, path, data, args.page_size)
-                os.remove(path)
+                remove_db(path)
                 rates[engine].append(rate)
                 print(f"  {kind} build {r + 1} {engine}: {rate:,.0f} rows/s", flush=True)
         a, b = statistics.median(rates["clip_index"]), statistics.median(rates["vec0"])
@@ -354,9 +367,7 @@ def hnsw_section(kind, data, queries, truth, args, workdir):
     """Builds the HNSW table on a file of its own, then runs the queries on fresh connections,
     with SQLite's default pragmas and with PRAGMA mmap_size; the file is removed."""
     path = os.path.join(workdir, f"hnsw-{kind}-{args.n}.db")
-    for suffix in ("", "-wal", "-shm"):
-        if os.path.exists(path + suffix):
-            os.remove(path + suffix)
+    remove_db(path)
     options = {"hnsw_m": args.hnsw_m, "hnsw_ef_construction": args.hnsw_ef_construction}
     options = {name: value for name, value in options.items() if value is not None}
     t = time.perf_counter()
@@ -368,7 +379,7 @@ def hnsw_section(kind, data, queries, truth, args, workdir):
         first, memory, curves = hnsw_run(path, queries, args.k, truth, mmap)
         runs[mmap] = dict(first=first, memory=memory, curves=curves)
         print(f"  {kind} hnsw mmap={mmap}: {runs[mmap]}", flush=True)
-    os.remove(path)
+    remove_db(path)
     return dict(options=options, built=built, rate=rate, size=size, graph_bytes=graph_bytes, runs=runs)
 
 
@@ -398,9 +409,7 @@ def print_hnsw(kind, hnsw, raw, queries, args, vec0_median=None):
 def hnsw_only(args, kinds, workdir):
     """Only the HNSW table: build, graph size, first query, and the recall/latency curve."""
     for kind in kinds:
-        data, queries = make_data(kind, args.n, args.dims, args.queries,
-                                  extra=max(0, args.recall_queries - args.queries))
-        truth = exact_topk(data, queries, args.k)
+        data, queries, truth = data_and_truth(kind, args)
         hnsw = hnsw_section(kind, data, queries, truth, args, workdir)
         print_hnsw(kind, hnsw, data.nbytes, len(queries), args)
 
@@ -453,16 +462,12 @@ def main():
         hnsw_only(args, kinds, workdir)
         return
     for kind in kinds:
-        data, queries = make_data(kind, args.n, args.dims, args.queries,
-                                  extra=max(0, args.recall_queries - args.queries))
-        truth = exact_topk(data, queries, args.k)
+        data, queries, truth = data_and_truth(kind, args)
         raw = data.nbytes
         rows = {}
         for engine in ["clip_index", "vec0"]:
             path = os.path.join(workdir, f"{engine}-{kind}-{args.n}.db")
-            for suffix in ("", "-wal", "-shm"):
-                if os.path.exists(path + suffix):
-                    os.remove(path + suffix)
+            remove_db(path)
             rate, size = build(engine, path, data, args.page_size)
             times, results, curves, copies = query_run(engine, path, queries, args.k, truth, timed=args.queries)
             rows[engine] = dict(
@@ -479,7 +484,7 @@ def main():
                 rows[engine]["first_mmap"] = times[0]
                 rows[engine]["median_mmap"] = statistics.median(times[1:])
             print(f"  {kind} {engine}: {rows[engine]}", flush=True)
-            os.remove(path)
+            remove_db(path)
         hnsw = hnsw_section(kind, data, queries, truth, args, workdir)
         del data
         a, b = rows["clip_index"], rows["vec0"]

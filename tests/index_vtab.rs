@@ -332,7 +332,8 @@ fn exact_queries_streaming_through_mapped_connections_keep_nothing() {
     // 36,000 rows of 512 dims: 19 MB of int8 records, read with second connections that map
     // the file (with 4 KiB pages from the first query on, with 64 KiB from the second). They
     // read the file's pages again in 1.2-1.6x the time of chunks held in memory, so no exact
-    // query keeps a chunk, and each streams again (the short stream above is kept from the second query on).
+    // query keeps a chunk, and each streams again (the short stream above is kept from the
+    // second query on).
     let reads = archaeclip::sql::clip_index::second_connection_reads;
     let kept = archaeclip::sql::clip_index::chunks_kept_on_this_thread;
     let mut r = rng(43);

@@ -33,10 +33,11 @@ pub struct GraphOptions {
 
 /// Default M. Embeddings fall in tight clusters, and with M = 16 whole queries missed on the
 /// benchmark's clustered set (1M x 512, 4,000 centres): in stop 34, on 300 queries at
-/// oversample 20, recall@10 was 0.957 and 10 queries found none of their ten. Two builds each
-/// (usearch adds rows on both cores, so every build differs), same queries:
-/// - M = 32: 0.999 with no such query, and 0.991 with one in 120 (stop 33); 1.19-1.34 ms a
-///   query, 422-450 s to build, 752 MiB of graph;
+/// oversample 20, recall@10 was 0.957 and 10 queries found none of their ten. usearch adds
+/// rows on both cores, so every build differs; on the same queries:
+/// - M = 32, three builds: 0.999 with no such query; 0.9995 with none in the benchmark's full
+///   run (200 queries); 0.991 with one in 120 (stop 33); 1.18-1.34 ms a query, 354-450 s to
+///   build, 752 MiB of graph;
 /// - M = 24: 0.999 with none, and 0.988 with three; 1.15-1.28 ms, 329 s, 691 MiB;
 /// - M = 16 with ef_construction 256 (one build): 0.997 with one; 1.30 ms, 627 s, 630 MiB.
 ///
